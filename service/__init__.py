@@ -1,0 +1,1 @@
+"""textgen.service: the torch-free runtime, the gRPC service, the scoring job and the CLI."""

@@ -1,0 +1,159 @@
+"""The ``textgen`` command line. Each subcommand turns user errors into one line on stderr and exit 1.
+
+Training subcommands (train, eval, sample, export) need the ``train`` extra; without it they say how to
+install it and exit 1. Everything else runs on the torch-free runtime install.
+"""
+
+from __future__ import annotations
+
+import functools
+import shlex
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+TRAIN_EXTRA_HINT = "this command needs the training extra (torch): pip install 'textgen[train]'"
+
+
+def _fail(message: str) -> None:
+    click.echo(f"textgen: error: {message}", err=True)
+    sys.exit(1)
+
+
+def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The one boundary where the project's exceptions become a single line and a non-zero exit."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from textgen.training.errors import TrainingError
+
+        try:
+            return func(*args, **kwargs)
+        except TrainingError as exc:
+            _fail(str(exc))
+        except _user_error_types() as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted")
+
+    return wrapper
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Exception types of the runtime side that carry a user-facing message (imported lazily)."""
+    try:
+        from textgen.service.errors import TextgenError
+    except ImportError:  # pragma: no cover - during bootstrap only
+        return ()
+    return (TextgenError,)
+
+
+def require_torch() -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        _fail(TRAIN_EXTRA_HINT)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="textgen")
+def main() -> None:
+    """textgen: train, export, serve and score character-level recurrent language models."""
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+@main.command()
+@click.option("--corpus", default=None, help="A UTF-8 file, a folder of .txt files, or 'pydoc' (built in).")
+@click.option("--cell", type=click.Choice(["rnn", "gru", "lstm"]), default=None)
+@click.option("--hidden-size", type=int, default=None)
+@click.option("--num-layers", type=int, default=None)
+@click.option("--dropout", type=float, default=None)
+@click.option("--iterator", type=click.Choice(["sequential", "random"]), default=None,
+              help="sequential: carry the state across batches (truncated BPTT); random: fresh state.")
+@click.option("--bptt", type=int, default=None, help="Unroll length in characters.")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--weight-decay", type=float, default=None)
+@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default=None)
+@click.option("--warmup-steps", type=int, default=None)
+@click.option("--clip", type=float, default=None, help="Gradient-norm clipping threshold theta (0 = off).")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many steps (0 = no limit).")
+@click.option("--time-budget", type=float, default=None, help="Stop after this many seconds (0 = no limit).")
+@click.option("--eval-every", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--threads", type=int, default=None, help="torch threads (0 = all cores).")
+@click.option("--out", "out_dir", default=None, help="Output folder for checkpoints, metrics and plot.")
+@click.option("--resume", type=click.Path(), default=None, help="Continue the run saved in this checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def train(resume: str | None, quiet: bool, **options: Any) -> None:
+    """Train a model; writes best.pt, last.pt, metrics.jsonl and curves.png to --out."""
+    require_torch()
+    from textgen.training.config import TrainConfig
+    from textgen.training.train import train as run
+
+    given = {k: v for k, v in options.items() if v is not None}
+    if resume is not None:
+        unknown = set(given) - {"max_steps", "time_budget", "out_dir", "threads"}
+        if unknown:
+            raise click.UsageError("--resume continues a run as it was configured; only --max-steps, "
+                                   "--time-budget, --threads and --out may be given with it")
+    cfg = TrainConfig(**given)
+    command = "textgen " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    run(cfg, resume_from=resume, command=command, show_progress=False if quiet else None)
+
+
+@main.command("eval")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--text", "text_source", default="pydoc",
+              help="A UTF-8 file, a folder of .txt files, or 'pydoc'.")
+@click.option("--held-out", is_flag=True, help="Score only the last 10% of the text (the validation split).")
+@click.option("--streams", type=int, default=1, show_default=True,
+              help="Score as this many side-by-side streams (1 = the exact whole-text figure).")
+@user_errors
+def eval_command(checkpoint: str, text_source: str, held_out: bool, streams: int) -> None:
+    """Perplexity and bits per character of CHECKPOINT on a text."""
+    require_torch()
+    import torch
+
+    from textgen.training.checkpoint import load_checkpoint
+    from textgen.training.corpus import load_corpus
+    from textgen.training.train import evaluate, figures
+
+    ckpt = load_checkpoint(checkpoint)
+    corpus = load_corpus(text_source)
+    text = corpus.split()[1] if held_out else corpus.text
+    ids = torch.from_numpy(ckpt.vocab.encode(text))
+    if len(ids) < 2:
+        raise click.UsageError("the text must have at least two characters")
+    f = figures(*evaluate(ckpt.build_model(), ids, streams))
+    unknown = len(ckpt.vocab.unknown_chars(text))
+    click.echo(f"{text_source}{' (held out)' if held_out else ''}: {len(ids) - 1:,} predictions, "
+               f"loss {f['loss']:.4f} nats/char, perplexity {f['perplexity']:.3f}, {f['bpc']:.4f} bits/char"
+               f"{f', {unknown} distinct unknown characters' if unknown else ''}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--prefix", default="The ", show_default=True, help="Text that warms the state up.")
+@click.option("--length", type=int, default=200, show_default=True, help="Characters to generate.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@user_errors
+def sample(checkpoint: str, prefix: str, length: int, temperature: float, seed: int) -> None:
+    """Warm the state up on --prefix, then generate (greedy or with temperature)."""
+    require_torch()
+    from textgen.training.checkpoint import load_checkpoint
+    from textgen.training.sample import predict
+
+    if temperature < 0:
+        raise click.BadParameter("must be >= 0", param_hint="--temperature")
+    if not prefix:
+        raise click.BadParameter("must not be empty", param_hint="--prefix")
+    ckpt = load_checkpoint(checkpoint)
+    click.echo(prefix + predict(ckpt.build_model(), ckpt.vocab, prefix, length, temperature, seed))

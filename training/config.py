@@ -1,0 +1,57 @@
+"""The typed training configuration. It is saved inside every checkpoint, so a run can be resumed or
+inspected without the command line that started it. Defaults are the recipe documented in docs/training.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from .model import ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    # data
+    corpus: str = "pydoc"  # a UTF-8 file, a folder of .txt files, or the built-in corpus "pydoc"
+    iterator: str = "sequential"  # "sequential": carry the state, detach at boundaries; "random": fresh state
+    bptt: int = 100  # unroll length T: characters per training window
+    batch_size: int = 64  # B: parallel streams (sequential) or random windows per batch
+    # model
+    cell: str = "gru"  # rnn | gru | lstm
+    hidden_size: int = 512  # H per layer
+    num_layers: int = 1  # stacked layers
+    dropout: float = 0.0  # on each layer's outputs while training
+    # optimisation
+    optimizer: str = "adamw"  # "adamw", or "sgd" (the article's recipe uses sgd with lr 1)
+    lr: float = 3e-3  # peak learning rate
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    schedule: str = "cosine"  # "cosine" decays to lr * min_lr_ratio at the end of the run; or "constant"
+    warmup_steps: int = 50  # linear warmup before the schedule
+    min_lr_ratio: float = 0.05  # floor of the cosine schedule, as a fraction of lr
+    clip: float = 1.0  # theta of gradient-norm clipping over all parameters (0 = off)
+    # length of the run: whichever comes first; the schedule follows the fraction of either that has passed
+    max_steps: int = 2000  # optimiser steps (0 = no limit)
+    time_budget: float = 0.0  # seconds of wall-clock training, evaluation included (0 = no limit)
+    # evaluation and output
+    eval_every: int = 200  # steps between held-out evaluations (and checkpoints)
+    eval_streams: int = 16  # held-out text is scored as this many streams with the state carried in each
+    seed: int = 1337  # makes a run reproducible (data order, initial weights, dropout)
+    threads: int = 0  # torch intra-op threads (0 = torch's default: all cores)
+    out_dir: str = "runs/latest"  # checkpoints, metrics.jsonl and curves.png go here
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(
+            vocab_size=vocab_size,
+            cell=self.cell,
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            dropout=self.dropout,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

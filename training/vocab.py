@@ -1,0 +1,65 @@
+"""Characters to ids and back. Torch-free: the runtime rebuilds the same object from a bundle's manifest."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+UNK_ID = 0  # id 0 stands for every character the training text did not contain
+
+
+class Vocab:
+    """A character vocabulary: id 0 is the unknown id, ids 1.. are the characters in code-point order."""
+
+    def __init__(self, chars: Sequence[str]):
+        if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
+            raise ValueError("vocabulary characters must be distinct single characters")
+        self.chars: list[str] = list(chars)  # id - 1 -> character
+        self._index = {c: i + 1 for i, c in enumerate(self.chars)}
+        # Fast path for encoding: a lookup table over code points below 65536.
+        self._table = np.zeros(65536, dtype=np.int64)
+        for c, i in self._index.items():
+            if ord(c) < 65536:
+                self._table[ord(c)] = i
+        self._wide = any(ord(c) >= 65536 for c in self.chars)
+        self._id_to_char = ["\ufffd", *self.chars]  # unknown decodes as U+FFFD
+
+    @classmethod
+    def build(cls, text: str) -> Vocab:
+        return cls(sorted(set(text)))
+
+    @property
+    def size(self) -> int:
+        return len(self.chars) + 1
+
+    unk_id = UNK_ID
+
+    def encode(self, text: str) -> np.ndarray:
+        """Ids of ``text`` as int64, unknown characters mapped to :data:`UNK_ID`."""
+        if not text:
+            return np.zeros(0, dtype=np.int64)
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        if self._wide or int(codes.max()) >= 65536:
+            return np.fromiter((self._index.get(c, UNK_ID) for c in text), dtype=np.int64, count=len(text))
+        return self._table[codes]
+
+    def unknown_chars(self, text: str) -> list[str]:
+        """The distinct characters of ``text`` that are not in the vocabulary, in order of first appearance."""
+        return list(dict.fromkeys(c for c in text if c not in self._index))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        table = self._id_to_char
+        return "".join(table[i] for i in ids)
+
+    def id_to_char(self, i: int) -> str:
+        return self._id_to_char[i]
+
+    def to_list(self) -> list[str]:
+        return list(self.chars)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vocab) and self.chars == other.chars
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.chars))
