@@ -120,7 +120,6 @@ def eval_command(checkpoint: str, text_source: str, held_out: bool, streams: int
     """Perplexity and bits per character of CHECKPOINT on a text."""
     require_torch()
     import torch
-
     from textgen.training.checkpoint import load_checkpoint
     from textgen.training.corpus import load_corpus
     from textgen.training.train import evaluate, figures

@@ -70,6 +70,14 @@ def evaluate(model: CharRNN, ids: Tensor, streams: int = 1, chunk: int = 256) ->
     return total, n * streams
 
 
+def begin_state(model: CharRNN, carried: Tensor | None, batch_size: int) -> Tensor:
+    """The state a batch starts from: the previous batch's final state, detached (truncated BPTT: the value
+    is kept, the graph is cut so no gradient flows into the previous chunk), or a fresh zero state."""
+    if carried is None:
+        return model.initial_state(batch_size)
+    return carried.detach()
+
+
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
     """Linear warmup over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` as progress goes 0 -> 1."""
     if step < cfg.warmup_steps:
@@ -228,10 +236,7 @@ def train(
             lr = lr_at(cfg, step, progress())
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if cfg.iterator == "sequential" and carried is not None:
-                state = carried.detach()  # truncated BPTT: keep the value, cut the graph
-            else:
-                state = model.initial_state(B)
+            state = begin_state(model, carried if cfg.iterator == "sequential" else None, B)
             logits, new_state = model(x, state)  # (B, T, V), (B, S)
             loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
             optimizer.zero_grad(set_to_none=True)
