@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from textgen.training.model import CharRNN, ModelConfig
 from torch import nn
+
+from textgen.training.model import CharRNN, ModelConfig
 
 V, H = 11, 7
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+
 from textgen.service.cli import main as cli
 from textgen.training.checkpoint import load_checkpoint
 from textgen.training.config import TrainConfig
