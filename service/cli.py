@@ -156,3 +156,88 @@ def sample(checkpoint: str, prefix: str, length: int, temperature: float, seed: 
         raise click.BadParameter("must not be empty", param_hint="--prefix")
     ckpt = load_checkpoint(checkpoint)
     click.echo(prefix + predict(ckpt.build_model(), ckpt.vocab, prefix, length, temperature, seed))
+
+
+# ----------------------------------------------------------------------------------------------- service
+
+
+def _server_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    from textgen.service.config import click_options
+
+    return click_options(func)
+
+
+@main.command()
+@_server_options
+@user_errors
+def serve(**options: Any) -> None:
+    """Serve a bundle over gRPC (default: the packaged model). Every option also reads TEXTGEN_<NAME>.
+
+    Prints the bound addresses on one line, then logs one line per request to stderr. SIGTERM or SIGINT
+    shuts down gracefully (docs/api.md).
+    """
+    import asyncio
+
+    from textgen.service.config import ServerConfig
+    from textgen.service.server import serve as run
+
+    sys.exit(asyncio.run(run(ServerConfig(**options))))
+
+
+_address_option = click.option("--address", envvar="TEXTGEN_ADDRESS", default="localhost:50051",
+                               show_default=True, show_envvar=True, help="host:port of a running textgen serve.")
+
+
+@main.command()
+@click.argument("prompt")
+@_address_option
+@click.option("--max-tokens", type=int, default=200, show_default=True, help="Tokens (characters) to generate.")
+@click.option("--temperature", type=float, default=0.8, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = no limit.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass, in (0, 1].")
+@click.option("--seed", type=int, default=None, help="Same seed, same text (default: the server picks one).")
+@click.option("--stop", multiple=True, help="Stop after this string (repeatable).")
+@click.option("--session", "session_id", default="", help="Continue this session instead of a one-shot call.")
+@click.option("--timeout", type=float, default=None, help="Deadline of the call in seconds.")
+@click.option("--echo/--no-echo", default=True, show_default=True, help="Print the prompt before the text.")
+@click.option("-v", "--verbose", is_flag=True, help="Print the finish reason, usage and seed to stderr.")
+@user_errors
+def generate(prompt: str, address: str, max_tokens: int, temperature: float, top_k: int, top_p: float,
+             seed: int | None, stop: tuple[str, ...], session_id: str, timeout: float | None, echo: bool,
+             verbose: bool) -> None:
+    """Stream text generated after PROMPT by a running server to the terminal."""
+    from textgen.service.client import FINISH_NAMES, TextgenClient
+
+    with TextgenClient(address, timeout=timeout) as client:
+        stream = client.generate(prompt, session_id=session_id, max_tokens=max_tokens, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, seed=seed, stop=stop)
+        if echo:
+            click.echo(prompt, nl=False)
+        try:
+            for chunk in stream:
+                click.echo(chunk, nl=False)
+        except KeyboardInterrupt:
+            stream.cancel()
+            click.echo()
+            raise
+        click.echo()
+        if verbose and stream.final is not None:
+            u = stream.final.usage
+            click.echo(f"[finish: {FINISH_NAMES[stream.final.finish_reason]}, prompt {u.prompt_tokens} tokens, "
+                       f"generated {u.generated_tokens}, seed {stream.final.seed}]", err=True)
+
+
+@main.command()
+@_address_option
+@click.option("--service", default="", help="Service name to check (default: the whole server).")
+@click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the answer.")
+@user_errors
+def health(address: str, service: str, timeout: float) -> None:
+    """Exit 0 if the server at --address is SERVING, else print its status and exit 1."""
+    from textgen.service.client import TextgenClient
+
+    with TextgenClient(address) as client:
+        status = client.health(service, timeout=timeout)
+    click.echo(status)
+    if status != "SERVING":
+        sys.exit(1)

@@ -6,9 +6,19 @@
     │   ├── ChecksumMismatch     model.onnx does not match the manifest's sha256
     │   ├── ManifestError        manifest unreadable, of another format version, or missing fields
     │   └── GraphMismatch        the ONNX graph's inputs/outputs disagree with the manifest
-    └── InputError               bad user input to a job (scoring rows, CLI arguments)
+    ├── InputError               bad user input to a job (scoring rows, CLI arguments)
+    ├── ServiceError             a request the gRPC service refuses; .code names its gRPC status
+    │   ├── InvalidRequest       INVALID_ARGUMENT: empty text, temperature < 0, top_p outside (0, 1], bad TTL
+    │   ├── LimitExceeded        a configured limit (named in the message): INVALID_ARGUMENT for a request
+    │   │                        bigger than allowed, RESOURCE_EXHAUSTED for a full server (sessions, streams)
+    │   ├── SessionNotFound      NOT_FOUND: unknown, expired, evicted or deleted session id
+    │   ├── SessionBusy          FAILED_PRECONDITION: another call holds the session
+    │   ├── SessionEmpty         FAILED_PRECONDITION: Generate on a session that has consumed no text yet
+    │   └── ShuttingDown         UNAVAILABLE: the server is draining
+    └── RpcFailed                the client side: a call to the server failed (.code is the grpc.StatusCode)
 
-The gRPC layer maps its own request errors to status codes at one boundary (see service/server.py).
+The gRPC layer maps ServiceError to status codes at one boundary (service/servicer.py); any other exception
+there is a bug and becomes INTERNAL with a logged traceback.
 """
 
 
@@ -38,3 +48,46 @@ class GraphMismatch(BundleError):
 
 class InputError(TextgenError):
     pass
+
+
+class ServiceError(TextgenError):
+    """A request the service refuses. ``code`` is the name of a ``grpc.StatusCode`` member."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class InvalidRequest(ServiceError):
+    code = "INVALID_ARGUMENT"
+
+
+class LimitExceeded(ServiceError):
+    """A configured limit. ``exhausted=True`` for a full server (RESOURCE_EXHAUSTED), else INVALID_ARGUMENT."""
+
+    def __init__(self, message: str, *, exhausted: bool = False):
+        super().__init__(message)
+        self.code = "RESOURCE_EXHAUSTED" if exhausted else "INVALID_ARGUMENT"
+
+
+class SessionNotFound(ServiceError):
+    code = "NOT_FOUND"
+
+
+class SessionBusy(ServiceError):
+    code = "FAILED_PRECONDITION"
+
+
+class SessionEmpty(ServiceError):
+    code = "FAILED_PRECONDITION"
+
+
+class ShuttingDown(ServiceError):
+    code = "UNAVAILABLE"
+
+
+class RpcFailed(TextgenError):
+    """A client call failed; ``code`` is the ``grpc.StatusCode`` and ``details`` the server's message."""
+
+    def __init__(self, message: str, code: object = None, details: str = ""):
+        super().__init__(message)
+        self.code = code
+        self.details = details

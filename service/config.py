@@ -1,0 +1,134 @@
+"""The server's configuration: one dataclass, and one table that gives every field its flag and variable.
+
+``textgen serve`` builds its click options from :data:`SETTINGS` (``--max-sessions`` reads
+``TEXTGEN_MAX_SESSIONS`` when not given), and docs/api.md shows the same table (:func:`markdown_table`
+renders it; a test keeps the page in step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InputError
+
+EVICTION_POLICIES = ("lru", "reject")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "text")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9090
+    model: str | None = None
+    max_sessions: int = 1024
+    session_ttl: float = 600.0
+    max_session_ttl: float = 86400.0
+    eviction: str = "lru"
+    max_prompt_chars: int = 100_000
+    max_score_chars: int = 1_000_000
+    max_tokens: int = 1024
+    max_streams: int = 64
+    max_message_bytes: int = 4 * 1024 * 1024
+    grace_seconds: float = 10.0
+    log_level: str = "info"
+    log_format: str = "json"
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise InputError(message)
+
+        need(0 <= self.port <= 65535, f"--port must be in 0..65535, not {self.port}")
+        need(-1 <= self.metrics_port <= 65535, f"--metrics-port must be in -1..65535, not {self.metrics_port}")
+        need(self.max_sessions >= 1, "--max-sessions must be >= 1")
+        need(self.session_ttl > 0, "--session-ttl must be > 0 seconds")
+        need(self.max_session_ttl >= self.session_ttl,
+             f"--max-session-ttl ({self.max_session_ttl:g}) must be >= --session-ttl ({self.session_ttl:g})")
+        need(self.eviction in EVICTION_POLICIES, f"--eviction must be one of {', '.join(EVICTION_POLICIES)}")
+        need(self.max_prompt_chars >= 1, "--max-prompt-chars must be >= 1")
+        need(self.max_score_chars >= 2, "--max-score-chars must be >= 2")
+        need(self.max_tokens >= 1, "--max-tokens must be >= 1")
+        need(self.max_streams >= 1, "--max-streams must be >= 1")
+        need(self.max_message_bytes >= 1024, "--max-message-bytes must be >= 1024")
+        need(self.grace_seconds >= 0, "--grace-seconds must be >= 0")
+        need(self.log_level in LOG_LEVELS, f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+        need(self.log_format in LOG_FORMATS, f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+        need(self.intra_op_threads >= 0 and self.inter_op_threads >= 0, "thread counts must be >= 0")
+
+    def replace(self, **changes: Any) -> ServerConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Setting:
+    field: str  # ServerConfig field
+    help: str
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "TEXTGEN_" + self.field.upper()
+
+    @property
+    def default(self) -> Any:
+        return {f.name: f.default for f in dataclasses.fields(ServerConfig)}[self.field]
+
+    @property
+    def type(self) -> type:
+        return {"int": int, "float": float, "str": str, "str | None": str}[
+            {f.name: f.type for f in dataclasses.fields(ServerConfig)}[self.field]]  # type: ignore[index]
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", "Address to listen on (0.0.0.0 or [::] for all interfaces, e.g. in a container)."),
+    Setting("port", "gRPC port (0 = pick a free one; the bound port is printed)."),
+    Setting("metrics_port", "Prometheus /metrics HTTP port on the same host (0 = pick a free one, -1 = off)."),
+    Setting("model", "Bundle directory to serve (default: the bundle shipped in the package)."),
+    Setting("max_sessions", "Sessions kept at most; when full see --eviction."),
+    Setting("session_ttl", "Seconds an idle session lives (default for CreateSession without ttl)."),
+    Setting("max_session_ttl", "Largest ttl a client may ask for, in seconds."),
+    Setting("eviction", "At the session cap: lru = evict the least recently used idle session, "
+                        "reject = RESOURCE_EXHAUSTED.", EVICTION_POLICIES),
+    Setting("max_prompt_chars", "Characters per prompt / Feed text / Generate prompt."),
+    Setting("max_score_chars", "Characters per Score text."),
+    Setting("max_tokens", "Tokens per Generate call (also the default when max_tokens is 0)."),
+    Setting("max_streams", "Generate streams running at once; more get RESOURCE_EXHAUSTED."),
+    Setting("max_message_bytes", "Largest gRPC message received or sent, in bytes."),
+    Setting("grace_seconds", "On SIGTERM/SIGINT: seconds running calls get to finish before they are cut."),
+    Setting("log_level", "Log level.", LOG_LEVELS),
+    Setting("log_format", "json = one JSON object per line; text = human-readable lines.", LOG_FORMATS),
+    Setting("intra_op_threads", "ONNX Runtime threads inside one operator (0 = one per core)."),
+    Setting("inter_op_threads", "ONNX Runtime threads across operators (0 = ONNX Runtime's default)."),
+)
+
+
+def click_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a click command with one option per :data:`SETTINGS` row (keyword = ServerConfig field)."""
+    import click
+
+    for s in reversed(SETTINGS):
+        kind: Any = click.Choice(list(s.choices)) if s.choices else s.type
+        func = click.option(s.flag, s.field, type=kind, default=s.default, envvar=s.env, show_envvar=True,
+                            show_default=s.default is not None, help=s.help)(func)
+    return func
+
+
+def markdown_table() -> str:
+    """The configuration table of docs/api.md."""
+    rows = ["| Flag | Environment variable | Default | Meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        default = "(packaged bundle)" if s.default is None else f"`{s.default}`"
+        meaning = s.help + (f" One of: {', '.join(s.choices)}." if s.choices else "")
+        rows.append(f"| `{s.flag}` | `{s.env}` | {default} | {meaning} |")
+    return "\n".join(rows)

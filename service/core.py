@@ -1,0 +1,277 @@
+"""What the service does, free of protobuf: sessions, feeding, streaming generation, scoring, limits.
+
+:class:`TextgenCore` validates requests against the configured limits and raises the
+:mod:`textgen.service.errors` types; the gRPC servicer turns them into status codes. It runs on the event
+loop; model calls go through the :class:`~textgen.service.engine.Engine`.
+
+Generation and delivery: :meth:`TextgenCore.generate` is an async generator. It yields one
+:class:`TokenEvent` per token and only *after the consumer asks for the next event* (that is, after the token
+was handed to gRPC) does the session move past that token. A consumer that is cancelled while writing, or
+that stops iterating, leaves the session exactly after the last token it delivered; the generator must then
+be closed (``contextlib.aclosing``) so that the session is released at once.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .config import ServerConfig
+from .engine import Engine
+from .errors import InvalidRequest, LimitExceeded, SessionEmpty, ShuttingDown
+from .metrics import Metrics
+from .sampling import SamplingParams, log_softmax, make_sampler
+from .sessions import Session, SessionInfo, SessionStore
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 64
+
+
+class FinishReason:
+    LENGTH = "length"
+    STOP = "stop"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    session_id: str = ""
+    prompt: str = ""
+    max_tokens: int = 0  # 0 = the server's limit
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    text: str
+    token_id: int
+    logprob: float | None  # of the drawn token under the model's own distribution (raw logits)
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    reason: str
+    prompt_tokens: int
+    generated_tokens: int
+    session_tokens: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class FeedResult:
+    tokens_consumed: int
+    unknown_chars: list[str]
+    session_tokens: int
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    nll: float
+    predictions: int
+    token_count: int
+    unknown_chars: list[str]
+
+    @property
+    def loss(self) -> float:
+        return self.nll / self.predictions if self.predictions else 0.0
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    @property
+    def bits_per_char(self) -> float:
+        return self.loss / math.log(2)
+
+
+class TextgenCore:
+    def __init__(self, runtime: Any, engine: Engine, config: ServerConfig, store: SessionStore,
+                 metrics: Metrics):
+        self.runtime = runtime
+        self.engine = engine
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.streams = 0
+        self.stopping = False  # set during shutdown: running streams finish with CANCELLED
+
+    # -- validation
+    def _text(self, text: str, what: str, limit: int, flag: str, *, allow_empty: bool = False) -> np.ndarray:
+        if not text and not allow_empty:
+            raise InvalidRequest(f"{what} must not be empty")
+        if len(text) > limit:
+            raise LimitExceeded(f"{what} has {len(text):,} characters; the limit is {limit:,} ({flag})")
+        return self.runtime.encode(text)
+
+    def _prompt(self, text: str, what: str, *, allow_empty: bool = False) -> np.ndarray:
+        return self._text(text, what, self.config.max_prompt_chars, "--max-prompt-chars", allow_empty=allow_empty)
+
+    def _ttl(self, ttl: float | None) -> float:
+        if ttl is None:
+            return self.config.session_ttl
+        if not math.isfinite(ttl) or ttl <= 0:
+            raise InvalidRequest(f"ttl must be > 0 seconds, got {ttl:g}")
+        if ttl > self.config.max_session_ttl:
+            raise LimitExceeded(f"ttl {ttl:g} s exceeds the server's maximum of "
+                                f"{self.config.max_session_ttl:g} s (--max-session-ttl)")
+        return ttl
+
+    def _check_open(self) -> None:
+        if self.stopping:
+            raise ShuttingDown("the server is shutting down")
+
+    # -- sessions
+    async def create_session(self, prompt: str = "", ttl: float | None = None) -> tuple[SessionInfo, FeedResult]:
+        self._check_open()
+        ttl = self._ttl(ttl)
+        ids = self._prompt(prompt, "prompt", allow_empty=True)
+        s = self.store.create(ttl)
+        ok = False
+        try:
+            with self.store.acquire(s.id):
+                if len(ids):
+                    await self._feed(s, ids)
+            ok = True
+        finally:
+            if not ok:  # a prompt that failed (deadline, cancel) leaves no half-made session behind
+                self.store.delete(s.id)
+        return self.store.info(s), FeedResult(len(ids), self.runtime.unknown_chars(prompt), s.tokens)
+
+    async def _feed(self, s: Session, ids: np.ndarray) -> None:
+        state, pending = await self.engine.feed(s.state, s.pending, ids)
+        s.commit(state, pending, len(ids))
+        self.metrics.prompt_tokens.inc(len(ids))
+
+    async def feed(self, session_id: str, text: str) -> FeedResult:
+        self._check_open()
+        ids = self._prompt(text, "text")
+        with self.store.acquire(session_id) as s:
+            await self._feed(s, ids)
+            return FeedResult(len(ids), self.runtime.unknown_chars(text), s.tokens)
+
+    def get_session(self, session_id: str) -> SessionInfo:
+        return self.store.info(self.store.get(session_id))
+
+    def delete_session(self, session_id: str) -> None:
+        self.store.delete(session_id)
+
+    # -- generation
+    def _generate_checks(self, p: GenerateParams) -> tuple[int, tuple[str, ...]]:
+        if p.max_tokens < 0:
+            raise InvalidRequest(f"max_tokens must be >= 0 (0 = the server's limit), got {p.max_tokens}")
+        if p.max_tokens > self.config.max_tokens:
+            raise LimitExceeded(f"max_tokens {p.max_tokens} exceeds the server's limit of "
+                                f"{self.config.max_tokens} tokens per Generate (--max-tokens)")
+        if len(p.stop) > MAX_STOP_STRINGS:
+            raise LimitExceeded(f"at most {MAX_STOP_STRINGS} stop strings, got {len(p.stop)}")
+        for s in p.stop:
+            if not s or len(s) > MAX_STOP_CHARS:
+                raise InvalidRequest(f"each stop string must have 1..{MAX_STOP_CHARS} characters, got {s!r}"[:200])
+        if not p.session_id and not p.prompt:
+            raise InvalidRequest("one-shot Generate (no session_id) needs a prompt")
+        p.sampling.validate()
+        return p.max_tokens or self.config.max_tokens, p.stop
+
+    async def generate(self, p: GenerateParams) -> AsyncIterator[TokenEvent | FinishEvent]:
+        start = time.perf_counter()
+        self._check_open()
+        max_tokens, stops = self._generate_checks(p)
+        ids = self._prompt(p.prompt, "prompt", allow_empty=bool(p.session_id))
+        if self.streams >= self.config.max_streams:
+            raise LimitExceeded(f"{self.config.max_streams} Generate streams are running, the server's limit "
+                                "(--max-streams); retry later", exhausted=True)
+        sample = make_sampler(p.sampling)
+        self.streams += 1
+        self.metrics.streams_in_flight.inc()
+        try:
+            if p.session_id:
+                with self.store.acquire(p.session_id) as s:
+                    async for ev in self._generate(s, ids, max_tokens, stops, sample, p, start):
+                        yield ev
+            else:
+                s = Session("", 0.0, 0.0, 0.0)  # one-shot: a private session nobody else can see
+                async for ev in self._generate(s, ids, max_tokens, stops, sample, p, start):
+                    yield ev
+        finally:
+            self.streams -= 1
+            self.metrics.streams_in_flight.dec()
+
+    async def _generate(self, s: Session, ids: np.ndarray, max_tokens: int, stops: tuple[str, ...],
+                        sample: Any, p: GenerateParams, start: float) -> AsyncIterator[TokenEvent | FinishEvent]:
+        if len(ids):
+            await self._feed(s, ids)
+        if s.pending is None:
+            raise SessionEmpty("the session has consumed no text yet: feed a prompt first "
+                               "(CreateSession with a prompt, Feed, or Generate with a prompt)")
+        tail = ""
+        keep = max((len(x) for x in stops), default=0)
+        reason = FinishReason.LENGTH
+        generated = 0
+        last = None
+        while generated < max_tokens:
+            if self.stopping:
+                reason = FinishReason.CANCELLED
+                break
+            logits, state = await self.engine.decode(s.state, s.pending)  # type: ignore[arg-type]
+            token = sample(logits)
+            char = self.runtime.decode([token])
+            lp = float(log_softmax(logits)[token]) if p.logprobs else None
+            now = time.perf_counter()
+            if last is None:
+                self.metrics.time_to_first_token.observe(now - start)
+            else:
+                self.metrics.inter_token_latency.observe(now - last)
+            last = now
+            yield TokenEvent(char, token, lp)
+            # Resumed: the consumer delivered the token. Only now does the session move past it.
+            s.commit(state, token, 1)
+            generated += 1
+            self.metrics.generated_tokens.inc()
+            if keep:
+                tail = (tail + char)[-keep:]
+                if any(tail.endswith(x) for x in stops):
+                    reason = FinishReason.STOP
+                    break
+        yield FinishEvent(reason, len(ids), generated, s.tokens, p.sampling.seed)
+
+    # -- scoring
+    async def score(self, text: str, session_id: str = "", update_session: bool = False) -> ScoreResult:
+        self._check_open()
+        if update_session and not session_id:
+            raise InvalidRequest("update_session needs a session_id")
+        ids = self._text(text, "text", self.config.max_score_chars, "--max-score-chars")
+        unknown = self.runtime.unknown_chars(text)
+        if not session_id:
+            if len(ids) < 2:
+                raise InvalidRequest("without a session the text needs at least 2 characters "
+                                     "(the first one only conditions the state)")
+            out = await self.engine.score(ids)
+        elif update_session:
+            with self.store.acquire(session_id) as s:
+                out = await self.engine.score(ids, s.state, s.pending, keep_state=True)
+                s.commit(out.state, out.pending, len(ids))  # type: ignore[arg-type]
+                self.metrics.prompt_tokens.inc(len(ids))
+        else:
+            s = self.store.get(session_id)
+            self.store.touch(s)
+            # A consistent snapshot: state and pending only ever change together, on this thread.
+            out = await self.engine.score(ids, s.state, s.pending)
+            if out.predictions == 0:
+                raise InvalidRequest("the session is empty, so a 1-character text has nothing to score")
+        self.metrics.scored_tokens.inc(len(ids))
+        return ScoreResult(out.nll, out.predictions, len(ids), unknown)
+
+    def model_info(self) -> dict[str, Any]:
+        return dict(self.runtime.manifest.to_public_dict())
+
+
+def new_seed() -> int:
+    return secrets.randbits(64)

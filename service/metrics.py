@@ -1,0 +1,98 @@
+"""Prometheus metrics of one server, in a registry of its own (several servers can live in one process).
+
+Names follow Prometheus conventions: ``textgen_`` prefix, base units in the name (seconds), ``_total`` on
+counters (prometheus-client appends it). docs/api.md lists them; :data:`METRIC_NAMES` is that list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    start_http_server,
+)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+# Exposed names (as scraped), with their type.
+METRIC_NAMES = {
+    "textgen_requests_total": "counter",
+    "textgen_request_duration_seconds": "histogram",
+    "textgen_time_to_first_token_seconds": "histogram",
+    "textgen_inter_token_latency_seconds": "histogram",
+    "textgen_generated_tokens_total": "counter",
+    "textgen_prompt_tokens_total": "counter",
+    "textgen_scored_tokens_total": "counter",
+    "textgen_sessions_active": "gauge",
+    "textgen_sessions_total": "counter",
+    "textgen_session_evictions_total": "counter",
+    "textgen_session_expirations_total": "counter",
+    "textgen_streams_in_flight": "gauge",
+    "textgen_model_info": "info",
+}
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        # No *_created series next to the counters: they only clutter a scrape (a process-wide switch).
+        disable_created_metrics()
+        self.registry = r = registry or CollectorRegistry()
+        self.requests = Counter("textgen_requests", "RPCs handled, by method and final gRPC status code.",
+                                ["method", "code"], registry=r)
+        self.request_duration = Histogram("textgen_request_duration_seconds",
+                                          "Wall time of an RPC, from arrival to its final status.", ["method"],
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.time_to_first_token = Histogram(
+            "textgen_time_to_first_token_seconds",
+            "Generate: from the request's arrival to its first token (prompt feeding included).",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram("textgen_inter_token_latency_seconds",
+                                             "Generate: time between two consecutive tokens of a stream.",
+                                             buckets=TOKEN_BUCKETS, registry=r)
+        self.generated_tokens = Counter("textgen_generated_tokens",
+                                        "Tokens generated and delivered to clients.", registry=r)
+        self.prompt_tokens = Counter("textgen_prompt_tokens",
+                                     "Tokens consumed from clients' text (CreateSession, Feed, Generate prompts, "
+                                     "Score with update_session).", registry=r)
+        self.scored_tokens = Counter("textgen_scored_tokens", "Tokens scored by Score.", registry=r)
+        self.sessions_active = Gauge("textgen_sessions_active", "Sessions held in memory now.", registry=r)
+        self.sessions = Counter("textgen_sessions", "Sessions created.", registry=r)
+        self.evictions = Counter("textgen_session_evictions",
+                                 "Idle sessions evicted (least recently used) to make room at the cap.", registry=r)
+        self.expirations = Counter("textgen_session_expirations", "Sessions that expired after their TTL.",
+                                   registry=r)
+        self.streams_in_flight = Gauge("textgen_streams_in_flight", "Generate streams running now.", registry=r)
+        self.model_info = Info("textgen_model", "The served model (manifest fields).", registry=r)
+        self._http: Any = None
+
+    def track_sessions(self, count: Callable[[], int]) -> None:
+        self.sessions_active.set_function(lambda: float(count()))
+
+    def set_model(self, public: Mapping[str, Any]) -> None:
+        keep = ("cell", "num_layers", "hidden_size", "state_size", "vocab_size", "corpus", "opset",
+                "held_out_bpc", "exporter")
+        sha = public.get("sha256")
+        labels = {k: str(public[k]) for k in keep if k in public and public[k] is not None}
+        if isinstance(sha, Mapping) and sha:
+            labels["sha256"] = str(next(iter(sha.values())))[:16]
+        self.model_info.info(labels)
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Start the /metrics HTTP endpoint in a daemon thread; returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

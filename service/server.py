@@ -1,0 +1,179 @@
+"""The gRPC server: the textgen service, health checking, reflection, metrics endpoint and graceful shutdown.
+
+:class:`TextgenServer` assembles the parts around one runtime and can be started and stopped inside any event
+loop (the tests run several in one process). :func:`serve` is ``textgen serve``: configure logging, start,
+print the bound ports, wait for SIGTERM/SIGINT, then shut down gracefully:
+
+1. health turns NOT_SERVING (for every service name) and stays so;
+2. the gRPC server refuses new calls; running calls keep going for up to ``--grace-seconds``;
+3. shortly before the grace period ends, streams still generating finish early with FINISH_REASON_CANCELLED
+   (a clean last message rather than a cut connection); whatever still runs at the deadline is cancelled;
+4. the process exits 0. A second signal ends the running streams at once (same CANCELLED finish).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from . import logs
+from .config import ServerConfig
+from .core import TextgenCore
+from .engine import Engine, ThreadEngine
+from .metrics import Metrics
+from .proto import textgen_pb2 as pb
+from .proto import textgen_pb2_grpc as pb_grpc
+from .servicer import TextgenServicer
+from .sessions import SessionStore, StoreEvents
+
+log = logging.getLogger("textgen.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextgenService"].full_name  # "textgen.v1.TextgenService"
+SWEEP_SECONDS = 1.0
+
+
+def _grpc_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+class TextgenServer:
+    def __init__(self, config: ServerConfig, runtime: Any = None, *, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time, engine: Engine | None = None,
+                 sweep_seconds: float = SWEEP_SECONDS):
+        self.config = config
+        self.runtime = runtime
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.sweep_seconds = sweep_seconds
+        self._engine = engine
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopped = False
+
+    async def start(self) -> None:
+        cfg = self.config
+        if self.runtime is None:
+            from .runtime import load_bundle
+
+            self.runtime = load_bundle(cfg.model, intra_op_threads=cfg.intra_op_threads,
+                                       inter_op_threads=cfg.inter_op_threads)
+        self.metrics = m = Metrics()
+        m.set_model(self.runtime.manifest.to_public_dict())
+        self.store = SessionStore(cfg.max_sessions, eviction=cfg.eviction, clock=self.clock,
+                                  wall_clock=self.wall_clock,
+                                  events=StoreEvents(created=m.sessions.inc, evicted=m.evictions.inc,
+                                                     expired=m.expirations.inc))
+        m.track_sessions(lambda: len(self.store))
+        self.engine = self._engine or ThreadEngine(self.runtime)
+        self.core = TextgenCore(self.runtime, self.engine, cfg, self.store, m)
+
+        self._server = server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ])
+        pb_grpc.add_TextgenServiceServicer_to_server(TextgenServicer(self.core, m), server)
+        self.health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server)
+        address = f"{_grpc_host(cfg.host)}:{cfg.port}"
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {address}: {exc}") from exc
+        if not self.port:
+            raise OSError(f"cannot listen on {address}")
+        await server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if cfg.metrics_port >= 0:
+            self.metrics_port = m.serve_http(cfg.host.strip("[]"), cfg.metrics_port)
+        self._tasks.append(asyncio.create_task(self._sweep_forever()))
+        log.info("serving", extra={"fields": {"port": self.port, "metrics_port": self.metrics_port,
+                                              "model": cfg.model or "(packaged bundle)"}})
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_seconds)
+            self.store.sweep()
+
+    def end_streams(self) -> None:
+        """Make running Generate streams finish now with FINISH_REASON_CANCELLED (and refuse new work)."""
+        self.core.stopping = True
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown (idempotent): NOT_SERVING, refuse new calls, let running ones finish."""
+        if self._stopped or self._server is None:
+            return
+        self._stopped = True
+        grace = self.config.grace_seconds if grace is None else grace
+        log.info("shutting down", extra={"fields": {"grace_seconds": grace}})
+        await self.health.enter_graceful_shutdown()
+        margin = min(1.0, grace * 0.2)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(max(0.0, grace - margin), self.end_streams)
+        try:
+            await self._server.stop(grace)
+        finally:
+            timer.cancel()
+            for t in self._tasks:
+                t.cancel()
+            for t in self._tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+            self.engine.close()
+            self.metrics.close()
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()
+
+
+def _announce(line: str) -> None:
+    print(line, flush=True)
+
+
+async def serve(config: ServerConfig, *, announce: Callable[[str], None] = _announce) -> int:
+    """``textgen serve``: run until SIGTERM or SIGINT, then shut down gracefully; returns the exit code."""
+    logs.configure(config.log_level, config.log_format)
+    server = TextgenServer(config)
+    await server.start()
+    host = _grpc_host(config.host)
+    metrics = (f"http://{host}:{server.metrics_port}/metrics" if server.metrics_port is not None else "off")
+    announce(f"textgen serve: gRPC listening on {host}:{server.port}, metrics {metrics}")
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():  # the second signal: do not wait for the streams
+            log.warning("second signal: ending running streams now")
+            server.end_streams()
+        else:
+            log.info("signal received", extra={"fields": {"signal": signal.Signals(signum).name}})
+            stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return 0

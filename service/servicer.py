@@ -1,0 +1,184 @@
+"""The gRPC face of :class:`~textgen.service.core.TextgenCore`: protobuf in, domain calls, protobuf out.
+
+:meth:`TextgenServicer._call` is the one boundary where outcomes become status codes, metrics and the
+request's log line: a :class:`~textgen.service.errors.ServiceError` becomes its ``code`` with its message,
+a cancelled call is CANCELLED or DEADLINE_EXCEEDED, and anything else is a bug: INTERNAL, logged with its
+traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import aclosing
+from typing import Any
+
+import grpc
+
+from .core import FinishEvent, FinishReason, GenerateParams, TextgenCore, TokenEvent, new_seed
+from .errors import ServiceError
+from .logs import log_request
+from .metrics import Metrics
+from .proto import textgen_pb2 as pb
+from .proto import textgen_pb2_grpc as pb_grpc
+from .sampling import SamplingParams
+from .sessions import SessionInfo, short_id
+
+log = logging.getLogger("textgen.server")
+
+FINISH = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+
+
+def _timestamp(seconds: float) -> Any:
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    t = Timestamp()
+    t.FromNanoseconds(int(seconds * 1e9))
+    return t
+
+
+def _duration(seconds: float) -> Any:
+    from google.protobuf.duration_pb2 import Duration
+
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def session_message(info: SessionInfo) -> pb.Session:
+    return pb.Session(session_id=info.session_id, token_count=info.token_count,
+                      create_time=_timestamp(info.create_time), last_used_time=_timestamp(info.last_used_time),
+                      expire_time=_timestamp(info.expire_time), ttl=_duration(info.ttl), busy=info.busy)
+
+
+def model_info_message(d: dict[str, Any]) -> pb.ModelInfo:
+    msg = pb.ModelInfo()
+    for name in ("cell", "corpus", "exporter", "created"):
+        if isinstance(d.get(name), str):
+            setattr(msg, name, d[name])
+    for name in ("num_layers", "hidden_size", "state_size", "vocab_size", "opset", "train_steps"):
+        if isinstance(d.get(name), int):
+            setattr(msg, name, d[name])
+    for name in ("held_out_loss", "held_out_perplexity", "held_out_bpc"):
+        if isinstance(d.get(name), int | float):
+            setattr(msg, name, float(d[name]))
+    if isinstance(d.get("sha256"), dict):
+        msg.sha256.update({str(k): str(v) for k, v in d["sha256"].items()})
+    msg.manifest.update({k: list(v) if isinstance(v, tuple) else v for k, v in d.items()})
+    return msg
+
+
+class TextgenServicer(pb_grpc.TextgenServiceServicer):
+    def __init__(self, core: TextgenCore, metrics: Metrics):
+        self.core = core
+        self.metrics = metrics
+
+    async def _call(self, method: str, context: grpc.aio.ServicerContext, session_id: str,
+                    work: Callable[[dict[str, Any]], Awaitable[Any]]) -> Any:
+        """Run one RPC's work; map its outcome to a status, count it and log it."""
+        start = time.perf_counter()
+        fields: dict[str, Any] = {}
+        code, message, result = "OK", "", None
+        try:
+            result = await work(fields)
+        except ServiceError as exc:
+            code, message = exc.code, str(exc)
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            self._record(method, code, start, session_id, fields)
+            raise
+        except Exception:
+            log.exception("bug in %s", method)
+            code, message = "INTERNAL", f"internal error in {method} (the server logged the traceback)"
+        self._record(method, code, start, session_id, fields)
+        if code != "OK":
+            await context.abort(getattr(grpc.StatusCode, code), message)
+        return result
+
+    def _record(self, method: str, code: str, start: float, session_id: str, fields: dict[str, Any]) -> None:
+        duration = time.perf_counter() - start
+        self.metrics.requests.labels(method, code).inc()
+        self.metrics.request_duration.labels(method).observe(duration)
+        log_request(method, code, duration, short_id(session_id) if session_id else "", **fields)
+
+    # -- RPCs
+    async def CreateSession(self, request: pb.CreateSessionRequest, context: Any) -> pb.CreateSessionResponse:
+        async def work(fields: dict[str, Any]) -> pb.CreateSessionResponse:
+            ttl = request.ttl.ToNanoseconds() / 1e9 if request.HasField("ttl") else None
+            info, fed = await self.core.create_session(request.prompt, ttl)
+            fields.update(new_session=short_id(info.session_id), prompt_tokens=fed.tokens_consumed)
+            return pb.CreateSessionResponse(session=session_message(info), prompt_tokens=fed.tokens_consumed,
+                                            unknown_chars=fed.unknown_chars)
+
+        return await self._call("CreateSession", context, "", work)
+
+    async def Feed(self, request: pb.FeedRequest, context: Any) -> pb.FeedResponse:
+        async def work(fields: dict[str, Any]) -> pb.FeedResponse:
+            r = await self.core.feed(request.session_id, request.text)
+            fields["tokens"] = r.tokens_consumed
+            return pb.FeedResponse(tokens_consumed=r.tokens_consumed, unknown_chars=r.unknown_chars,
+                                   session_tokens=r.session_tokens)
+
+        return await self._call("Feed", context, request.session_id, work)
+
+    async def Generate(self, request: pb.GenerateRequest, context: Any) -> None:
+        async def work(fields: dict[str, Any]) -> None:
+            seed = request.seed if request.HasField("seed") else new_seed()
+            params = GenerateParams(
+                session_id=request.session_id, prompt=request.prompt, max_tokens=request.max_tokens,
+                sampling=SamplingParams(temperature=request.temperature, top_k=request.top_k,
+                                        top_p=request.top_p if request.HasField("top_p") else 1.0, seed=seed),
+                stop=tuple(request.stop), logprobs=request.logprobs)
+            fields["generated"] = 0
+            async with aclosing(self.core.generate(params)) as events:
+                async for ev in events:
+                    if isinstance(ev, TokenEvent):
+                        msg = pb.GenerateResponse(text=ev.text)
+                        if ev.logprob is not None:
+                            msg.logprobs.add(token=ev.text, token_id=ev.token_id, logprob=ev.logprob)
+                        await context.write(msg)
+                        fields["generated"] += 1
+                    elif isinstance(ev, FinishEvent):
+                        fields["finish"] = ev.reason
+                        await context.write(pb.GenerateResponse(
+                            finish_reason=FINISH[ev.reason], seed=ev.seed,
+                            usage=pb.Usage(prompt_tokens=ev.prompt_tokens, generated_tokens=ev.generated_tokens,
+                                           session_tokens=ev.session_tokens)))
+
+        await self._call("Generate", context, request.session_id, work)
+
+    async def GetSession(self, request: pb.GetSessionRequest, context: Any) -> pb.Session:
+        async def work(fields: dict[str, Any]) -> pb.Session:
+            return session_message(self.core.get_session(request.session_id))
+
+        return await self._call("GetSession", context, request.session_id, work)
+
+    async def DeleteSession(self, request: pb.DeleteSessionRequest, context: Any) -> pb.DeleteSessionResponse:
+        async def work(fields: dict[str, Any]) -> pb.DeleteSessionResponse:
+            self.core.delete_session(request.session_id)
+            return pb.DeleteSessionResponse()
+
+        return await self._call("DeleteSession", context, request.session_id, work)
+
+    async def Score(self, request: pb.ScoreRequest, context: Any) -> pb.ScoreResponse:
+        async def work(fields: dict[str, Any]) -> pb.ScoreResponse:
+            r = await self.core.score(request.text, request.session_id, request.update_session)
+            fields["tokens"] = r.token_count
+            return pb.ScoreResponse(nll=r.nll, loss=r.loss, perplexity=r.perplexity, bits_per_char=r.bits_per_char,
+                                    token_count=r.token_count, predictions=r.predictions,
+                                    unknown_chars=r.unknown_chars)
+
+        return await self._call("Score", context, request.session_id, work)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Any) -> pb.ModelInfo:
+        async def work(fields: dict[str, Any]) -> pb.ModelInfo:
+            return model_info_message(self.core.model_info())
+
+        return await self._call("GetModelInfo", context, "", work)

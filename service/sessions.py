@@ -1,0 +1,168 @@
+"""Sessions held in server memory: hidden state, TTL expiry, a cap with LRU eviction or refusal, a busy flag.
+
+A session stands for "the text consumed so far" without keeping the text. It stores
+
+* ``state``: the model state after every consumed token but the last (float32, ``state_size`` values), and
+* ``pending``: that last token's id, not yet run through the model.
+
+Generating a token is one model step on (state, pending); the drawn token becomes the new pending one. A
+session that has consumed nothing has ``pending = None`` (and ``state = None``, the initial state).
+
+All methods run on the event loop thread, so none of them needs a lock; the ``busy`` flag makes sure one call
+at a time works on a session (a second one gets :class:`SessionBusy`). Time comes from an injectable
+monotonic ``clock`` (expiry, LRU) and ``wall_clock`` (the timestamps shown to clients).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import LimitExceeded, SessionBusy, SessionNotFound
+
+ID_BYTES = 24  # 192 random bits, 32 URL-safe characters
+
+
+class Session:
+    __slots__ = ("busy", "created_wall", "id", "last_used", "pending", "state", "tokens", "ttl")
+
+    def __init__(self, sid: str, ttl: float, now: float, wall: float):
+        self.id = sid
+        self.state: np.ndarray | None = None
+        self.pending: int | None = None
+        self.tokens = 0
+        self.ttl = ttl
+        self.last_used = now
+        self.created_wall = wall
+        self.busy = False
+
+    def commit(self, state: np.ndarray, pending: int, consumed: int) -> None:
+        """The session now ends ``consumed`` tokens later, with this state and pending token."""
+        self.state, self.pending, self.tokens = state, pending, self.tokens + consumed
+
+    def expires_at(self) -> float:
+        return self.last_used + self.ttl
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: str
+    token_count: int
+    create_time: float  # wall-clock seconds since the epoch
+    last_used_time: float
+    expire_time: float
+    ttl: float
+    busy: bool
+
+
+@dataclass
+class StoreEvents:
+    """Callbacks for the metrics; each receives the number of sessions concerned."""
+
+    created: Callable[[int], None] = lambda n: None
+    evicted: Callable[[int], None] = lambda n: None
+    expired: Callable[[int], None] = lambda n: None
+
+
+class SessionStore:
+    def __init__(self, max_sessions: int, *, eviction: str = "lru", clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time, events: StoreEvents | None = None):
+        if eviction not in ("lru", "reject"):
+            raise ValueError("eviction must be 'lru' or 'reject'")
+        self.max_sessions = max_sessions
+        self.eviction = eviction
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.events = events or StoreEvents()
+        self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def create(self, ttl: float) -> Session:
+        self.sweep()
+        if len(self._sessions) >= self.max_sessions:
+            self._make_room()
+        sid = secrets.token_urlsafe(ID_BYTES)
+        s = Session(sid, ttl, self.clock(), self.wall_clock())
+        self._sessions[sid] = s
+        self.events.created(1)
+        return s
+
+    def _make_room(self) -> None:
+        limit = f"the server holds at most {self.max_sessions} sessions (--max-sessions)"
+        if self.eviction == "reject":
+            raise LimitExceeded(f"{limit}; delete a session or retry later", exhausted=True)
+        victim = next((sid for sid, s in self._sessions.items() if not s.busy), None)
+        if victim is None:
+            raise LimitExceeded(f"{limit} and every one of them is busy", exhausted=True)
+        del self._sessions[victim]
+        self.events.evicted(1)
+
+    def get(self, sid: str) -> Session:
+        """The live session ``sid``; :class:`SessionNotFound` if unknown, deleted, evicted or expired."""
+        s = self._sessions.get(sid)
+        if s is not None and not s.busy and self.clock() >= s.expires_at():
+            del self._sessions[sid]
+            self.events.expired(1)
+            s = None
+        if s is None:
+            raise SessionNotFound(f"session {short_id(sid)!r} not found (unknown, expired, evicted or deleted)")
+        return s
+
+    def touch(self, s: Session) -> None:
+        s.last_used = self.clock()
+        if s.id in self._sessions:
+            self._sessions.move_to_end(s.id)
+
+    @contextmanager
+    def acquire(self, sid: str) -> Iterator[Session]:
+        """Hold the session for one call: busy meanwhile, last used when the call ends (however it ends)."""
+        s = self.get(sid)
+        if s.busy:
+            raise SessionBusy(f"session {short_id(sid)!r} is busy with another call; "
+                              "calls on one session must not overlap")
+        s.busy = True
+        self.touch(s)
+        try:
+            yield s
+        finally:
+            s.busy = False
+            self.touch(s)
+
+    def delete(self, sid: str) -> None:
+        self.get(sid)  # NOT_FOUND for unknown or expired ids
+        del self._sessions[sid]
+
+    def sweep(self) -> int:
+        """Drop every expired idle session; returns how many."""
+        now = self.clock()
+        dead = [sid for sid, s in self._sessions.items() if not s.busy and now >= s.expires_at()]
+        for sid in dead:
+            del self._sessions[sid]
+        if dead:
+            self.events.expired(len(dead))
+        return len(dead)
+
+    def info(self, s: Session) -> SessionInfo:
+        now, wall = self.clock(), self.wall_clock()
+        return SessionInfo(
+            session_id=s.id,
+            token_count=s.tokens,
+            create_time=s.created_wall,
+            last_used_time=wall - (now - s.last_used),
+            expire_time=wall + (s.expires_at() - now),
+            ttl=s.ttl,
+            busy=s.busy,
+        )
+
+
+def short_id(sid: str) -> str:
+    """A prefix of a session id, for messages and logs (the full id is a bearer secret)."""
+    return sid[:8] + "…" if len(sid) > 8 else sid

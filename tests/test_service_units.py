@@ -1,0 +1,252 @@
+"""The service's parts on their own: sampling, the session store, configuration, the engine, the fake runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from servicekit import FakeClock, RunningServer
+
+from textgen.service.config import SETTINGS, ServerConfig, click_options, markdown_table
+from textgen.service.engine import ThreadEngine
+from textgen.service.errors import InputError, InvalidRequest, LimitExceeded, SessionBusy, SessionNotFound
+from textgen.service.fake_runtime import FakeRuntime
+from textgen.service.metrics import METRIC_NAMES
+from textgen.service.sampling import SamplingParams, log_softmax, make_sampler, softmax, top_k, top_p
+from textgen.service.sessions import Session, SessionStore, StoreEvents
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "api.md"
+LOGITS = np.array([2.0, 1.0, 0.5, 3.0, -1.0, 0.0], dtype=np.float32)
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def test_greedy_is_argmax_whatever_the_other_parameters() -> None:
+    sample = make_sampler(SamplingParams(temperature=0.0, top_k=2, top_p=0.1, seed=1))
+    assert [sample(LOGITS) for _ in range(5)] == [3] * 5
+
+
+def test_same_seed_same_draws_and_different_seeds_differ() -> None:
+    a = make_sampler(SamplingParams(temperature=1.5, seed=42))
+    b = make_sampler(SamplingParams(temperature=1.5, seed=42))
+    seq_a, seq_b = [a(LOGITS) for _ in range(50)], [b(LOGITS) for _ in range(50)]
+    assert seq_a == seq_b
+    c = make_sampler(SamplingParams(temperature=1.5, seed=43))
+    assert [c(LOGITS) for _ in range(50)] != seq_a
+
+
+def test_temperature_one_samples_the_softmax() -> None:
+    sample = make_sampler(SamplingParams(temperature=1.0, seed=0))
+    counts = np.bincount([sample(LOGITS) for _ in range(20_000)], minlength=len(LOGITS)) / 20_000
+    np.testing.assert_allclose(counts, softmax(LOGITS.astype(np.float64)), atol=0.015)
+
+
+def test_top_k_and_top_p_restrict_the_support() -> None:
+    sample = make_sampler(SamplingParams(temperature=5.0, top_k=2, seed=0))
+    assert {sample(LOGITS) for _ in range(500)} == {0, 3}
+    # probabilities at temperature 1: 3 -> .56, 0 -> .21, 1 -> .08 ...: top_p 0.7 keeps {3, 0}
+    sample = make_sampler(SamplingParams(temperature=1.0, top_p=0.7, seed=0))
+    assert {sample(LOGITS) for _ in range(500)} == {0, 3}
+    sample = make_sampler(SamplingParams(temperature=1.0, top_p=0.5, seed=0))
+    assert {sample(LOGITS) for _ in range(100)} == {3}  # the top token alone reaches 0.5
+    x = LOGITS.astype(np.float64)
+    assert np.isfinite(top_k(len(x) + 3)(x)).all()
+    assert np.isfinite(top_p(1.0)(x)).all()
+
+
+def test_log_softmax_is_normalised() -> None:
+    assert np.exp(log_softmax(LOGITS)).sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=-1), SamplingParams(temperature=float("nan")),
+                                    SamplingParams(top_k=-2), SamplingParams(top_p=0.0),
+                                    SamplingParams(top_p=1.01), SamplingParams(seed=-1)])
+def test_bad_sampling_parameters(params: SamplingParams) -> None:
+    with pytest.raises(InvalidRequest):
+        make_sampler(params)
+
+
+# ---------------------------------------------------------------------------------------------- sessions
+
+
+def _store(clock: FakeClock, cap: int = 3, eviction: str = "lru") -> tuple[SessionStore, dict[str, int]]:
+    counts = {"created": 0, "evicted": 0, "expired": 0}
+
+    def count(key: str) -> Any:
+        return lambda n: counts.__setitem__(key, counts[key] + n)
+
+    events = StoreEvents(created=count("created"), evicted=count("evicted"), expired=count("expired"))
+    return SessionStore(cap, eviction=eviction, clock=clock, wall_clock=lambda: 1e9 + clock(), events=events), counts
+
+
+def test_ids_are_long_random_and_unique() -> None:
+    store, _ = _store(FakeClock(), cap=500)
+    ids = {store.create(10).id for _ in range(300)}
+    assert len(ids) == 300 and min(len(i) for i in ids) >= 32  # 192 bits of URL-safe base64
+
+
+def test_ttl_expiry_lazily_and_by_sweep() -> None:
+    clock = FakeClock()
+    store, counts = _store(clock)
+    a, b = store.create(10), store.create(20)
+    clock.advance(9.9)
+    assert store.get(a.id) is a
+    info = store.info(a)
+    assert info.expire_time == pytest.approx(1e9 + 1000 + 10) and info.create_time == pytest.approx(1e9 + 1000)
+    clock.advance(0.1)
+    with pytest.raises(SessionNotFound):
+        store.get(a.id)
+    assert counts["expired"] == 1 and len(store) == 1
+    clock.advance(15)
+    assert store.sweep() == 1 and counts["expired"] == 2 and len(store) == 0
+    with pytest.raises(SessionNotFound):
+        store.get(b.id)
+
+
+def test_using_a_session_restarts_its_ttl_and_busy_sessions_do_not_expire() -> None:
+    clock = FakeClock()
+    store, _ = _store(clock)
+    s = store.create(10)
+    with store.acquire(s.id):
+        clock.advance(100)
+        assert store.sweep() == 0
+    clock.advance(9)
+    assert store.get(s.id) is s
+
+
+def test_lru_eviction_skips_busy_sessions_and_reject_refuses() -> None:
+    clock = FakeClock()
+    store, counts = _store(clock, cap=2)
+    a = store.create(100)
+    clock.advance(1)
+    b = store.create(100)
+    clock.advance(1)
+    with store.acquire(a.id):
+        c = store.create(100)  # a is the oldest but busy: b goes
+        assert counts["evicted"] == 1 and {a.id, c.id} == set(store._sessions)
+        with store.acquire(c.id), pytest.raises(LimitExceeded) as info:
+            store.create(100)
+        assert info.value.code == "RESOURCE_EXHAUSTED" and "busy" in str(info.value)
+    with pytest.raises(SessionNotFound):
+        store.get(b.id)
+    rejecting, counts = _store(clock, cap=1, eviction="reject")
+    rejecting.create(100)
+    with pytest.raises(LimitExceeded, match="--max-sessions"):
+        rejecting.create(100)
+    assert counts["evicted"] == 0
+
+
+def test_one_call_at_a_time_per_session() -> None:
+    store, _ = _store(FakeClock())
+    s = store.create(10)
+    with store.acquire(s.id):
+        with pytest.raises(SessionBusy):
+            store.acquire(s.id).__enter__()
+        assert store.info(s).busy
+    assert not s.busy
+    with pytest.raises(RuntimeError), store.acquire(s.id):
+        raise RuntimeError("a failing call still releases the session")
+    assert not s.busy
+
+
+def test_a_session_is_small() -> None:
+    s = Session("x" * 32, 600.0, 0.0, 0.0)
+    s.commit(np.zeros(512, dtype=np.float32), 5, 100)
+    assert not hasattr(s, "__dict__")
+    size = sys.getsizeof(s) + sys.getsizeof(s.state) + sys.getsizeof(s.id)
+    assert size <= 4096, size
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def test_every_setting_has_a_flag_and_an_environment_variable_and_the_docs_show_the_table() -> None:
+    import dataclasses
+
+    assert [s.field for s in SETTINGS] == [f.name for f in dataclasses.fields(ServerConfig)]
+    assert all(s.env == "TEXTGEN_" + s.field.upper() for s in SETTINGS)
+    assert markdown_table() in DOCS.read_text(encoding="utf-8"), "docs/api.md: paste config.markdown_table()"
+    for name in METRIC_NAMES:
+        assert f"`{name}`" in DOCS.read_text(encoding="utf-8"), name
+
+
+def test_flags_read_environment_variables() -> None:
+    seen: dict[str, ServerConfig] = {}
+
+    @click.command()
+    @click_options
+    def cmd(**options: Any) -> None:
+        seen["cfg"] = ServerConfig(**options)
+
+    r = CliRunner().invoke(cmd, ["--port", "7"], env={"TEXTGEN_MAX_SESSIONS": "9", "TEXTGEN_EVICTION": "reject",
+                                                      "TEXTGEN_PORT": "8", "TEXTGEN_SESSION_TTL": "1.5"})
+    assert r.exit_code == 0, r.output
+    cfg = seen["cfg"]
+    assert (cfg.port, cfg.max_sessions, cfg.eviction, cfg.session_ttl, cfg.model) == (7, 9, "reject", 1.5, None)
+
+
+@pytest.mark.parametrize("bad", [dict(port=70000), dict(max_sessions=0), dict(session_ttl=0),
+                                 dict(session_ttl=100, max_session_ttl=10), dict(eviction="fifo"),
+                                 dict(max_tokens=0), dict(metrics_port=-2)])
+def test_bad_configuration(bad: dict) -> None:
+    with pytest.raises(InputError):
+        ServerConfig(**bad)
+
+
+# ------------------------------------------------------------------------------------------------ engine
+
+
+def test_engine_chunks_give_the_runtimes_figures(tiny_runtime: Any) -> None:
+    rt = tiny_runtime
+    ids = rt.encode(("hello, old fiend. " * 20)[:301])
+    engine = ThreadEngine(rt, feed_chunk=7, score_chunk=50)
+
+    async def go() -> Any:
+        state, pending = await engine.feed(None, None, ids)
+        logits, _ = await engine.decode(state, pending)
+        half_state, half_pending = await engine.feed(None, None, ids[:100])
+        rest = await engine.score(ids[100:], half_state, half_pending, keep_state=True)
+        whole = await engine.score(ids)
+        return pending, logits, rest, whole
+
+    try:
+        pending, logits, rest, whole = asyncio.run(go())
+    finally:
+        engine.close()
+    ref_logits, _ = rt.step(ids[None], rt.initial_state(1))
+    assert pending == ids[-1]
+    np.testing.assert_allclose(logits, ref_logits[0, -1], rtol=1e-5, atol=1e-5)
+    assert (whole.nll, whole.predictions) == rt.score_ids(ids, chunk=50)
+    assert rest.predictions == len(ids) - 100 and rest.pending == ids[-1]
+    head, _ = rt.score_ids(ids[:100])
+    assert rest.nll == pytest.approx(whole.nll - head, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ fake runtime
+
+
+def test_the_fixed_logits_runtime_serves_instantly() -> None:
+    rt = FakeRuntime("fixed")
+    logits, state = rt.step(np.array([[1, 2, 3]]), np.ones((1, rt.state_size), np.float32))
+    assert logits.shape == (1, 3, rt.vocab_size) and (logits[0, 0] == logits[0, 2]).all() and (state == 1).all()
+    srv = RunningServer(rt)
+    try:
+        got = srv.client().generate_text("abc", max_tokens=30)
+        assert len(set(got.text)) == 1 and len(got.text) == 30
+    finally:
+        srv.stop()
+
+
+def test_the_numpy_rnn_stand_in_depends_on_history() -> None:
+    rt = FakeRuntime("rnn")
+    a, _ = rt.step_last(rt.encode("ab")[None], rt.initial_state(1))
+    b, _ = rt.step_last(rt.encode("bb")[None], rt.initial_state(1))
+    assert not np.allclose(a, b)
+    nll, n = rt.score_ids(rt.encode("hello world"))
+    assert n == 10 and nll > 0
