@@ -94,7 +94,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("host", "Address to listen on (0.0.0.0 or [::] for all interfaces, e.g. in a container)."),
     Setting("port", "gRPC port (0 = pick a free one; the bound port is printed)."),
     Setting("metrics_port", "Prometheus /metrics HTTP port on the same host (0 = pick a free one, -1 = off)."),
-    Setting("model", "Bundle directory to serve (default: the bundle shipped in the package)."),
+    Setting("model", "Bundle directory to serve (default: the bundle shipped in the package). `fake:fixed` "
+                     "serves a no-op runtime that returns fixed logits instantly, for load tests of the service."),
     Setting("max_sessions", "Sessions kept at most; when full see --eviction."),
     Setting("session_ttl", "Seconds an idle session lives (default for CreateSession without ttl)."),
     Setting("max_session_ttl", "Largest ttl a client may ask for, in seconds."),

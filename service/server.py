@@ -40,6 +40,7 @@ log = logging.getLogger("textgen.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextgenService"].full_name  # "textgen.v1.TextgenService"
 SWEEP_SECONDS = 1.0
+FAKE_MODELS = ("fake:fixed", "fake:rnn")  # --model values that serve service/fake_runtime.py (load tests)
 
 
 def _grpc_host(host: str) -> str:
@@ -64,6 +65,10 @@ class TextgenServer:
 
     async def start(self) -> None:
         cfg = self.config
+        if self.runtime is None and cfg.model in FAKE_MODELS:
+            from .fake_runtime import FakeRuntime
+
+            self.runtime = FakeRuntime(cfg.model.split(":", 1)[1])
         if self.runtime is None:
             from .runtime import load_bundle
 

@@ -286,7 +286,7 @@ def test_concurrent_calls_on_one_session_are_refused_not_interleaved(rt: Any) ->
         c = srv.client()
         sid = c.create_session(PROMPT).session.session_id
         result: dict[str, Any] = {}
-        t = threading.Thread(target=lambda: result.update(r=c.generate_text(session_id=sid, max_tokens=30,
+        t = threading.Thread(target=lambda: result.update(r=c.generate_text(session_id=sid, max_tokens=50,
                                                                             temperature=0.7, seed=2)))
         t.start()
         assert wait_until(lambda: c.get_session(sid).busy)
@@ -295,8 +295,8 @@ def test_concurrent_calls_on_one_session_are_refused_not_interleaved(rt: Any) ->
         fails(CODE.FAILED_PRECONDITION, c.score, "abc", session_id=sid, update_session=True)
         c.score("abc", session_id=sid)  # a read-only score of a snapshot is fine
         t.join(10)
-        assert result["r"].usage.generated_tokens == 30
-        # The refused calls left no trace: the session is exactly prompt + the 30 tokens.
+        assert result["r"].usage.generated_tokens == 50
+        # The refused calls left no trace: the session is exactly prompt + the 50 tokens.
         twin = c.create_session(PROMPT + result["r"].text).session.session_id
         assert c.get_session(sid).token_count == c.get_session(twin).token_count
         assert c.generate_text(session_id=sid, max_tokens=10).text == c.generate_text(session_id=twin,
@@ -382,7 +382,7 @@ def test_busy_sessions_are_never_evicted(rt: Any) -> None:
     try:
         c = srv.client()
         sid = c.create_session(PROMPT).session.session_id
-        stream = c.generate(session_id=sid, max_tokens=20)
+        stream = c.generate(session_id=sid, max_tokens=50)
         it = iter(stream)
         next(it)
         assert "busy" in fails(CODE.RESOURCE_EXHAUSTED, c.create_session, "b").details
@@ -397,11 +397,11 @@ def test_max_streams(rt: Any) -> None:
     srv = RunningServer(rt, max_streams=1, decode_delay=0.02)
     try:
         c = srv.client()
-        stream = c.generate(PROMPT, max_tokens=20)
+        stream = c.generate(PROMPT, max_tokens=50)
         it = iter(stream)
         next(it)
         assert "--max-streams" in fails(CODE.RESOURCE_EXHAUSTED, c.generate_text, PROMPT, max_tokens=2).details
-        assert stream.result().usage.generated_tokens == 20
+        assert stream.result().usage.generated_tokens == 50
         assert c.generate_text(PROMPT, max_tokens=2).usage.generated_tokens == 2
     finally:
         srv.stop()

@@ -235,10 +235,11 @@ def test_the_fixed_logits_runtime_serves_instantly() -> None:
     rt = FakeRuntime("fixed")
     logits, state = rt.step(np.array([[1, 2, 3]]), np.ones((1, rt.state_size), np.float32))
     assert logits.shape == (1, 3, rt.vocab_size) and (logits[0, 0] == logits[0, 2]).all() and (state == 1).all()
-    srv = RunningServer(rt)
+    srv = RunningServer(None, model="fake:fixed")  # as `textgen serve --model fake:fixed` for load tests
     try:
         got = srv.client().generate_text("abc", max_tokens=30)
         assert len(set(got.text)) == 1 and len(got.text) == 30
+        assert srv.client().model_info().cell == "fixed"
     finally:
         srv.stop()
 
