@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,7 +142,7 @@ class TextgenCore:
             ok = True
         finally:
             if not ok:  # a prompt that failed (deadline, cancel) leaves no half-made session behind
-                self.store.delete(s.id)
+                self.store.discard(s.id)
         return self.store.info(s), FeedResult(len(ids), self.runtime.unknown_chars(prompt), s.tokens)
 
     async def _feed(self, s: Session, ids: np.ndarray) -> None:
@@ -180,7 +180,7 @@ class TextgenCore:
         p.sampling.validate()
         return p.max_tokens or self.config.max_tokens, p.stop
 
-    async def generate(self, p: GenerateParams) -> AsyncIterator[TokenEvent | FinishEvent]:
+    async def generate(self, p: GenerateParams) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
         start = time.perf_counter()
         self._check_open()
         max_tokens, stops = self._generate_checks(p)

@@ -140,6 +140,10 @@ class SessionStore:
         self.get(sid)  # NOT_FOUND for unknown or expired ids
         del self._sessions[sid]
 
+    def discard(self, sid: str) -> None:
+        """Forget ``sid`` if it is still there (no error otherwise)."""
+        self._sessions.pop(sid, None)
+
     def sweep(self) -> int:
         """Drop every expired idle session; returns how many."""
         now = self.clock()

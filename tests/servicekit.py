@@ -33,17 +33,18 @@ class FakeClock:
 
 
 class SlowEngine(ThreadEngine):
-    """A ThreadEngine whose decode steps take at least ``delay`` seconds (streams long enough to interrupt)."""
+    """A ThreadEngine whose every job (a decode step, a 16-token chunk of Feed or Score) takes at least
+    ``delay`` seconds: calls long enough to interrupt, and a count of the jobs that ran."""
 
     def __init__(self, runtime: Any, delay: float):
-        super().__init__(runtime)
+        super().__init__(runtime, feed_chunk=16, score_chunk=16)
         self.delay = delay
-        self.decodes = 0
+        self.jobs = 0
 
-    async def decode(self, state: Any, token: int) -> tuple[np.ndarray, np.ndarray]:
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         await asyncio.sleep(self.delay)
-        self.decodes += 1
-        return await super().decode(state, token)
+        self.jobs += 1
+        return await super()._run(fn, *args)
 
 
 class RunningServer:

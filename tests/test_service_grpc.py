@@ -182,9 +182,9 @@ def test_deadline_exceeded_stops_the_work(rt: Any) -> None:
         sid = c.create_session(PROMPT).session.session_id
         fails(CODE.DEADLINE_EXCEEDED, c.generate_text, session_id=sid, max_tokens=100_000, timeout=0.3)
         assert wait_until(lambda: not c.get_session(sid).busy, timeout=2)
-        decodes = srv.server.engine.decodes
+        jobs = srv.server.engine.jobs
         time.sleep(0.2)
-        assert srv.server.engine.decodes <= decodes + 1  # no generation goes on behind the client's back
+        assert srv.server.engine.jobs <= jobs + 1  # no generation goes on behind the client's back
         assert srv.server.core.streams == 0
         assert wait_until(lambda: srv.metric("textgen_requests_total", method="Generate",
                                              code="DEADLINE_EXCEEDED") == 1)
@@ -192,6 +192,29 @@ def test_deadline_exceeded_stops_the_work(rt: Any) -> None:
         n = c.get_session(sid).token_count
         assert len(PROMPT) < n < len(PROMPT) + 100
         assert c.feed(sid, "abc").session_tokens == n + 3
+    finally:
+        srv.stop()
+
+
+def test_deadline_exceeded_during_feed_and_score_stops_them_and_changes_nothing(rt: Any) -> None:
+    srv = RunningServer(rt, decode_delay=0.01, max_prompt_chars=5000)
+    try:
+        c = srv.client()
+        sid = c.create_session(PROMPT).session.session_id
+        long_text = (PROMPT * 20)[:480]  # 30 jobs of 16 tokens, 10 ms each
+        fails(CODE.DEADLINE_EXCEEDED, c.feed, sid, long_text, timeout=0.1)
+        fails(CODE.DEADLINE_EXCEEDED, c.score, long_text, session_id=sid, update_session=True, timeout=0.1)
+        fails(CODE.DEADLINE_EXCEEDED, c.score, long_text, timeout=0.1)
+        fails(CODE.DEADLINE_EXCEEDED, c.create_session, long_text, timeout=0.1)
+        time.sleep(0.05)
+        jobs = srv.server.engine.jobs
+        time.sleep(0.2)
+        assert srv.server.engine.jobs <= jobs + 1  # the cut calls do not keep the engine busy
+        # All or nothing: the session is as it was, and the cut CreateSession left no session behind.
+        info = c.get_session(sid)
+        assert info.token_count == len(PROMPT) and not info.busy
+        assert srv.metric("textgen_sessions_active") == 1
+        assert c.generate_text(session_id=sid, max_tokens=10).text == reference_greedy(rt, PROMPT, 10)
     finally:
         srv.stop()
 
@@ -389,6 +412,22 @@ def test_busy_sessions_are_never_evicted(rt: Any) -> None:
         stream.result()
         c.create_session("b")  # now the idle one goes
         fails(CODE.NOT_FOUND, c.get_session, sid)
+    finally:
+        srv.stop()
+
+
+def test_deleting_a_busy_session_lets_the_running_call_finish(rt: Any) -> None:
+    srv = RunningServer(rt, decode_delay=0.01)
+    try:
+        c = srv.client()
+        sid = c.create_session(PROMPT).session.session_id
+        stream = c.generate(session_id=sid, max_tokens=30)
+        it = iter(stream)
+        next(it)
+        c.delete_session(sid)
+        assert stream.result().usage.generated_tokens == 30
+        fails(CODE.NOT_FOUND, c.get_session, sid)
+        assert srv.metric("textgen_sessions_active") == 0
     finally:
         srv.stop()
 
