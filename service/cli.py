@@ -120,6 +120,7 @@ def eval_command(checkpoint: str, text_source: str, held_out: bool, streams: int
     """Perplexity and bits per character of CHECKPOINT on a text."""
     require_torch()
     import torch
+
     from textgen.training.checkpoint import load_checkpoint
     from textgen.training.corpus import load_corpus
     from textgen.training.train import evaluate, figures
@@ -156,6 +157,45 @@ def sample(checkpoint: str, prefix: str, length: int, temperature: float, seed: 
         raise click.BadParameter("must not be empty", param_hint="--prefix")
     ckpt = load_checkpoint(checkpoint)
     click.echo(prefix + predict(ckpt.build_model(), ckpt.vocab, prefix, length, temperature, seed))
+
+
+# ----------------------------------------------------------------------------------------------- bundles
+
+
+@main.command("export")
+@click.argument("checkpoint", type=click.Path())
+@click.argument("out_dir", type=click.Path())
+@click.option("--no-variants", is_flag=True,
+              help="Write only model.onnx, not model_last.onnx and model_step.onnx.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it already holds a bundle.")
+@user_errors
+def export_command(checkpoint: str, out_dir: str, no_variants: bool, force: bool) -> None:
+    """Export CHECKPOINT to a bundle in OUT_DIR, checked against the torch model (docs/bundle.md)."""
+    require_torch()
+    from textgen.training.export import export_checkpoint
+
+    m = export_checkpoint(checkpoint, out_dir, variants=not no_variants, overwrite=force)
+    verb = "match" if len(m.sha256) > 1 else "matches"
+    click.echo(f"{out_dir}: {m.cell} {m.num_layers}x{m.hidden_size}, vocab {m.vocab_size}, opset {m.opset}; "
+               f"{', '.join(m.sha256)} {verb} the torch model (parity checked)")
+
+
+@main.command()
+@click.argument("bundle", required=False, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print manifest.json as JSON instead.")
+@user_errors
+def info(bundle: str | None, as_json: bool) -> None:
+    """Verify BUNDLE (default: the packaged bundle) and print its manifest."""
+    import json
+
+    from textgen.service.bundle import format_manifest
+    from textgen.service.runtime import load_bundle
+
+    rt = load_bundle(bundle, intra_op_threads=1)
+    if as_json:
+        click.echo(json.dumps(rt.manifest.to_json_dict(), indent=2, ensure_ascii=False))
+    else:
+        click.echo(format_manifest(rt.manifest, rt.path))
 
 
 # ----------------------------------------------------------------------------------------------- service
