@@ -30,6 +30,7 @@ from . import logs
 from .config import ServerConfig
 from .core import TextgenCore
 from .engine import Engine, ThreadEngine
+from .errors import InputError
 from .metrics import Metrics
 from .proto import textgen_pb2 as pb
 from .proto import textgen_pb2_grpc as pb_grpc
@@ -99,14 +100,18 @@ class TextgenServer:
         try:
             self.port = server.add_insecure_port(address)
         except RuntimeError as exc:
-            raise OSError(f"cannot listen on {address}: {exc}") from exc
+            raise InputError(f"cannot listen on {address} (--host/--port): {str(exc).split(';')[0]}") from exc
         if not self.port:
-            raise OSError(f"cannot listen on {address}")
+            raise InputError(f"cannot listen on {address} (--host/--port)")
         await server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if cfg.metrics_port >= 0:
-            self.metrics_port = m.serve_http(cfg.host.strip("[]"), cfg.metrics_port)
+            try:
+                self.metrics_port = m.serve_http(cfg.host.strip("[]"), cfg.metrics_port)
+            except OSError as exc:
+                raise InputError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port} (--metrics-port): "
+                                 f"{exc.strerror or exc}") from exc
         self._tasks.append(asyncio.create_task(self._sweep_forever()))
         log.info("serving", extra={"fields": {"port": self.port, "metrics_port": self.metrics_port,
                                               "model": cfg.model or "(packaged bundle)"}})
@@ -157,25 +162,26 @@ async def serve(config: ServerConfig, *, announce: Callable[[str], None] = _anno
     """``textgen serve``: run until SIGTERM or SIGINT, then shut down gracefully; returns the exit code."""
     logs.configure(config.log_level, config.log_format)
     server = TextgenServer(config)
-    await server.start()
-    host = _grpc_host(config.host)
-    metrics = (f"http://{host}:{server.metrics_port}/metrics" if server.metrics_port is not None else "off")
-    announce(f"textgen serve: gRPC listening on {host}:{server.port}, metrics {metrics}")
-
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
     def on_signal(signum: int) -> None:
         if stop.is_set():  # the second signal: do not wait for the streams
             log.warning("second signal: ending running streams now")
-            server.end_streams()
+            if hasattr(server, "core"):
+                server.end_streams()
         else:
             log.info("signal received", extra={"fields": {"signal": signal.Signals(signum).name}})
             stop.set()
 
+    # Handlers first: a signal that arrives while the bundle loads still ends in a clean shutdown.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     try:
+        await server.start()
+        host = _grpc_host(config.host)
+        metrics = f"http://{host}:{server.metrics_port}/metrics" if server.metrics_port is not None else "off"
+        announce(f"textgen serve: gRPC listening on {host}:{server.port}, metrics {metrics}")
         await stop.wait()
     finally:
         await server.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -94,6 +95,14 @@ def test_bad_configuration_is_one_line_and_exit_1(bundle: Path) -> None:
     assert r.returncode == 1 and "--max-session-ttl" in r.stderr and r.stderr.count("\n") == 1
     r = run("serve", "--model", str(bundle / "missing"), "--port", "0")
     assert r.returncode == 1 and "textgen: error:" in r.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        r = run("serve", "--model", str(bundle), "--port", port, "--metrics-port", "-1")
+        assert r.returncode == 1 and f"textgen: error: cannot listen on 127.0.0.1:{port} (--host/--port)" in r.stderr
+        r = run("serve", "--model", str(bundle), "--port", "0", "--metrics-port", port)
+        assert r.returncode == 1 and "textgen: error: cannot serve metrics" in r.stderr
 
 
 @pytest.mark.slow
