@@ -7,6 +7,7 @@
     │   ├── ManifestError        manifest unreadable, of another format version, or missing fields
     │   └── GraphMismatch        the ONNX graph's inputs/outputs disagree with the manifest
     ├── InputError               bad user input to a job (scoring rows, CLI arguments)
+    ├── ScoringError             the scoring job cannot go on: a worker died, or --resume found another run's output
     ├── ServiceError             a request the gRPC service refuses; .code names its gRPC status
     │   ├── InvalidRequest       INVALID_ARGUMENT: empty text, temperature < 0, top_p outside (0, 1], bad TTL
     │   ├── LimitExceeded        a configured limit (named in the message): INVALID_ARGUMENT for a request
@@ -47,6 +48,10 @@ class GraphMismatch(BundleError):
 
 
 class InputError(TextgenError):
+    pass
+
+
+class ScoringError(TextgenError):
     pass
 
 

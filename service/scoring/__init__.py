@@ -1,0 +1,16 @@
+"""Batch perplexity scoring: ``textgen score`` (docs/scoring.md).
+
+    from textgen.service.scoring import ScoreJob, run_job, score_batch
+    summary = run_job(ScoreJob("corpus/", output="scores.jsonl", model="bundles/gru"))
+
+Modules: :mod:`.inputs` (readers: documents and bad rows), :mod:`.batching` (length buckets and the padded,
+state-carrying batched forward that reproduces ``Runtime.score_ids``), :mod:`.output` (rows, writers, resume,
+summary figures), :mod:`.local` (the job: worker pool, ordering, resume) and :mod:`.ray_engine` (Ray Data).
+"""
+
+from .batching import score_batch, score_document, token_nll
+from .local import ScoreJob, format_summary, run_job
+from .output import FIELDS, make_row
+
+__all__ = ["FIELDS", "ScoreJob", "format_summary", "make_row", "run_job", "score_batch", "score_document",
+           "token_nll"]

@@ -1,0 +1,433 @@
+"""The scoring job: read, plan, score on workers, write rows in input order; resume; summary.
+
+    summary = run_job(ScoreJob("corpus/", output="scores.jsonl", model="bundles/gru"))
+
+The driver (this process) reads the input, encodes the documents and plans windows of length-bucketed
+batches (:func:`~textgen.service.scoring.batching.plan_windows`). An executor scores the batches:
+
+* local, 1 worker: in this process;
+* local, N workers: a pool of N spawned processes, each loading the bundle once with
+  ``threads = max(1, cores // N)`` onnxruntime intra-op threads (no oversubscription);
+* ray: Ray Data actors (:mod:`~textgen.service.scoring.ray_engine`).
+
+Results come back in any order; a window's rows are written, in input order, once all its batches are
+back, and the files are flushed after every window. So an interrupted run leaves a prefix of the final output
+(at most a partly written last line), which ``--resume`` keeps: it skips the documents already written
+(checking their ids), re-runs the window that was cut, and appends the rest. Since batches are planned
+independently of the executor and of where a run stopped, the final output is byte-identical to an
+uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+import numpy as np
+
+from ..bundle import MANIFEST_FILE, MODEL_FILE, load_verified
+from ..errors import InputError, ScoringError
+from .batching import Window, plan_windows, score_batch
+from .inputs import BadRow, Document, Record, input_kind, input_size, read_records
+from .output import (
+    Done,
+    ErrorWriter,
+    RowWriter,
+    Totals,
+    _csv_value,
+    errors_path,
+    make_row,
+    output_format,
+    read_done,
+    read_summary,
+    summary_path,
+    write_json_atomic,
+)
+
+ENGINES = ("local", "ray")
+Key = tuple[int, int]  # (window seq, batch number)
+Payload = tuple[np.ndarray, np.ndarray]  # (lengths, concatenated ids)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class ScoreJob:
+    """The options of ``textgen score`` (see docs/scoring.md)."""
+
+    input: str
+    output: str | None = None  # None: rows to standard output
+    model: str | None = None  # bundle directory; None: the packaged default bundle
+    text_field: str = "text"
+    id_field: str = "id"
+    input_format: str = "auto"  # auto | jsonl | text
+    format: str | None = None  # jsonl | csv; None: from the output's extension
+    workers: int | None = None  # None: the number of cores (local) or of cluster CPUs / threads (ray)
+    threads: int | None = None  # onnxruntime intra-op threads per worker; None: max(1, cores // workers)
+    batch_size: int = 64
+    chunk: int = 256
+    resume: bool = False
+    force: bool = False
+    errors: str | None = None  # None: OUTPUT.errors.jsonl (standard error when writing to standard output)
+    engine: str = "local"
+    address: str | None = None  # Ray cluster address (ray engine); None: start a local Ray
+    progress: bool | None = None  # None: a progress bar when standard error is a terminal
+
+    def settings(self, model_sha256: str, fmt: str) -> dict[str, Any]:
+        """What must not change between a run and its --resume: it decides every byte of the rows."""
+        return {
+            "input": self.input if self.input == "-" else str(Path(self.input).resolve()),
+            "model_sha256": model_sha256,
+            "text_field": self.text_field,
+            "id_field": self.id_field,
+            "input_format": self.input_format,
+            "format": fmt,
+            "batch_size": self.batch_size,
+            "chunk": self.chunk,
+        }
+
+
+# ------------------------------------------------------------------------------------------------ executors
+
+
+class Executor(Protocol):
+    workers: int
+    threads: int
+
+    def run(self, tasks: Iterable[tuple[Key, Payload]]) -> Iterator[tuple[Key, list[float]]]:
+        """Score every task's documents; yield (key, NLLs in payload order) in any order."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def pack(seqs: list[np.ndarray], vocab_size: int) -> Payload:
+    """A batch as two flat arrays (cheap to pickle): the lengths and the concatenated ids."""
+    dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    return lengths, np.concatenate(seqs).astype(dtype, copy=False)
+
+
+def unpack(payload: Payload) -> list[np.ndarray]:
+    lengths, flat = payload
+    return np.split(flat, np.cumsum(lengths)[:-1])
+
+
+_worker_rt: Any = None
+_worker_chunk = 256
+
+
+def _init_worker(bundle: str, threads: int, chunk: int) -> None:
+    global _worker_rt, _worker_chunk
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver handles Ctrl-C and shuts the pool down
+    from ..runtime import load_bundle
+
+    _worker_rt = load_bundle(bundle, intra_op_threads=threads, inter_op_threads=1)
+    _worker_chunk = chunk
+
+
+def _score_payload(payload: Payload) -> list[float]:
+    return score_batch(_worker_rt, unpack(payload), _worker_chunk)
+
+
+class InProcessExecutor:
+    """One worker: the driver scores the batches itself, in order."""
+
+    def __init__(self, bundle: str, threads: int, chunk: int):
+        from ..runtime import load_bundle
+
+        self.workers, self.threads, self.chunk = 1, threads, chunk
+        self.rt = load_bundle(bundle, intra_op_threads=threads, inter_op_threads=1)
+
+    def run(self, tasks: Iterable[tuple[Key, Payload]]) -> Iterator[tuple[Key, list[float]]]:
+        for key, payload in tasks:
+            yield key, score_batch(self.rt, unpack(payload), self.chunk)
+
+    def close(self) -> None:
+        pass
+
+
+class PoolExecutor:
+    """N spawned worker processes; at most ``2 * N`` batches in flight, the input read lazily."""
+
+    def __init__(self, bundle: str, workers: int, threads: int, chunk: int):
+        self.workers, self.threads = workers, threads
+        self.pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                                        initargs=(bundle, threads, chunk))
+
+    def run(self, tasks: Iterable[tuple[Key, Payload]]) -> Iterator[tuple[Key, list[float]]]:
+        it = iter(tasks)
+        inflight: dict[Future[list[float]], Key] = {}
+        exhausted = False
+        while True:
+            while not exhausted and len(inflight) < 2 * self.workers:
+                task = next(it, None)
+                if task is None:
+                    exhausted = True
+                else:
+                    inflight[self.pool.submit(_score_payload, task[1])] = task[0]
+            if not inflight:
+                return
+            done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+            for fut in done:
+                key = inflight.pop(fut)
+                try:
+                    result = fut.result()
+                except BrokenProcessPool as exc:
+                    raise ScoringError("a scoring worker process died (out of memory?); the rows written so far "
+                                       "are kept: rerun with --resume to continue") from exc
+                yield key, result
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def make_executor(job: ScoreJob, bundle: str) -> Executor:
+    if job.engine == "ray":
+        from .ray_engine import RayExecutor
+
+        return RayExecutor(bundle, job.workers, job.threads, job.chunk, job.address)
+    cores = available_cores()
+    workers = job.workers or cores
+    threads = job.threads or max(1, cores // workers)
+    if workers == 1:
+        return InProcessExecutor(bundle, threads, job.chunk)
+    return PoolExecutor(bundle, workers, threads, job.chunk)
+
+
+# ------------------------------------------------------------------------------------------------ the job
+
+
+class _Resume:
+    """Skips the documents an interrupted run already wrote (checking their ids) and learns the cutoff: the
+    first input index that still has to be written."""
+
+    def __init__(self, done: Done):
+        self.done = done
+        self.cutoff: int | None = 0 if not done.ids else None
+
+    def track(self, records: Iterable[Record], source: str) -> Iterator[Record]:
+        k = len(self.done.ids)
+        seen = 0
+        for rec in records:
+            if isinstance(rec, Document):
+                if seen < k and _csv_value(rec.id) != _csv_value(self.done.ids[seen]):
+                    raise ScoringError(
+                        f"cannot resume: row {seen + 1} of the output has id {self.done.ids[seen]!r} but document "
+                        f"{seen + 1} of {source} has id {rec.id!r} (another input?)")
+                seen += 1
+                if seen == k:
+                    self.cutoff = rec.index + 1
+            yield rec
+        if seen < k:
+            raise ScoringError(f"cannot resume: the output has {k} rows but {source} has only {seen} documents "
+                               "(another input?)")
+
+    def is_done(self, index: int) -> bool:
+        """Valid once the record's window is read: before the cutoff is known, everything read is done."""
+        return self.cutoff is None or index < self.cutoff
+
+
+def run_job(job: ScoreJob, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> dict[str, Any]:
+    """Run the job; return the summary (also written to OUTPUT.summary.json when there is an output file)."""
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    t0 = time.perf_counter()
+    _check_options(job)
+    from ..runtime import default_bundle_path, load_bundle
+
+    bundle = Path(job.model) if job.model is not None else default_bundle_path()
+    if job.model is None and not (bundle / MANIFEST_FILE).is_file():
+        load_bundle(None)  # raises the runtime's own error: the default bundle is not installed
+    manifest, _ = load_verified(bundle)
+    from textgen.training.vocab import Vocab
+
+    vocab = Vocab(manifest.chars())
+    input_kind(job.input, job.input_format)  # a missing input fails here, before anything is written
+    fmt = output_format(job.output, job.format)
+    settings = job.settings(manifest.sha256[MODEL_FILE], fmt)
+    err_path = job.errors or (errors_path(job.output) if job.output else None)
+
+    done = Done()
+    appending = False
+    if job.output is not None and os.path.exists(job.output):
+        if job.resume:
+            _check_resumable(job.output, settings)
+            done = read_done(job.output, fmt)
+            appending = os.path.getsize(job.output) > 0
+        elif not job.force:
+            raise InputError(f"{job.output} exists: pass --resume to continue that run, or --force to replace it")
+    if job.output is not None:
+        write_json_atomic(summary_path(job.output), {"status": "running", "settings": settings})
+
+    resume = _Resume(done)
+    records = resume.track(read_records(job.input, text_field=job.text_field, id_field=job.id_field,
+                                        kind=job.input_format), job.input)
+    executor = make_executor(job, str(bundle))
+    rows = RowWriter(job.output, fmt, append=appending, stdout=stdout)
+    # The errors file is written afresh, also on --resume: the bad rows before the cutoff are read again.
+    errors = ErrorWriter(err_path, stream=stderr)
+    totals = Totals(**{**asdict(done.totals), "failed": 0})
+    new_tokens = 0
+    bar = _progress(job, stderr)
+    t_start = time.perf_counter()
+    try:
+        windows: deque[Window] = deque()
+        results: dict[Key, list[float]] = {}
+        pending: dict[int, int] = {}  # window seq -> batches not back yet
+        task_bytes: dict[Key, int] = {}  # input bytes of a batch's documents, for the progress bar
+
+        def tasks() -> Iterator[tuple[Key, Payload]]:
+            for w in plan_windows(records, vocab.encode, job.batch_size):
+                windows.append(w)
+                nb = {r.index: r.nbytes for r in w.records}
+                skipped = sum(r.nbytes for r in w.records if resume.is_done(r.index))
+                if bar is not None and skipped:
+                    bar.update(skipped)
+                # A batch of the cut window whose rows are all written already is not needed again.
+                todo = [b for b, indices in enumerate(w.batches) if not all(resume.is_done(i) for i in indices)]
+                pending[w.seq] = len(todo)  # all counted before the first is yielded: results may come at once
+                for b in todo:
+                    indices = w.batches[b]
+                    task_bytes[(w.seq, b)] = sum(nb[i] for i in indices)
+                    yield (w.seq, b), pack([w.ids[i] for i in indices], manifest.vocab_size)
+                emit()  # a window with nothing to score (all bad rows, or all done)
+
+        def emit() -> None:
+            nonlocal new_tokens
+            while windows and pending[windows[0].seq] == 0:
+                w = windows.popleft()
+                del pending[w.seq]
+                nll: dict[int, float] = {}
+                for b, indices in enumerate(w.batches):
+                    got = results.pop((w.seq, b), None)
+                    if got is not None:
+                        nll.update(zip(indices, got, strict=True))
+                for rec in w.records:
+                    if isinstance(rec, BadRow):
+                        errors.write(rec.to_json_dict())
+                        totals.failed += 1
+                        if bar is not None and not resume.is_done(rec.index):
+                            bar.update(rec.nbytes)
+                        continue
+                    if resume.is_done(rec.index):
+                        continue
+                    ids = w.ids[rec.index]
+                    row = make_row(rec.id, len(rec.text), len(rec.text.encode("utf-8")),
+                                   int(np.count_nonzero(ids == manifest.unk_id)), nll[rec.index])
+                    rows.write(row)
+                    totals.add(row)
+                    new_tokens += row["tokens"]
+                rows.flush()
+                errors.flush()
+                if bar is not None:
+                    rate = new_tokens / max(time.perf_counter() - t_start, 1e-9)
+                    bar.set_postfix_str(f"{totals.documents:,} docs, {totals.failed:,} failed, {rate:,.0f} tok/s",
+                                        refresh=False)
+
+        for key, nlls in executor.run(tasks()):
+            results[key] = nlls
+            pending[key[0]] -= 1
+            nbytes = task_bytes.pop(key)
+            if bar is not None:
+                bar.update(nbytes)
+            emit()
+        emit()
+    finally:
+        executor.close()
+        rows.close()
+        errors.close()
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    summary = {
+        "status": "complete",
+        **totals.figures(),
+        "resumed_rows": len(done.ids),
+        "seconds": round(seconds, 3),
+        "tokens_scored": new_tokens,
+        "tokens_per_s": round(new_tokens / seconds, 1) if seconds > 0 else None,
+        "engine": job.engine,
+        "workers": executor.workers,
+        "threads": executor.threads,
+        "output": job.output,
+        "errors": err_path,
+        "settings": settings,
+    }
+    if job.output is not None:
+        write_json_atomic(summary_path(job.output), summary)
+    return summary
+
+
+def _check_options(job: ScoreJob) -> None:
+    if job.engine not in ENGINES:
+        raise InputError(f"unknown engine {job.engine!r} (expected local or ray)")
+    for name in ("batch_size", "chunk"):
+        if getattr(job, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("workers", "threads"):
+        if getattr(job, name) is not None and getattr(job, name) < 1:
+            raise InputError(f"--{name} must be >= 1")
+    if job.resume and job.output is None:
+        raise InputError("--resume needs an output file (-o)")
+    if job.address is not None and job.engine != "ray":
+        raise InputError("--address is for --engine ray")
+
+
+def _check_resumable(output: str, settings: dict[str, Any]) -> None:
+    prev = read_summary(output)
+    if prev is None:
+        raise ScoringError(f"cannot resume {output}: {summary_path(output)} is missing (not written by textgen score?)")
+    before = prev.get("settings") or {}
+    changed = [k for k in settings if before.get(k) != settings[k]]
+    if changed:
+        what = ", ".join(f"{k} {before.get(k)!r} -> {settings[k]!r}" for k in changed)
+        raise ScoringError(f"cannot resume {output}: it was written with other settings ({what}); "
+                           "resume with the same input, model and options, or start again with --force")
+
+
+def _progress(job: ScoreJob, stderr: TextIO) -> Any:
+    show = job.progress if job.progress is not None else stderr.isatty()
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=input_size(job.input, job.input_format), unit="B", unit_scale=True, unit_divisor=1024,
+                desc="scoring", file=stderr, dynamic_ncols=True, smoothing=0.1)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The one-paragraph summary printed at the end of ``textgen score``."""
+    s = summary
+    head = f"scored {s['documents']:,} documents ({s['tokens']:,} tokens)"
+    if s["failed"]:
+        head += f"; {s['failed']:,} failed (see {s['errors'] or 'the errors above'})"
+    lines = [head]
+    if s["tokens"]:
+        lines.append(f"corpus: perplexity {s['perplexity']:.4f}, {s['bits_per_char']:.4f} bits/char, "
+                     f"{s['bits_per_byte']:.4f} bits/byte, {s['unknown_chars']:,} unknown characters")
+    resumed = f", {s['resumed_rows']:,} rows kept from the interrupted run" if s["resumed_rows"] else ""
+    workers = f"{s['workers']} worker{'s' if s['workers'] != 1 else ''}"
+    threads = f"{s['threads']} thread{'s' if s['threads'] != 1 else ''}"
+    lines.append(f"{s['tokens_scored']:,} tokens in {s['seconds']:.1f} s: {s['tokens_per_s'] or 0:,.0f} tokens/s "
+                 f"({s['engine']}, {workers} x {threads}){resumed}")
+    return "\n".join(lines)
+
+
+__all__ = ["ENGINES", "ScoreJob", "available_cores", "format_summary", "run_job"]
