@@ -281,3 +281,42 @@ def health(address: str, service: str, timeout: float) -> None:
     click.echo(status)
     if status != "SERVING":
         sys.exit(1)
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+
+
+@main.command("score")
+@click.argument("input_path", metavar="INPUT")
+@click.option("-o", "--output", default=None, help="Rows file (.jsonl or .csv); default: JSONL to stdout.")
+@click.option("--model", default=None, help="Bundle directory (default: the packaged bundle).")
+@click.option("--text-field", default="text", show_default=True, help="JSONL field holding the text.")
+@click.option("--id-field", default="id", show_default=True, help="JSONL field holding the id (default id: line).")
+@click.option("--input-format", type=click.Choice(["auto", "jsonl", "text"]), default="auto", show_default=True,
+              help="auto: a folder of .txt files, .jsonl/.ndjson/.json as JSONL, any other file as one document.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default=None,
+              help="Output format (default: from the extension of -o, else jsonl).")
+@click.option("--workers", type=int, default=None, help="Worker processes or Ray actors (default: the cores).")
+@click.option("--threads", type=int, default=None, help="onnxruntime threads per worker (default: cores // workers).")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Documents per length bucket.")
+@click.option("--chunk", type=int, default=256, show_default=True, help="Tokens per forward pass (state carried).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run of the same command.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--errors", "errors_path", default=None, help="Bad rows file (default: OUTPUT.errors.jsonl).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--address", default=None, help="Ray cluster to attach to (--engine ray; default: start one here).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+@user_errors
+def score(input_path: str, output: str | None, fmt: str | None, errors_path: str | None, **options: Any) -> None:
+    """Perplexity of every document of INPUT: a text file, a folder of .txt files, JSONL, or - (JSONL on stdin).
+
+    Writes one row per document in input order, and OUTPUT.summary.json. Exit status: 0 all documents scored,
+    3 some rows could not be scored (see the errors file), 1 error (docs/scoring.md).
+    """
+    from textgen.service.scoring.local import ScoreJob, format_summary, run_job
+
+    job = ScoreJob(input_path, output=output, format=fmt, errors=errors_path, **options)
+    summary = run_job(job)
+    click.echo(format_summary(summary), err=True)
+    if summary["failed"]:
+        sys.exit(3)
