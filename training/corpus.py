@@ -5,6 +5,7 @@ This module is torch-free so that the scoring job and the CLI can use it without
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from .errors import CorpusError
 
 BUILTIN_CORPORA = ("pydoc",)
 HELD_OUT_FRACTION = 0.1  # the last 10% of characters are held out for validation
+_SPACES = re.compile(r"[ \t]+")
+_BLANK_RUNS = re.compile(r"\n{3,}")
 
 
 @dataclass(frozen=True)
@@ -26,12 +29,19 @@ class Corpus:
 
 
 def pydoc_text() -> str:
-    """The documentation topics that every CPython ships in ``pydoc_data.topics``, in a fixed order."""
+    """The documentation topics that every CPython ships in ``pydoc_data.topics``, in a fixed order.
+
+    Whitespace is normalised: each line loses its indentation and runs of spaces become one space, and
+    blank lines never come more than one in a row. The topics indent code and grammar blocks by up to
+    dozens of spaces; left in, those runs dominate a small model's idea of what follows a line break.
+    """
     try:
         from pydoc_data.topics import topics
     except ImportError as exc:  # some distributions strip it
         raise CorpusError("the built-in corpus 'pydoc' needs pydoc_data, which this Python lacks") from exc
-    return "\n\n".join(topics[key].strip() for key in sorted(topics))
+    text = "\n\n".join(topics[key].strip() for key in sorted(topics))
+    lines = (_SPACES.sub(" ", line).strip() for line in text.splitlines())
+    return _BLANK_RUNS.sub("\n\n", "\n".join(lines))
 
 
 def read_text_file(path: Path) -> str:
