@@ -55,7 +55,7 @@ def write_jsonl(path: Path, texts: list[str], extra: list[str] = ()) -> Path:  #
 
 
 def rows_of(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
 
 
 def job(tiny_bundle: Path, inp: Path, out: Path | None, **kw: Any) -> dict[str, Any]:
@@ -208,7 +208,8 @@ def resume_input(tmp_path: Path) -> Path:
     path = tmp_path / "in.jsonl"
     with open(path, "w", encoding="utf-8") as f:
         for i, t in enumerate(texts):
-            f.write(json.dumps({"id": f"doc-{i}", "text": t}) + "\n")
+            doc_id = f"doc-{i}" if i != 7 else "line\u2028separator, \"quoted\"\nnewline"  # awkward in any format
+            f.write(json.dumps({"id": doc_id, "text": t}) + "\n")
             if i % 37 == 5:
                 f.write(BAD_LINES[i % 4] + "\n")
     return path
@@ -235,6 +236,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny_bundle: P
     monkeypatch.setattr(local_mod, "score_batch", real)
     written = rows_of(out)
     assert 0 < len(written) < 200 and written == rows_of(full)[: len(written)]
+    assert written[7]["id"] == "line\u2028separator, \"quoted\"\nnewline"
     assert json.loads((tmp_path / "out.jsonl.summary.json").read_text())["status"] == "running"
 
     summary = job(tiny_bundle, inp, out, batch_size=4, chunk=16, resume=True)
@@ -313,7 +315,7 @@ def test_bad_rows_go_to_the_errors_file_and_the_rest_is_scored(tiny_bundle: Path
     errors = rows_of(tmp_path / "out.jsonl.errors.jsonl")
     got = [(e["index"], e["line"], e["id"], e["error"]) for e in errors]
     assert got == [
-        (1, 2, None, "invalid JSON: Expecting property name enclosed in double quotes at column 2"),
+        (1, 2, None, "invalid JSON: Expecting property name enclosed in double quotes (column 2)"),
         (2, 3, None, "expected a JSON object, found an array"),
         (3, 5, "b", "missing field 'text'"),
         (4, 6, "c", "empty text"),

@@ -151,7 +151,7 @@ def _json_line(raw: bytes, lineno: int, index: int, source: str, text_field: str
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
-        return bad(f"invalid JSON: {exc.msg} at column {exc.colno}")
+        return bad(f"invalid JSON: {exc.msg} (column {exc.colno})")
     if not isinstance(obj, dict):
         return bad(f"expected a JSON object, found {_json_type(obj)}")
     doc_id: Any = obj.get(id_field)

@@ -13,7 +13,8 @@ batches (:func:`~textgen.service.scoring.batching.plan_windows`). An executor sc
 Results come back in any order; a window's rows are written, in input order, once all its batches are
 back, and the files are flushed after every window. So an interrupted run leaves a prefix of the final output
 (at most a partly written last line), which ``--resume`` keeps: it skips the documents already written
-(checking their ids), re-runs the window that was cut, and appends the rest. Since batches are planned
+(checking their ids), re-runs the window that was cut, appends the rest, and writes the errors file again
+from the input. Since batches are planned
 independently of the executor and of where a run stopped, the final output is byte-identical to an
 uninterrupted run's.
 """
@@ -420,8 +421,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         head += f"; {s['failed']:,} failed (see {s['errors'] or 'the errors above'})"
     lines = [head]
     if s["tokens"]:
+        unknown = f"{s['unknown_chars']:,} unknown character{'s' if s['unknown_chars'] != 1 else ''}"
         lines.append(f"corpus: perplexity {s['perplexity']:.4f}, {s['bits_per_char']:.4f} bits/char, "
-                     f"{s['bits_per_byte']:.4f} bits/byte, {s['unknown_chars']:,} unknown characters")
+                     f"{s['bits_per_byte']:.4f} bits/byte, {unknown}")
     resumed = f", {s['resumed_rows']:,} rows kept from the interrupted run" if s["resumed_rows"] else ""
     workers = f"{s['workers']} worker{'s' if s['workers'] != 1 else ''}"
     threads = f"{s['threads']} thread{'s' if s['threads'] != 1 else ''}"

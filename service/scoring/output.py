@@ -219,11 +219,13 @@ def _truncate(path: str, size: int) -> None:
 
 
 def _jsonl_rows(text: str, source: str) -> tuple[list[dict[str, Any]], int]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     pos = 0
-    for line in text.splitlines(keepends=True):
-        if not line.endswith("\n"):
-            break
+    while True:
+        end = text.find("\n", pos)  # only "\n" ends a row: ids may hold U+2028 and the like
+        if end < 0:
+            break  # a partly written last line, or the end
+        line = text[pos : end + 1]
         try:
             row = json.loads(line)
             if not isinstance(row, dict) or tuple(row) != FIELDS:
@@ -232,7 +234,7 @@ def _jsonl_rows(text: str, source: str) -> tuple[list[dict[str, Any]], int]:
             raise InputError(f"{source}: cannot resume: line {len(rows) + 1} is not a row of textgen score "
                              "(written with another --format?)") from exc
         rows.append(row)
-        pos += len(line)
+        pos = end + 1
     return rows, pos
 
 
