@@ -15,7 +15,9 @@ initializers, and every implementation is checked against the runtime before it 
 are timed in alternation (round-robin) and the median round is reported, so that drift in the machine's
 speed hits them alike. numpy and onnxruntime both get ``--threads`` threads (default 1).
 
-    python bench/runtime_step.py [--bundle DIR] [--rounds 5] [--threads 1]
+    python bench/runtime_step.py [--bundle DIR] [--rounds 5] [--threads 1] [--design]
+
+``--design`` adds the measurements behind the graph's design choices (first-layer input, thread count).
 """
 
 from __future__ import annotations
@@ -190,7 +192,9 @@ def scan_graph(w: Weights) -> bytes:
 # ------------------------------------------------------------------------------------------------ timing
 
 
-def random_bundle(out: Path, cell: str, hidden: int, num_layers: int, vocab_size: int) -> Path:
+def random_bundle(
+    out: Path, cell: str, hidden: int, num_layers: int, vocab_size: int, first_layer_input: str | None = None
+) -> Path:
     import torch
 
     from textgen.training.model import CharRNN, ModelConfig
@@ -199,7 +203,14 @@ def random_bundle(out: Path, cell: str, hidden: int, num_layers: int, vocab_size
     torch.manual_seed(0)
     chars = [chr(c) for c in range(32, 32 + vocab_size - 1)]
     model = CharRNN(ModelConfig(vocab_size=vocab_size, cell=cell, hidden_size=hidden, num_layers=num_layers))
-    write_bundle(model, Vocab(chars), out, corpus="(random weights)", command="bench/runtime_step.py")
+    write_bundle(
+        model,
+        Vocab(chars),
+        out,
+        corpus="(random weights)",
+        command="bench/runtime_step.py",
+        first_layer_input=first_layer_input,
+    )
     return out
 
 
@@ -380,11 +391,42 @@ def print_tables(results: list[Result]) -> None:
         )
 
 
+def design_study(tmp: Path, rounds: int) -> None:
+    """The measurements behind two choices: OneHot vs Gather + identity weights for the first layer of the
+    fused-operator graphs, and one vs two onnxruntime threads. Times Runtime.step (model.onnx)."""
+    print("\nDesign: model.onnx (Runtime.step), GRU, vocab 98; us per call (median of alternating rounds).\n")
+    head = ("hidden", "measurement", "OneHot, 1 thread", "Gather, 1 thread", "OneHot, 2 threads", "Gather / OneHot")
+    print("| " + " | ".join(head) + " |")
+    print("|---|---|" + "---:|" * (len(head) - 2))
+    for H in (256, 512):
+        onehot = random_bundle(tmp / f"onehot{H}", "gru", H, 1, 98, "onehot")
+        gather = random_bundle(tmp / f"gather{H}", "gru", H, 1, 98, "gather")
+        runtimes = {
+            "onehot": load_bundle(onehot, intra_op_threads=1),
+            "gather": load_bundle(gather, intra_op_threads=1),
+            "onehot2": load_bundle(onehot, intra_op_threads=2),
+        }
+        rng = np.random.default_rng(0)
+        cases = [
+            ("decode step, batch 1", rng.integers(1, 98, size=(1, 1))),
+            ("decode step, batch 64", rng.integers(1, 98, size=(64, 1))),
+            (f"prompt, {PROMPT:,} tokens, one call", rng.integers(1, 98, size=(1, PROMPT))),
+        ]
+        for what, tokens in cases:
+            state = np.zeros((tokens.shape[0], H), np.float32)
+            t = alternate(
+                {k: per_call(lambda rt=rt, x=tokens, s=state: rt.step(x, s)) for k, rt in runtimes.items()}, rounds
+            )
+            cells = (f"{t[k] * 1e6:,.0f}" for k in ("onehot", "gather", "onehot2"))
+            print(f"| {H} | {what} | " + " | ".join(cells) + f" | {t['gather'] / t['onehot']:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", default=None, help="Bundle to measure (default: the packaged one, if any).")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads and numpy BLAS threads.")
+    ap.add_argument("--design", action="store_true", help="Also time OneHot vs Gather inputs and 1 vs 2 threads.")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -407,7 +449,9 @@ def main() -> None:
             measure(first_name, rt, first, args.rounds, args.threads),
             measure("hidden 512, random weights", rt_big, big, args.rounds, args.threads),
         ]
-    print_tables(results)
+        print_tables(results)
+        if args.design:
+            design_study(Path(tmp), args.rounds)
 
 
 if __name__ == "__main__":

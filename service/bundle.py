@@ -70,6 +70,13 @@ class Manifest:
         d["sha256"] = dict(self.sha256)
         return d
 
+    def to_json_text(self) -> str:
+        """manifest.json's text: indented, with the vocabulary on one line."""
+        d = self.to_json_dict()
+        vocab = json.dumps(d["vocab"], ensure_ascii=False)
+        d["vocab"] = "@vocab@"
+        return json.dumps(d, indent=2, ensure_ascii=False).replace('"@vocab@"', vocab, 1) + "\n"
+
     def to_public_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy of every field (the vocabulary as a list, id order, None at unk_id)."""
         return self.to_json_dict()

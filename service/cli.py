@@ -186,14 +186,12 @@ def export_command(checkpoint: str, out_dir: str, no_variants: bool, force: bool
 @user_errors
 def info(bundle: str | None, as_json: bool) -> None:
     """Verify BUNDLE (default: the packaged bundle) and print its manifest."""
-    import json
-
     from textgen.service.bundle import format_manifest
     from textgen.service.runtime import load_bundle
 
     rt = load_bundle(bundle, intra_op_threads=1)
     if as_json:
-        click.echo(json.dumps(rt.manifest.to_json_dict(), indent=2, ensure_ascii=False))
+        click.echo(rt.manifest.to_json_text(), nl=False)
     else:
         click.echo(format_manifest(rt.manifest, rt.path))
 

@@ -189,6 +189,8 @@ class Runtime:
         return np.zeros((batch, self.state_size), dtype=np.float32)
 
     def _inputs(self, tokens: np.ndarray, state: np.ndarray) -> dict[str, np.ndarray]:
+        if type(tokens) is not np.ndarray or type(state) is not np.ndarray:  # lists, numpy scalars, subclasses
+            tokens, state = np.asarray(tokens), np.asarray(state)
         if tokens.dtype != _INT64 or not tokens.flags.c_contiguous:
             tokens = np.ascontiguousarray(tokens, dtype=np.int64)
         if state.dtype != _FLOAT32 or not state.flags.c_contiguous:

@@ -244,3 +244,12 @@ def test_export_refuses_a_vocabulary_of_another_size(make_tiny_model, tmp_path: 
 
     with pytest.raises(ExportError, match="vocabulary has 4 ids but the model expects 21"):
         write_bundle(model, Vocab(list("abc")), tmp_path / "out")
+
+
+def test_export_is_deterministic(make_tiny_model, tmp_path: Path) -> None:
+    model, vocab = make_tiny_model(cell="lstm", num_layers=2)
+    a = write_bundle(model, vocab, tmp_path / "a")
+    b = write_bundle(model, vocab, tmp_path / "b")
+    assert a.sha256 == b.sha256 and len(a.sha256) == 3
+    other, _ = make_tiny_model(cell="lstm", num_layers=2, seed=1)
+    assert write_bundle(other, vocab, tmp_path / "c").sha256[MODEL_FILE] != a.sha256[MODEL_FILE]

@@ -19,7 +19,6 @@ same layout as training/model.py: layer l owns [l * per, (l + 1) * per), per = H
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import shutil
 import tempfile
@@ -475,9 +474,7 @@ def write_bundle(
             sha256={name: sha256_file(tmp / name) for name in files},
         )
         Manifest.from_json_dict(manifest.to_json_dict())  # the manifest we write must pass our own reader
-        (tmp / MANIFEST_FILE).write_text(
-            json.dumps(manifest.to_json_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
+        (tmp / MANIFEST_FILE).write_text(manifest.to_json_text(), encoding="utf-8")
         if check:
             check_parity(model, tmp)
         if out.exists():
