@@ -57,7 +57,7 @@ class Article:
         with torch.no_grad():
             for p in self.params:
                 p -= LR * p.grad
-        return float(loss)
+        return loss.item()
 
 
 class Ours:
@@ -76,7 +76,7 @@ class Ours:
         clip_grad_norm(self.model.parameters(), THETA)
         self.opt.step()
         self.state = new_state.detach()
-        return float(loss)
+        return loss.item()
 
 
 class TorchRNN:
@@ -98,7 +98,7 @@ class TorchRNN:
         loss.backward()
         nn.utils.clip_grad_norm_(self.params, THETA)
         self.opt.step()
-        return float(loss)
+        return loss.item()
 
 
 def main() -> None:
