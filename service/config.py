@@ -17,6 +17,7 @@ from .errors import InputError
 EVICTION_POLICIES = ("lru", "reject")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
+BATCHING = ("on", "off")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class ServerConfig:
     log_format: str = "json"
     intra_op_threads: int = 1
     inter_op_threads: int = 1
+    batching: str = "on"
+    max_batch: int = 256
+    prefill_chunk: int = 256
+    stream_window: int = 4
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -61,6 +66,10 @@ class ServerConfig:
         need(self.log_level in LOG_LEVELS, f"--log-level must be one of {', '.join(LOG_LEVELS)}")
         need(self.log_format in LOG_FORMATS, f"--log-format must be one of {', '.join(LOG_FORMATS)}")
         need(self.intra_op_threads >= 0 and self.inter_op_threads >= 0, "thread counts must be >= 0")
+        need(self.batching in BATCHING, f"--batching must be one of {', '.join(BATCHING)}")
+        need(self.max_batch >= 1, "--max-batch must be >= 1")
+        need(self.prefill_chunk >= 2, "--prefill-chunk must be >= 2")
+        need(self.stream_window >= 1, "--stream-window must be >= 1")
 
     def replace(self, **changes: Any) -> ServerConfig:
         return dataclasses.replace(self, **changes)
@@ -111,6 +120,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_format", "json = one JSON object per line; text = human-readable lines.", LOG_FORMATS),
     Setting("intra_op_threads", "ONNX Runtime threads inside one operator (0 = one per core)."),
     Setting("inter_op_threads", "ONNX Runtime threads across operators (0 = ONNX Runtime's default)."),
+    Setting("batching", "on = continuous batching: one scheduler thread runs the decode steps of all Generate "
+                        "streams as one batched model step and interleaves prompt chunks with them; off = every "
+                        "model call runs on its own (for comparison).", BATCHING),
+    Setting("max_batch", "Batching: streams advanced by one decode step at most (the others take the next "
+                         "step), and Feed prompts run together at most."),
+    Setting("prefill_chunk", "Tokens per prompt chunk (Feed, CreateSession and Generate prompts, Score); a "
+                             "decode step runs between any two chunks."),
+    Setting("stream_window", "Batching: tokens a Generate stream may be computed ahead of its connection. 1 = no "
+                             "look-ahead, one token per message; above 1, tokens computed while the previous "
+                             "message was being sent go out together in the next one."),
 )
 
 

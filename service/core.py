@@ -5,10 +5,12 @@
 loop; model calls go through the :class:`~textgen.service.engine.Engine`.
 
 Generation and delivery: :meth:`TextgenCore.generate` is an async generator. It yields one
-:class:`TokenEvent` per token and only *after the consumer asks for the next event* (that is, after the token
-was handed to gRPC) does the session move past that token. A consumer that is cancelled while writing, or
-that stops iterating, leaves the session exactly after the last token it delivered; the generator must then
-be closed (``contextlib.aclosing``) so that the session is released at once.
+:class:`TokenEvent` per message: the tokens the engine computed since the previous one (usually one; more
+when the stream's messages could not leave as fast as its tokens were computed, see ``--stream-window``).
+Only *after the consumer asks for the next event* (that is, after the message was handed to gRPC) does the
+session move past those tokens. A consumer that is cancelled while writing, or that stops iterating, leaves
+the session exactly after the last token it delivered; the generator must then be closed
+(``contextlib.aclosing``) so that the session and the engine's stream are released at once.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from .config import ServerConfig
 from .engine import Engine
 from .errors import InvalidRequest, LimitExceeded, SessionEmpty, ShuttingDown
 from .metrics import Metrics
-from .sampling import SamplingParams, log_softmax, make_sampler
+from .sampling import RowSampler, SamplingParams
 from .sessions import Session, SessionInfo, SessionStore
 
 MAX_STOP_STRINGS = 16
@@ -49,11 +51,11 @@ class GenerateParams:
     logprobs: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TokenEvent:
-    text: str
-    token_id: int
-    logprob: float | None  # of the drawn token under the model's own distribution (raw logits)
+    text: str  # one character per token
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] | None  # of each drawn token under the model's own distribution (raw logits)
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ class TextgenCore:
         self.metrics = metrics
         self.streams = 0
         self.stopping = False  # set during shutdown: running streams finish with CANCELLED
+        self._chars = [runtime.decode([i]) for i in range(runtime.vocab_size)]  # token id -> its text
 
     # -- validation
     def _text(self, text: str, what: str, limit: int, flag: str, *, allow_empty: bool = False) -> np.ndarray:
@@ -188,58 +191,81 @@ class TextgenCore:
         if self.streams >= self.config.max_streams:
             raise LimitExceeded(f"{self.config.max_streams} Generate streams are running, the server's limit "
                                 "(--max-streams); retry later", exhausted=True)
-        sample = make_sampler(p.sampling)
+        sampler = RowSampler(p.sampling)
         self.streams += 1
         self.metrics.streams_in_flight.inc()
         try:
             if p.session_id:
                 with self.store.acquire(p.session_id) as s:
-                    async for ev in self._generate(s, ids, max_tokens, stops, sample, p, start):
+                    async for ev in self._generate(s, ids, max_tokens, stops, sampler, p, start):
                         yield ev
             else:
                 s = Session("", 0.0, 0.0, 0.0)  # one-shot: a private session nobody else can see
-                async for ev in self._generate(s, ids, max_tokens, stops, sample, p, start):
+                async for ev in self._generate(s, ids, max_tokens, stops, sampler, p, start):
                     yield ev
         finally:
             self.streams -= 1
             self.metrics.streams_in_flight.dec()
 
     async def _generate(self, s: Session, ids: np.ndarray, max_tokens: int, stops: tuple[str, ...],
-                        sample: Any, p: GenerateParams, start: float) -> AsyncIterator[TokenEvent | FinishEvent]:
+                        sampler: RowSampler, p: GenerateParams,
+                        start: float) -> AsyncIterator[TokenEvent | FinishEvent]:
         if len(ids):
             await self._feed(s, ids)
         if s.pending is None:
             raise SessionEmpty("the session has consumed no text yet: feed a prompt first "
                                "(CreateSession with a prompt, Feed, or Generate with a prompt)")
+        chars = self._chars
+        m = self.metrics
         tail = ""
         keep = max((len(x) for x in stops), default=0)
         reason = FinishReason.LENGTH
         generated = 0
         last = None
-        while generated < max_tokens:
-            if self.stopping:
-                reason = FinishReason.CANCELLED
-                break
-            logits, state = await self.engine.decode(s.state, s.pending)  # type: ignore[arg-type]
-            token = sample(logits)
-            char = self.runtime.decode([token])
-            lp = float(log_softmax(logits)[token]) if p.logprobs else None
-            now = time.perf_counter()
-            if last is None:
-                self.metrics.time_to_first_token.observe(now - start)
-            else:
-                self.metrics.inter_token_latency.observe(now - last)
-            last = now
-            yield TokenEvent(char, token, lp)
-            # Resumed: the consumer delivered the token. Only now does the session move past it.
-            s.commit(state, token, 1)
-            generated += 1
-            self.metrics.generated_tokens.inc()
-            if keep:
-                tail = (tail + char)[-keep:]
-                if any(tail.endswith(x) for x in stops):
-                    reason = FinishReason.STOP
+        stream = self.engine.open_stream(s.state, s.pending, sampler, max_tokens, p.logprobs)
+        try:
+            while generated < max_tokens:
+                if self.stopping:
+                    reason = FinishReason.CANCELLED
                     break
+                items = await stream.next()
+                if self.stopping:
+                    reason = FinishReason.CANCELLED
+                    break
+                if len(items) > max_tokens - generated:
+                    items = items[:max_tokens - generated]
+                if keep:
+                    for i, (token, _, _) in enumerate(items):
+                        tail = (tail + chars[token])[-keep:]
+                        if any(tail.endswith(x) for x in stops):
+                            reason = FinishReason.STOP
+                            items = items[:i + 1]
+                            break
+                n = len(items)
+                token, state, _ = items[-1]
+                if n == 1:
+                    event = TokenEvent(chars[token], (token,), (items[0][2],) if p.logprobs else None)
+                else:
+                    event = TokenEvent("".join([chars[t] for t, _, _ in items]), tuple(t for t, _, _ in items),
+                                       tuple(lp for _, _, lp in items) if p.logprobs else None)  # type: ignore
+                now = time.perf_counter()
+                if last is None:
+                    m.time_to_first_token.observe(now - start)
+                else:
+                    m.inter_token_latency.observe(now - last)
+                for _ in range(n - 1):  # tokens that travel in one message arrive together
+                    m.inter_token_latency.observe(0.0)
+                last = now
+                yield event
+                # Resumed: the consumer delivered the message. Only now does the session move past its tokens.
+                s.commit(state, token, n)
+                stream.delivered(n)
+                generated += n
+                m.generated_tokens.inc(n)
+                if reason == FinishReason.STOP:
+                    break
+        finally:
+            stream.close()
         yield FinishEvent(reason, len(ids), generated, s.tokens, p.sampling.seed)
 
     # -- scoring

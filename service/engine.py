@@ -1,17 +1,22 @@
-"""The compute side of the service: every model call runs on one dedicated worker thread, never on the loop.
+"""The compute side of the service: model calls run off the event loop, on dedicated thread(s).
 
-:class:`Engine` is the interface the rest of the service uses (all methods are coroutines; the arrays are
-owned by the caller afterwards and never mutated):
+:class:`Engine` is the interface the rest of the service uses (coroutines unless noted; the arrays are owned
+by the caller afterwards and never mutated):
 
 * ``feed(state, pending, ids) -> (state, pending)``: consume ``ids`` after a session's (state, pending).
-* ``decode(state, token) -> (logits (V,), state)``: one generation step.
+* ``open_stream(state, pending, sampler, max_tokens, logprobs) -> TokenStream`` (not a coroutine): generate
+  from a session end. ``await stream.next()`` returns the tokens computed since the last call (at least one),
+  each as ``(token, state, logprob)``, ``state`` being the session end's state once that token is delivered;
+  ``stream.delivered(n)`` says n of them were handed to gRPC; ``stream.close()`` ends the stream at once.
 * ``score(ids, state, pending, keep_state) -> ScoreOutcome``: summed NLL of ``ids`` (and the new session end).
 
-:class:`ThreadEngine` implements it with a single-thread executor as its job queue: callers await futures,
-long inputs are cut into chunks that are separate jobs (so a cancelled or timed-out call stops between two
-chunks and other streams' decode steps interleave with a long Feed). A continuous-batching scheduler can
-replace it behind the same interface, stacking the pending ``decode`` calls of all streams into one batched
-``step``.
+Two implementations: :class:`ThreadEngine` (``--batching off``) runs each call as its own job on a single
+worker thread, one token per ``next()``; :class:`textgen.service.scheduler.BatchingEngine` (the default) runs
+the decode steps of all streams as one batched step and interleaves prompt chunks.
+
+Prompt chunks never have a single token unless the whole advance is one token: the one-step graph
+(model_step.onnx) and the sequence graphs round differently in the last bits, and a state must not depend on
+where a long prompt happened to be cut (:func:`chunk_length`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
+
+from .sampling import RowSampler, log_softmax_rows, sample_rows
 
 T = TypeVar("T")
 
@@ -39,6 +46,17 @@ class ScoreOutcome:
     pending: int | None
 
 
+Produced = tuple[int, np.ndarray, float | None]  # token, the state that goes with it as pending, logprob
+
+
+class TokenStream(Protocol):
+    async def next(self) -> list[Produced]: ...
+
+    def delivered(self, n: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class Engine(Protocol):
     state_size: int
     vocab_size: int
@@ -46,7 +64,8 @@ class Engine(Protocol):
     async def feed(self, state: np.ndarray | None, pending: int | None,
                    ids: np.ndarray) -> tuple[np.ndarray, int]: ...
 
-    async def decode(self, state: np.ndarray | None, token: int) -> tuple[np.ndarray, np.ndarray]: ...
+    def open_stream(self, state: np.ndarray | None, pending: int, sampler: RowSampler, max_tokens: int,
+                    logprobs: bool) -> TokenStream: ...
 
     async def score(self, ids: np.ndarray, state: np.ndarray | None = None, pending: int | None = None,
                     keep_state: bool = False) -> ScoreOutcome: ...
@@ -58,6 +77,52 @@ def sequence(pending: int | None, ids: np.ndarray) -> np.ndarray:
     """The tokens a session still has to run through the model: its pending token, then ``ids``."""
     ids = np.asarray(ids, dtype=np.int64)
     return ids if pending is None else np.concatenate([np.array([pending], dtype=np.int64), ids])
+
+
+def chunk_length(remaining: int, chunk: int) -> int:
+    """Tokens of the next prompt chunk: at most ``chunk`` (3 when chunk is 2), never leaving a 1-token tail."""
+    n = min(remaining, chunk)
+    if remaining - n == 1:
+        n = n - 1 if n > 2 else n + 1
+    return n
+
+
+def sample_logits(logits: np.ndarray, samplers: list[RowSampler],
+                  logprobs: list[bool]) -> tuple[np.ndarray, list[float | None]]:
+    """Draw every row's next token; the log-probabilities of the rows that asked for them."""
+    tokens = sample_rows(samplers, logits)
+    lps: list[float | None] = [None] * len(samplers)
+    rows = [i for i, want in enumerate(logprobs) if want]
+    if rows:
+        lsm = log_softmax_rows(logits[rows])
+        for k, i in enumerate(rows):
+            lps[i] = float(lsm[k, tokens[i]])
+    return tokens, lps
+
+
+class _ThreadStream:
+    """ThreadEngine's stream: one decode-and-sample job per ``next()``, nothing computed ahead."""
+
+    def __init__(self, engine: ThreadEngine, state: np.ndarray | None, token: int, sampler: RowSampler,
+                 logprobs: bool):
+        self.engine = engine
+        self.state = state
+        self.token = token
+        self.sampler = sampler
+        self.logprobs = logprobs
+
+    async def next(self) -> list[Produced]:
+        e = self.engine
+        token, state, lp = await e._run(e._sample_step, e._state(self.state), self.token, self.sampler,
+                                        self.logprobs)
+        self.state, self.token = state, token
+        return [(token, state, lp)]
+
+    def delivered(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class ThreadEngine:
@@ -85,6 +150,12 @@ class ThreadEngine:
         logits, out = self.runtime.step_last(np.array([[token]], dtype=np.int64), state)
         return np.array(logits[0], dtype=np.float32), np.array(out[0], dtype=np.float32)
 
+    def _sample_step(self, state: np.ndarray, token: int, sampler: RowSampler,
+                     logprobs: bool) -> tuple[int, np.ndarray, float | None]:
+        logits, out = self.runtime.step_last(np.array([[token]], dtype=np.int64), state)
+        tokens, lps = sample_logits(logits, [sampler], [logprobs])
+        return int(tokens[0]), np.array(out[0], dtype=np.float32), lps[0]
+
     def _score_chunk(self, state: np.ndarray, inputs: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
         # The same float64 arithmetic as Runtime.score_ids, so that the figures agree to the last bit.
         logits, out = self.runtime.step(inputs[None], state)
@@ -100,12 +171,20 @@ class ThreadEngine:
         if len(seq) == 0:
             raise ValueError("feed needs at least one token")
         s = self._state(state)
-        for a in range(0, len(seq) - 1, self.feed_chunk):
-            s = await self._run(self._advance, s, seq[a:min(a + self.feed_chunk, len(seq) - 1)])
+        a, n = 0, len(seq) - 1
+        while a < n:
+            b = a + chunk_length(n - a, self.feed_chunk)
+            s = await self._run(self._advance, s, seq[a:b])
+            a = b
         return np.array(s[0], dtype=np.float32), int(seq[-1])
 
     async def decode(self, state: np.ndarray | None, token: int) -> tuple[np.ndarray, np.ndarray]:
+        """One raw step: the logits after ``token`` and the new state (not part of :class:`Engine`)."""
         return await self._run(self._decode, self._state(state), int(token))
+
+    def open_stream(self, state: np.ndarray | None, pending: int, sampler: RowSampler, max_tokens: int,
+                    logprobs: bool) -> TokenStream:
+        return _ThreadStream(self, state, int(pending), sampler, logprobs)
 
     async def score(self, ids: np.ndarray, state: np.ndarray | None = None, pending: int | None = None,
                     keep_state: bool = False) -> ScoreOutcome:

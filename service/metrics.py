@@ -21,6 +21,7 @@ from prometheus_client import (
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 # Exposed names (as scraped), with their type.
 METRIC_NAMES = {
@@ -36,6 +37,9 @@ METRIC_NAMES = {
     "textgen_session_evictions_total": "counter",
     "textgen_session_expirations_total": "counter",
     "textgen_streams_in_flight": "gauge",
+    "textgen_batch_size": "histogram",
+    "textgen_step_duration_seconds": "histogram",
+    "textgen_queue_wait_seconds": "histogram",
     "textgen_model_info": "info",
 }
 
@@ -70,6 +74,16 @@ class Metrics:
         self.expirations = Counter("textgen_session_expirations", "Sessions that expired after their TTL.",
                                    registry=r)
         self.streams_in_flight = Gauge("textgen_streams_in_flight", "Generate streams running now.", registry=r)
+        # The batching scheduler's (--batching on); they stay empty with --batching off.
+        self.batch_size = Histogram("textgen_batch_size", "Streams advanced by one batched decode step.",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.step_duration = Histogram("textgen_step_duration_seconds",
+                                       "Scheduler work per model call: a batched decode step (sampling included), "
+                                       "a prompt chunk, a score chunk.", ["kind"], buckets=TOKEN_BUCKETS,
+                                       registry=r)
+        self.queue_wait = Histogram("textgen_queue_wait_seconds",
+                                    "Time a Generate stream, Feed or Score waited in the scheduler's queue before "
+                                    "its first step or chunk ran.", buckets=TOKEN_BUCKETS, registry=r)
         self.model_info = Info("textgen_model", "The served model (manifest fields).", registry=r)
         self._http: Any = None
 

@@ -5,11 +5,18 @@ filters apply in a fixed order: divide by the temperature, keep the ``top_k`` mo
 smallest set whose probability reaches ``top_p``, then draw with the request's own ``numpy`` generator, so the
 same seed over the same logits draws the same tokens. Temperature 0 is greedy (argmax, the lowest id on
 ties) and ignores the other parameters.
+
+:class:`RowSampler` is the same sampler for one row of a batch: :func:`sample_rows` draws the next token of
+many streams at once (one vectorized argmax for the greedy rows, one vectorized softmax and draw for the
+sampled rows; top-k and top-p filter their rows one by one first). Each row uses only its own logits and its
+own generator, and every numpy operation involved works row by row, so a stream draws the same tokens
+whether it is sampled alone or in a batch of 256 (tests/test_batching.py checks this). ``make_sampler`` is
+:func:`sample_rows` with a batch of one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,23 +86,67 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum())
 
 
+class RowSampler:
+    """One stream's sampling parameters and its own seeded generator (used from one thread at a time)."""
+
+    __slots__ = ("filters", "greedy", "plain", "rng", "temperature")
+
+    def __init__(self, params: SamplingParams):
+        params.validate()
+        self.greedy = params.temperature == 0
+        self.temperature = float(params.temperature) if not self.greedy else 1.0
+        self.filters: list[Filter] = []
+        if not self.greedy:
+            if params.top_k > 0:
+                self.filters.append(top_k(params.top_k))
+            if params.top_p < 1.0:
+                self.filters.append(top_p(params.top_p))
+        self.plain = not self.filters
+        self.rng = None if self.greedy else np.random.default_rng(params.seed)
+
+
+def sample_rows(samplers: Sequence[RowSampler], logits: np.ndarray) -> np.ndarray:
+    """The next token of every row: ``logits`` (B, V) float32/64, ``samplers[i]`` for row i -> int64 (B,)."""
+    B = len(samplers)
+    if B == 1:  # the common single-stream case, without the grouping
+        s = samplers[0]
+        if s.greedy:
+            return np.argmax(logits, axis=1)
+        return _draw(samplers, logits)
+    greedy = [i for i, s in enumerate(samplers) if s.greedy]
+    if len(greedy) == B:
+        return np.argmax(logits, axis=1)
+    out = np.empty(B, dtype=np.int64)
+    if greedy:
+        out[greedy] = np.argmax(logits[greedy], axis=1)
+    drawn = [i for i, s in enumerate(samplers) if not s.greedy]
+    out[drawn] = _draw([samplers[i] for i in drawn], logits[drawn])
+    return out
+
+
+def _draw(samplers: Sequence[RowSampler], logits: np.ndarray) -> np.ndarray:
+    """Temperature, the row's filters, softmax, then one draw per row from the row's own generator."""
+    temps = np.array([s.temperature for s in samplers], dtype=np.float64)
+    x = np.asarray(logits, dtype=np.float64) / temps[:, None]
+    for i, s in enumerate(samplers):
+        for f in s.filters:
+            x[i] = f(x[i])
+    e = np.exp(x - np.max(x, axis=1, keepdims=True))
+    cdf = np.cumsum(e / e.sum(axis=1, keepdims=True), axis=1)
+    u = np.array([s.rng.random() for s in samplers], dtype=np.float64)  # type: ignore[union-attr]
+    # searchsorted(cdf, u * total, side="right") per row: the number of cdf entries <= the drawn mass.
+    idx = np.count_nonzero(cdf <= (u * cdf[:, -1])[:, None], axis=1)
+    return np.minimum(idx, x.shape[1] - 1).astype(np.int64)
+
+
+def log_softmax_rows(x: np.ndarray) -> np.ndarray:
+    """:func:`log_softmax` of every row of (B, V), in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    m = np.max(x, axis=1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=1, keepdims=True))
+
+
 def make_sampler(params: SamplingParams) -> Sampler:
-    """The request's sampler; raises :class:`InvalidRequest` for parameters out of range."""
-    params.validate()
-    if params.temperature == 0:
-        return lambda logits: int(np.argmax(logits))
-    filters: list[Filter] = [temperature(params.temperature)]
-    if params.top_k > 0:
-        filters.append(top_k(params.top_k))
-    if params.top_p < 1.0:
-        filters.append(top_p(params.top_p))
-    rng = np.random.default_rng(params.seed)
-
-    def sample(logits: np.ndarray) -> int:
-        x = np.asarray(logits, dtype=np.float64)
-        for f in filters:
-            x = f(x)
-        cdf = np.cumsum(softmax(x))
-        return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
-
-    return sample
+    """The request's sampler ``logits (V,) -> id``; raises :class:`InvalidRequest` for parameters out of range."""
+    row = RowSampler(params)
+    return lambda logits: int(sample_rows([row], np.asarray(logits).reshape(1, -1))[0])

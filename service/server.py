@@ -29,11 +29,12 @@ from grpc_reflection.v1alpha import reflection
 from . import logs
 from .config import ServerConfig
 from .core import TextgenCore
-from .engine import Engine, ThreadEngine
+from .engine import Engine
 from .errors import InputError
 from .metrics import Metrics
 from .proto import textgen_pb2 as pb
 from .proto import textgen_pb2_grpc as pb_grpc
+from .scheduler import make_engine
 from .servicer import TextgenServicer
 from .sessions import SessionStore, StoreEvents
 
@@ -82,7 +83,7 @@ class TextgenServer:
                                   events=StoreEvents(created=m.sessions.inc, evicted=m.evictions.inc,
                                                      expired=m.expirations.inc))
         m.track_sessions(lambda: len(self.store))
-        self.engine = self._engine or ThreadEngine(self.runtime)
+        self.engine = self._engine or make_engine(self.runtime, cfg, m)
         self.core = TextgenCore(self.runtime, self.engine, cfg, self.store, m)
 
         self._server = server = grpc.aio.server(options=[

@@ -141,10 +141,11 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
                 async for ev in events:
                     if isinstance(ev, TokenEvent):
                         msg = pb.GenerateResponse(text=ev.text)
-                        if ev.logprob is not None:
-                            msg.logprobs.add(token=ev.text, token_id=ev.token_id, logprob=ev.logprob)
+                        if ev.logprobs is not None:
+                            for char, tid, lp in zip(ev.text, ev.token_ids, ev.logprobs, strict=True):
+                                msg.logprobs.add(token=char, token_id=tid, logprob=lp)
                         await context.write(msg)
-                        fields["generated"] += 1
+                        fields["generated"] += len(ev.token_ids)
                     elif isinstance(ev, FinishEvent):
                         fields["finish"] = ev.reason
                         await context.write(pb.GenerateResponse(

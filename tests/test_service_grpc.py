@@ -132,12 +132,21 @@ def test_stop_strings_end_the_stream_and_stay_in_the_session(client: Any, rt: An
     assert client.get_session(sid).token_count == len(PROMPT) + cut
 
 
-def test_streaming_delivers_one_token_per_message_then_a_final_message(client: Any) -> None:
-    msgs = list(client.generate(PROMPT, max_tokens=12, temperature=0.5, seed=1).messages())
-    assert [len(m.text) for m in msgs[:-1]] == [1] * 12
-    final = msgs[-1]
-    assert final.text == "" and final.finish_reason == pb.FINISH_REASON_LENGTH
-    assert final.usage.generated_tokens == 12 and final.seed == 1
+def test_streaming_delivers_one_token_per_message_then_a_final_message(rt: Any, client: Any) -> None:
+    srv = RunningServer(rt, stream_window=1)  # no look-ahead: exactly one token per message
+    try:
+        msgs = list(srv.client().generate(PROMPT, max_tokens=12, temperature=0.5, seed=1).messages())
+        assert [len(m.text) for m in msgs[:-1]] == [1] * 12
+        final = msgs[-1]
+        assert final.text == "" and final.finish_reason == pb.FINISH_REASON_LENGTH
+        assert final.usage.generated_tokens == 12 and final.seed == 1
+    finally:
+        srv.stop()
+    # The default window: a message carries the tokens computed while the previous one was being sent.
+    msgs = list(client.generate(PROMPT, max_tokens=40, temperature=0.5, seed=1, logprobs=True).messages())
+    assert all(1 <= len(m.text) <= 4 and len(m.logprobs) == len(m.text) for m in msgs[:-1])
+    assert "".join(m.text for m in msgs) == "".join(m.text for m in msgs[:-1])
+    assert sum(len(m.text) for m in msgs) == msgs[-1].usage.generated_tokens == 40
 
 
 # ---------------------------------------------------------------------------------- cancel, deadline

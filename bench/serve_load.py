@@ -1,0 +1,407 @@
+"""Serving load benchmark: `textgen serve` as a subprocess, driven by N concurrent streaming gRPC clients.
+
+For each model (the no-op fixed-logits runtime, the default bundle, random-weight GRUs with hidden 512 and
+2048 exported here) and each ``--batching on|off``, one server process is started; then for each N in
+``--streams`` a load-generator process (asyncio, grpc.aio) runs N clients at once, each of which creates a
+session, feeds a 200-character prompt and streams 200 generated tokens (temperature 0.8, its own seed). It
+reports per configuration:
+
+* gen tok/s: generated tokens / (last token received - first Generate call), over all clients;
+* TTFT p50/p99: from a client's CreateSession to its first generated token (the 200-character Feed included);
+* ITL p50/p99: gaps between consecutive token messages of a stream (a message may carry several tokens;
+  tok/msg is their mean);
+* the mean decode batch size and the load generator's CPU use (it must stay well under one core).
+
+In the same run, without a server, it measures the model's own limit: onnxruntime's rate for batch-64 decode
+steps (one thread, as the server), and checks the targets of docs/serving-performance.md. A second scenario
+measures the inter-token latency of 16 streams while another client feeds a 100,000-character prompt.
+
+    python bench/serve_load.py                       # everything (about 15 minutes on 2 cores)
+    python bench/serve_load.py --models noop,default --streams 1,64 --skip-long
+    python bench/serve_load.py --json results.json   # also write the raw figures
+
+Needs the ``train`` extra (torch) to export the random-weight models; exports are cached in ``--models-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+TEXT = ("The quick brown fox jumps over the lazy dog. def main(args):\n    return sum(x * x for x in args)\n"
+        "Batching shares one model step between many streams; continuous batching lets them join and leave. ")
+SERVER_FLAGS = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--max-streams", "512",
+                "--max-sessions", "4096", "--log-level", "warning", "--grace-seconds", "1"]
+
+
+def prompt(i: int, n: int) -> str:
+    k = (i * 37) % len(TEXT)
+    return ((TEXT[k:] + TEXT) * (n // len(TEXT) + 2))[:n]
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, round(q / 100 * (len(v) - 1))))]
+
+
+# --------------------------------------------------------------------------------------------- client
+
+
+async def _client_main(address: str, streams: int, tokens: int, prompt_chars: int, seed: int) -> dict[str, Any]:
+    import grpc
+
+    from textgen.service.proto import textgen_pb2 as pb
+    from textgen.service.proto import textgen_pb2_grpc as pb_grpc
+
+    ttft: list[float] = []
+    gaps: list[float] = []
+    gen_start: list[float] = []
+    last_token: list[float] = []
+    counts = {"tokens": 0, "messages": 0, "errors": 0}
+    channels = [grpc.aio.insecure_channel(address) for _ in range(max(1, streams // 64))]
+    stubs = [pb_grpc.TextgenServiceStub(ch) for ch in channels]
+    go = asyncio.Event()
+
+    async def one(i: int) -> None:
+        stub = stubs[i % len(stubs)]
+        await go.wait()
+        try:
+            t0 = time.perf_counter()
+            sid = (await stub.CreateSession(pb.CreateSessionRequest())).session.session_id
+            await stub.Feed(pb.FeedRequest(session_id=sid, text=prompt(seed + i, prompt_chars)))
+            t1 = time.perf_counter()
+            gen_start.append(t1)
+            prev = None
+            async for msg in stub.Generate(pb.GenerateRequest(session_id=sid, max_tokens=tokens, temperature=0.8,
+                                                              seed=seed + i)):
+                if msg.text:
+                    now = time.perf_counter()
+                    if prev is None:
+                        ttft.append(now - t0)
+                    else:
+                        gaps.append(now - prev)
+                    prev = now
+                    counts["tokens"] += len(msg.text)
+                    counts["messages"] += 1
+            if prev is not None:
+                last_token.append(prev)
+            await stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid))
+        except grpc.aio.AioRpcError as exc:
+            counts["errors"] += 1
+            print(f"client {i}: {exc.code().name} {exc.details()}", file=sys.stderr)
+
+    tasks = [asyncio.create_task(one(i)) for i in range(streams)]
+    await asyncio.sleep(0.2)  # every task waits on the event: they start together
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    w0 = time.perf_counter()
+    go.set()
+    await asyncio.gather(*tasks)
+    wall = time.perf_counter() - w0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    for ch in channels:
+        await ch.close()
+    window = (max(last_token) - min(gen_start)) if last_token else float("nan")
+    return {"tokens": counts["tokens"], "messages": counts["messages"], "errors": counts["errors"],
+            "tok_s": counts["tokens"] / window if window else 0.0, "wall": wall,
+            "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "itl_p50": pct(gaps, 50), "itl_p99": pct(gaps, 99),
+            "client_cpu": ((r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)) / wall}
+
+
+async def _long_prompt_main(address: str, streams: int, long_chars: int, seed: int) -> dict[str, Any]:
+    """``streams`` clients generate (200-token calls, back to back) while one more feeds ``long_chars``."""
+    import grpc
+
+    from textgen.service.proto import textgen_pb2 as pb
+    from textgen.service.proto import textgen_pb2_grpc as pb_grpc
+
+    channel = grpc.aio.insecure_channel(address)
+    stub = pb_grpc.TextgenServiceStub(channel)
+    window = {"start": float("inf"), "end": float("inf")}
+    gaps: list[tuple[float, float]] = []  # (arrival time, gap)
+    stop = asyncio.Event()
+
+    async def streamer(i: int) -> None:
+        sid = (await stub.CreateSession(pb.CreateSessionRequest(prompt=prompt(seed + i, 200)))).session.session_id
+        while not stop.is_set():
+            prev = None
+            async for msg in stub.Generate(pb.GenerateRequest(session_id=sid, max_tokens=200, temperature=0.8,
+                                                              seed=seed + i)):
+                if msg.text:
+                    now = time.perf_counter()
+                    if prev is not None:
+                        gaps.append((now, now - prev))
+                    prev = now
+
+    async def feeder() -> float:
+        await asyncio.sleep(1.0)  # the streams are generating
+        sid = (await stub.CreateSession(pb.CreateSessionRequest())).session.session_id
+        window["start"] = time.perf_counter()
+        await stub.Feed(pb.FeedRequest(session_id=sid, text=prompt(seed, long_chars)), timeout=3600)
+        window["end"] = time.perf_counter()
+        stop.set()
+        return window["end"] - window["start"]
+
+    tasks = [asyncio.create_task(streamer(i)) for i in range(streams)]
+    feed_seconds = await feeder()
+    await asyncio.gather(*tasks)
+    await channel.close()
+    during = [g for t, g in gaps if window["start"] + 0.05 <= t <= window["end"]]
+    return {"feed_seconds": feed_seconds, "feed_tok_s": long_chars / feed_seconds, "tokens_during": len(during),
+            "itl_p50": pct(during, 50), "itl_p99": pct(during, 99), "itl_max": max(during, default=float("nan"))}
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def export_random_gru(hidden: int, out: Path) -> Path:
+    """A random-weight GRU (vocabulary of the default bundle), exported with its parity check."""
+    import shutil
+
+    from textgen.service.errors import BundleError
+    from textgen.service.runtime import load_bundle
+
+    if (out / "manifest.json").is_file():
+        try:
+            load_bundle(out, intra_op_threads=1)
+            return out
+        except BundleError:  # a bundle of an older format: export it again
+            shutil.rmtree(out)
+    import torch
+
+    from textgen.service.runtime import default_bundle_path
+    from textgen.training.export import write_bundle
+    from textgen.training.model import CharRNN, ModelConfig
+    from textgen.training.vocab import Vocab
+
+    manifest = json.loads((default_bundle_path() / "manifest.json").read_text(encoding="utf-8"))
+    vocab = Vocab([c for c in manifest["vocab"] if c is not None])  # the default bundle's characters
+    torch.manual_seed(hidden)
+    model = CharRNN(ModelConfig(vocab_size=vocab.size, cell="gru", hidden_size=hidden)).eval()
+    write_bundle(model, vocab, out, corpus="random", command=f"bench/serve_load.py: random GRU {hidden}")
+    return out
+
+
+def raw_decode_rate(model: str, batch: int, seconds: float = 3.0) -> float:
+    """Tokens/s of onnxruntime running batch-``batch`` decode steps (one thread, as the server)."""
+    import numpy as np
+
+    from textgen.service.runtime import load_bundle
+
+    rt = load_bundle(None if model == "default" else model, intra_op_threads=1, inter_op_threads=1)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, rt.vocab_size, (batch, 1))
+    state = rng.normal(0, 0.3, (batch, rt.state_size)).astype(np.float32)
+    for _ in range(3):
+        rt.step_last(tokens, state)
+    times = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 5:
+        t = time.perf_counter()
+        rt.step_last(tokens, state)
+        times.append(time.perf_counter() - t)
+    return batch / statistics.median(times)
+
+
+# --------------------------------------------------------------------------------------------- server
+
+
+class Server:
+    def __init__(self, model: str, batching: str, extra: list[str]):
+        cmd = [sys.executable, "-c", "from textgen.service.cli import main; main()", "serve", *SERVER_FLAGS,
+               "--batching", batching, *extra]
+        if model != "default":
+            cmd += ["--model", model]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        m = re.search(r"gRPC listening on ([^,]+), metrics (\S+)", line)
+        if not m:
+            self.proc.kill()
+            raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()[-2000:]}")  # type: ignore
+        self.address, self.metrics_url = m.group(1), m.group(2)
+
+    def metric_sum(self, name: str) -> float:
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
+            text = r.read().decode()
+        return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def run_client(mode: str, address: str, **kw: Any) -> dict[str, Any]:
+    args = [sys.executable, __file__, mode, "--address", address] + [f"--{k.replace('_', '-')}={v}"
+                                                                       for k, v in kw.items()]
+    out = subprocess.run(args, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator failed: {out.stderr[-2000:]}")
+    if out.stderr.strip():
+        print(out.stderr.strip()[-500:], file=sys.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@dataclass
+class Row:
+    model: str
+    batching: str
+    streams: int
+    tokens: int
+    prompt_chars: int
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def main_bench(args: argparse.Namespace) -> None:
+    models_dir = Path(args.models_dir or tempfile.mkdtemp(prefix="textgen-bench-"))
+    paths = {"noop": "fake:fixed", "default": "default"}
+    for name in args.models.split(","):
+        if name.isdigit():
+            paths[name] = str(export_random_gru(int(name), models_dir / f"gru{name}"))
+    models = args.models.split(",")
+    streams = [int(x) for x in args.streams.split(",")]
+    report: dict[str, Any] = {"command": " ".join(sys.argv), "raw": {}, "rows": [], "long": []}
+
+    print(f"# raw onnxruntime decode rate (1 thread), batch {args.raw_batch}", flush=True)
+    for name in models:
+        if name == "noop":
+            continue
+        rate = raw_decode_rate(paths[name], args.raw_batch)
+        report["raw"][name] = rate
+        print(f"{name:>8}: {rate:10.0f} tok/s ({args.raw_batch / rate * 1e3:.2f} ms per step)", flush=True)
+
+    print("\n| model | batching | N | tokens | gen tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | tok/msg | "
+          "mean batch | client CPU |", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    for name in models:
+        big = name.isdigit() and int(name) >= 1024
+        for batching in args.batching.split(","):
+            server = Server(paths[name], batching, args.server_args.split())
+            try:
+                for n in streams:
+                    tokens, chars = (args.big_tokens, args.big_prompt) if big else (args.tokens, args.prompt_chars)
+                    if big and batching == "off" and n > args.big_off_max:
+                        continue
+                    b0 = (server.metric_sum("textgen_batch_size_sum"), server.metric_sum("textgen_batch_size_count"))
+                    r = run_client("client", server.address, streams=n, tokens=tokens, prompt_chars=chars,
+                                   seed=n)
+                    b1 = (server.metric_sum("textgen_batch_size_sum"), server.metric_sum("textgen_batch_size_count"))
+                    r["mean_batch"] = (b1[0] - b0[0]) / (b1[1] - b0[1]) if b1[1] > b0[1] else 1.0
+                    report["rows"].append(asdict(Row(name, batching, n, tokens, chars, r)))
+                    print(f"| {name} | {batching} | {n} | {tokens} | {r['tok_s']:.0f} | {r['ttft_p50'] * 1e3:.0f} ms "
+                          f"| {r['ttft_p99'] * 1e3:.0f} ms | {r['itl_p50'] * 1e3:.1f} ms | {r['itl_p99'] * 1e3:.1f} ms "
+                          f"| {r['tokens'] / max(1, r['messages']):.2f} | {r['mean_batch']:.1f} "
+                          f"| {r['client_cpu'] * 100:.0f}% |" + (f" errors: {r['errors']}" if r["errors"] else ""),
+                          flush=True)
+            finally:
+                server.stop()
+
+    if not args.skip_long:
+        print(f"\n# 16 streams while one client feeds {args.long_chars:,} characters", flush=True)
+        print("| model | batching | feed time | feed tok/s | ITL p50 | ITL p99 | ITL max | tokens during |")
+        print("|---|---|---|---|---|---|---|---|", flush=True)
+        for name in args.long_models.split(","):
+            if name not in paths:
+                continue
+            for batching in args.batching.split(","):
+                server = Server(paths[name], batching, args.server_args.split())
+                try:
+                    r = run_client("long", server.address, streams=16, long_chars=args.long_chars, seed=1)
+                finally:
+                    server.stop()
+                report["long"].append({"model": name, "batching": batching, **r})
+                print(f"| {name} | {batching} | {r['feed_seconds']:.1f} s | {r['feed_tok_s']:.0f} | "
+                      f"{r['itl_p50'] * 1e3:.1f} ms | {r['itl_p99'] * 1e3:.1f} ms | {r['itl_max'] * 1e3:.1f} ms | "
+                      f"{r['tokens_during']} |", flush=True)
+
+    print()
+    for line in check_targets(report):
+        print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+def check_targets(report: dict[str, Any]) -> list[str]:
+    rows = {(r["model"], r["batching"], r["streams"]): r["result"] for r in report["rows"]}
+    raw = report["raw"]
+    out = ["# targets"]
+
+    def get(model: str, batching: str, n: int) -> dict[str, Any] | None:
+        return rows.get((model, batching, n))
+
+    if (r := get("2048", "on", 64)) and "2048" in raw:
+        out.append(f"hidden 2048, 64 streams: {r['tok_s']:.0f} tok/s = {r['tok_s'] / raw['2048'] * 100:.0f}% of "
+                   f"the raw {raw['2048']:.0f} (target >= 70%)")
+    if (r := get("512", "on", 64)) and "512" in raw and (noop := get("noop", "on", 64)):
+        limit = min(raw["512"], noop["tok_s"])
+        out.append(f"hidden 512, 64 streams: {r['tok_s']:.0f} tok/s = {r['tok_s'] / limit * 100:.0f}% of "
+                   f"min(raw {raw['512']:.0f}, no-op {noop['tok_s']:.0f}) (target >= 60%); "
+                   f"ITL p99 {r['itl_p99'] * 1e3:.1f} ms (target < 50 ms)")
+    for (model, batching, n), r in sorted(rows.items()):
+        if batching == "on" and n >= 16 and (off := get(model, "off", n)):
+            verdict = "ok" if r["tok_s"] > off["tok_s"] else "MISSED"
+            out.append(f"{model} N={n}: on {r['tok_s']:.0f} vs off {off['tok_s']:.0f} tok/s ({verdict})")
+        if batching == "on" and n == 1 and (off := get(model, "off", 1)):
+            out.append(f"{model} N=1: on/off = {r['tok_s'] / off['tok_s'] * 100:.0f}% (target >= 90%)")
+    for r in report["long"]:
+        if r["batching"] == "on":
+            out.append(f"long prompt, {r['model']}: ITL p99 {r['itl_p99'] * 1e3:.1f} ms (target < 50 ms)")
+    return out
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in ("client", "long"):
+        mode = sys.argv.pop(1)
+        p = argparse.ArgumentParser()
+        p.add_argument("--address", required=True)
+        p.add_argument("--streams", type=int, default=16)
+        p.add_argument("--tokens", type=int, default=200)
+        p.add_argument("--prompt-chars", type=int, default=200)
+        p.add_argument("--long-chars", type=int, default=100_000)
+        p.add_argument("--seed", type=int, default=0)
+        a = p.parse_args()
+        if mode == "client":
+            r = asyncio.run(_client_main(a.address, a.streams, a.tokens, a.prompt_chars, a.seed))
+        else:
+            r = asyncio.run(_long_prompt_main(a.address, a.streams, a.long_chars, a.seed))
+        print(json.dumps(r))
+        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="noop,default,512,2048", help="noop, default, and hidden sizes to export")
+    p.add_argument("--streams", default="1,16,64,256")
+    p.add_argument("--batching", default="on,off")
+    p.add_argument("--tokens", type=int, default=200)
+    p.add_argument("--prompt-chars", type=int, default=200)
+    p.add_argument("--big-tokens", type=int, default=100, help="tokens per stream for hidden >= 1024")
+    p.add_argument("--big-prompt", type=int, default=100, help="prompt characters for hidden >= 1024")
+    p.add_argument("--big-off-max", type=int, default=64, help="largest N run with batching off at hidden >= 1024")
+    p.add_argument("--raw-batch", type=int, default=64)
+    p.add_argument("--long-chars", type=int, default=100_000)
+    p.add_argument("--long-models", default="default,512")
+    p.add_argument("--skip-long", action="store_true")
+    p.add_argument("--server-args", default="", help="extra `textgen serve` flags, e.g. '--stream-window 1'")
+    p.add_argument("--models-dir", default=None, help="cache of the exported random-weight models")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main_bench(args)
+
+
+if __name__ == "__main__":
+    main()
