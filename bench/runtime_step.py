@@ -61,42 +61,27 @@ from textgen.training.export import (  # noqa: E402
 
 DECODE_BATCHES = (1, 16, 64, 256)
 PROMPT = 1000
-ONNX_ORDER = {"rnn": [0], "gru": [1, 0, 2], "lstm": [0, 3, 1, 2]}  # as training/export.py
 
 
 # ------------------------------------------------------------------------------------------------ numpy
 
 
-def _from_onnx_order(w: np.ndarray, cell: str, H: int) -> np.ndarray:
-    """Inverse of the exporter's gate permutation, along the last axis."""
-    blocks: list[np.ndarray] = [np.empty(0)] * len(ONNX_ORDER[cell])
-    for k, ours in enumerate(ONNX_ORDER[cell]):
-        blocks[ours] = w[..., k * H : (k + 1) * H]
-    return np.ascontiguousarray(np.concatenate(blocks, axis=-1))
-
-
 def weights_from_bundle(bundle: Path) -> Weights:
-    """The model's parameters in training/model.py's layout, read back from model.onnx's initializers."""
+    """The model's parameters, read back from the bundle: model.onnx's initializers, whose data is in
+    weights.bin under the state_dict names and in training/model.py's layout."""
     m = read_manifest(bundle)
-    cell, H = m.cell, m.hidden_size
     init = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(bundle / MODEL_FILE)).graph.initializer}
-    layers = []
-    for i in range(m.num_layers):
-        W, R, B = init[f"l{i}.W"][0], init[f"l{i}.R"][0], init[f"l{i}.B"][0]
-        GH = R.shape[0]
-        if i == 0 and m.first_layer_input == "gather":  # the table holds W_xh in ONNX gate order
-            W_xh = _from_onnx_order(init["embedding"], cell, H)
-        else:
-            W_xh = _from_onnx_order(W.T, cell, H)
-        layers.append(
-            LayerWeights(
-                W_xh,
-                _from_onnx_order(R.T, cell, H),
-                _from_onnx_order(B[:GH], cell, H),
-                _from_onnx_order(B[GH:], cell, H),
-            )
+    G = {"rnn": 1, "gru": 3, "lstm": 4}[m.cell]
+    layers = [
+        LayerWeights(
+            init[f"layers.{i}.W_xh"],
+            init[f"layers.{i}.W_hh"],
+            init[f"layers.{i}.b_h"],
+            init.get(f"layers.{i}.b_hh", np.zeros(G * m.hidden_size, np.float32)),
         )
-    return Weights(cell, H, m.vocab_size, layers, init["W_hq"], init["b_q"])
+        for i in range(m.num_layers)
+    ]
+    return Weights(m.cell, m.hidden_size, m.vocab_size, layers, init["W_hq"], init["b_q"])
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """The bundle contract shared by the exporter (training side) and the runtime (service side).
 
-A bundle is a directory with ``manifest.json`` and the ONNX graphs it lists: ``model.onnx``, and optionally
-``model_last.onnx`` (only the last step's logits) and ``model_step.onnx`` (exactly one step, for decoding).
+A bundle is a directory with ``manifest.json``, the ONNX graphs it lists: ``model.onnx``, and optionally
+``model_last.onnx`` (only the last step's logits) and ``model_step.onnx`` (exactly one step, for decoding),
+and ``weights.bin``: the model's parameters, stored once as ONNX external data that every graph refers to.
 See docs/bundle.md.
 
 This module imports neither torch nor onnx: it reads and validates the manifest and the files' checksums.
@@ -19,12 +20,17 @@ from typing import Any
 
 from .errors import BundleFileMissing, ChecksumMismatch, ManifestError
 
-FORMAT = "textgen-bundle/1"
+FORMAT = "textgen-bundle/2"  # 2: the parameters moved out of the graphs into one shared weights.bin
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"  # tokens, state -> logits (B, T, V), state_out
 LAST_FILE = "model_last.onnx"  # tokens, state -> logits (B, V) of the last step only, state_out
 STEP_FILE = "model_step.onnx"  # tokens (B, 1), state -> logits (B, V), state_out: one decode step
 GRAPH_FILES = (MODEL_FILE, LAST_FILE, STEP_FILE)
+WEIGHTS_FILE = "weights.bin"  # every parameter once, float32 little-endian, ONNX external data of all graphs
+BUNDLE_FILES = (*GRAPH_FILES, WEIGHTS_FILE)  # the files the manifest's sha256 may list
+# Metadata key of every graph: the sha256 of the weights.bin it was exported with, so that a graph's own
+# digest changes with the weights (manifest.sha256["model.onnx"] identifies the model, weights included).
+WEIGHTS_SHA256_KEY = "textgen.weights_sha256"
 CELLS = ("rnn", "gru", "lstm")
 
 # Graph contract: names, ONNX element types and ranks. Static dims are checked against the manifest.
@@ -61,7 +67,7 @@ class Manifest:
     command: str  # the command line that trained the model
     opset: int
     first_layer_input: str  # "onehot" or "gather": how the graph feeds ids to the first layer
-    sha256: Mapping[str, str]  # file name -> hex digest, for every graph in the bundle
+    sha256: Mapping[str, str]  # file name -> hex digest, for every file of the bundle but manifest.json
 
     def to_json_dict(self) -> dict[str, Any]:
         """The manifest as written to manifest.json."""
@@ -160,10 +166,11 @@ class Manifest:
             raise bad("vocab entries other than the unknown id must be distinct single characters")
         if self.unk_id != 0:
             raise bad(f"unk_id must be 0 in format {FORMAT}, found {self.unk_id}")
-        if MODEL_FILE not in self.sha256:
-            raise bad(f"sha256 has no entry for {MODEL_FILE}")
+        for required in (MODEL_FILE, WEIGHTS_FILE):
+            if required not in self.sha256:
+                raise bad(f"sha256 has no entry for {required}")
         for name, digest in self.sha256.items():
-            if name not in GRAPH_FILES:
+            if name not in BUNDLE_FILES:
                 raise bad(f"sha256 lists an unknown file {name!r}")
             if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise bad(f"sha256 of {name} is not a 64-digit lowercase hex digest")
@@ -195,13 +202,15 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
 
 
 def verify_files(bundle_dir: str | Path, manifest: Manifest) -> dict[str, Path]:
-    """Check that every graph the manifest lists exists and matches its sha256; return name -> path."""
+    """Check that every file the manifest lists (graphs and weights) exists and matches its sha256; return
+    name -> path."""
     bundle_dir = Path(bundle_dir)
     paths = {}
     for name, expected in manifest.sha256.items():
         path = bundle_dir / name
         if not path.is_file():
-            raise BundleFileMissing(f"{path}: graph file missing from the bundle (listed in {MANIFEST_FILE})")
+            what = "weights" if name == WEIGHTS_FILE else "graph"
+            raise BundleFileMissing(f"{path}: {what} file missing from the bundle (listed in {MANIFEST_FILE})")
         actual = sha256_file(path)
         if actual != expected:
             raise ChecksumMismatch(
@@ -226,6 +235,10 @@ def _show_chars(chars: list[str]) -> str:
         for c in chars
     )
     return shown if len(shown) <= 200 else shown[:200] + "..."
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
 def format_manifest(manifest: Manifest, bundle_dir: str | Path | None = None) -> str:
@@ -256,10 +269,15 @@ def format_manifest(manifest: Manifest, bundle_dir: str | Path | None = None) ->
             figures.append(f"{m.held_out_bpc:.4f} bits/char")
         rows.append(("held out", ", ".join(figures)))
     rows.append(("command", m.command or "(not recorded)"))
+    total = 0
     for i, (name, digest) in enumerate(m.sha256.items()):
         size = ""
         if bundle_dir is not None and (Path(bundle_dir) / name).is_file():
-            size = f" ({(Path(bundle_dir) / name).stat().st_size / 1e6:.2f} MB)"
-        rows.append(("graphs" if i == 0 else "", f"{name}  sha256 {digest}{size}"))
+            n = (Path(bundle_dir) / name).stat().st_size
+            total += n
+            size = f" ({_size(n)})"
+        rows.append(("files" if i == 0 else "", f"{name}  sha256 {digest}{size}"))
+    if total:
+        rows.append(("size", f"{_size(total)} in {len(m.sha256)} files (manifest.json not counted)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

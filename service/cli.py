@@ -175,9 +175,10 @@ def export_command(checkpoint: str, out_dir: str, no_variants: bool, force: bool
     from textgen.training.export import export_checkpoint
 
     m = export_checkpoint(checkpoint, out_dir, variants=not no_variants, overwrite=force)
-    verb = "match" if len(m.sha256) > 1 else "matches"
+    graphs = [name for name in m.sha256 if name.endswith(".onnx")]
+    verb = "match" if len(graphs) > 1 else "matches"
     click.echo(f"{out_dir}: {m.cell} {m.num_layers}x{m.hidden_size}, vocab {m.vocab_size}, opset {m.opset}; "
-               f"{', '.join(m.sha256)} {verb} the torch model (parity checked)")
+               f"{', '.join(graphs)} (weights in weights.bin) {verb} the torch model (parity checked)")
 
 
 @main.command()

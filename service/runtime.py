@@ -7,7 +7,8 @@
     last, state = rt.step_last(np.array([[7]]), state)           # (1, V), (1, S)
 
 Loading verifies everything once: the files exist, every graph (model.onnx, and the optional
-model_last.onnx and model_step.onnx) matches the manifest's sha256, the manifest is of this format
+model_last.onnx and model_step.onnx) and weights.bin (the parameters, which the graphs read as ONNX external
+data relative to their own location) match the manifest's sha256, the manifest is of this format
 version and self-consistent, and each graph's inputs and outputs have the names, element types and
 static dimensions the manifest promises. After that, ``step`` and
 ``step_last`` do only cheap shape checks: the service calls them once per generated token.
@@ -18,6 +19,7 @@ nor onnx.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +82,17 @@ def _session(path: Path, intra: int, inter: int) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise BundleError(f"{path}: onnxruntime cannot load the graph ({first[:300]})") from exc
+        raise BundleError(f"{path}: onnxruntime cannot load the graph ({_ort_reason(exc)})") from exc
+
+
+def _ort_reason(exc: Exception) -> str:
+    """The innermost cause of an onnxruntime error on one line, without source locations; for example
+    "GetExtDataFromTensorProto External initializer: W_hq offset: 6016 size to read: 1296 given file_length:
+    6292 are out of bounds ..." for a graph whose external data does not fit the bundle's weights.bin."""
+    text = " ".join(str(exc).split())
+    reason = re.split(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", text)[-1]
+    reason = re.sub(r"\S+\.(?:cc|h|cpp):\d+ ", "", reason).strip()
+    return (reason or type(exc).__name__)[:300]
 
 
 def _check_graph(sess: ort.InferenceSession, path: Path, manifest: Manifest, kind: str) -> None:

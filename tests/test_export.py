@@ -13,7 +13,15 @@ onnx = pytest.importorskip("onnx")
 
 from click.testing import CliRunner  # noqa: E402
 
-from textgen.service.bundle import LAST_FILE, MANIFEST_FILE, MODEL_FILE, STEP_FILE, sha256_file  # noqa: E402
+from textgen.service.bundle import (  # noqa: E402
+    LAST_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    STEP_FILE,
+    WEIGHTS_FILE,
+    WEIGHTS_SHA256_KEY,
+    sha256_file,
+)
 from textgen.service.cli import main as cli  # noqa: E402
 from textgen.service.runtime import load_bundle  # noqa: E402
 from textgen.training.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
@@ -122,7 +130,9 @@ def test_graph_has_dynamic_batch_and_time_and_no_python_loop(tiny_bundle: Path) 
     assert out == {"logits": ["batch", "time", 21], "state_out": ["batch", 12]}
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("GRU") == 1 and "Loop" not in ops and "Scan" not in ops
-    assert len(ops) < 15  # one fused recurrent node per layer, not one node per time step
+    # one fused recurrent node per layer, not one node per time step (the other nodes derive the operator's
+    # weight layout from the stored parameters, see test_weight_layout_is_folded_at_load)
+    assert len(_per_call_nodes(proto)) < 15
     assert {o.domain or "": o.version for o in proto.opset_import} == {"": OPSET}
     last = onnx.load(str(tiny_bundle / LAST_FILE))
     assert [d.dim_param or d.dim_value for d in last.graph.output[0].type.tensor_type.shape.dim] == ["batch", 21]
@@ -131,6 +141,78 @@ def test_graph_has_dynamic_batch_and_time_and_no_python_loop(tiny_bundle: Path) 
     assert [d.dim_param or d.dim_value for d in step.graph.input[0].type.tensor_type.shape.dim] == ["batch", 1]
     assert [d.dim_param or d.dim_value for d in step.graph.output[0].type.tensor_type.shape.dim] == ["batch", 21]
     assert "GRU" not in [n.op_type for n in step.graph.node]
+
+
+def _per_call_nodes(proto) -> list:
+    """The nodes that depend on the graph's inputs (the others have constant inputs only)."""
+    live = {i.name for i in proto.graph.input}
+    nodes = []
+    for node in proto.graph.node:  # topologically sorted
+        if any(i in live for i in node.input):
+            live.update(node.output)
+            nodes.append(node)
+    return nodes
+
+
+def _optimized(path: Path, tmp_path: Path):
+    """The graph as onnxruntime runs it (basic optimizations, which include constant folding)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(tmp_path / f"opt_{path.name}")
+    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt_weights.bin")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return onnx.load(str(tmp_path / f"opt_{path.name}"), load_external_data=False)
+
+
+@pytest.mark.parametrize(("cell", "first"), [("gru", "onehot"), ("lstm", "onehot"), ("rnn", "gather")])
+def test_weight_layout_is_folded_at_load(make_tiny_bundle, tmp_path: Path, cell: str, first: str) -> None:
+    """The Transpose/Split/Concat/... nodes that derive each graph's weight layout from weights.bin have
+    constant inputs only: onnxruntime folds them when it creates the session, so no call runs them."""
+    bundle = make_tiny_bundle(cell=cell, num_layers=2, first_layer_input=first)
+    for name in (MODEL_FILE, LAST_FILE, STEP_FILE):
+        proto = onnx.load(str(bundle / name), load_external_data=False)
+        per_call = _per_call_nodes(proto)
+        assert len(per_call) < len(proto.graph.node)  # there is a layout to derive
+        optimized = _optimized(bundle / name, tmp_path)
+        constant = {t.name for t in optimized.graph.initializer}
+        folded_away = [n.op_type for n in optimized.graph.node if all(i in constant or not i for i in n.input)]
+        assert folded_away == [], name
+        assert "EyeLike" not in [n.op_type for n in optimized.graph.node]
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_bundle_size_is_about_its_weights_once(make_tiny_bundle, cell: str) -> None:
+    """Every parameter is stored once, in weights.bin; the graphs refer to it and hold only small constants."""
+    bundle = make_tiny_bundle(cell=cell, num_layers=2, hidden_size=64)
+    model = make_tiny_bundle.model(cell=cell, num_layers=2, hidden_size=64)
+    params = {name: p.detach().numpy() for name, p in model.named_parameters()}
+    param_bytes = sum(p.size * 4 for p in params.values())
+    total = sum(p.stat().st_size for p in bundle.iterdir())
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(
+        [MANIFEST_FILE, MODEL_FILE, LAST_FILE, STEP_FILE, WEIGHTS_FILE]
+    )
+    assert param_bytes <= (bundle / WEIGHTS_FILE).stat().st_size <= param_bytes + 64 * len(params)
+    assert total <= 1.2 * param_bytes, (total, param_bytes)
+    blob = (bundle / WEIGHTS_FILE).read_bytes()
+    digest = sha256_file(bundle / WEIGHTS_FILE)
+    for name in (MODEL_FILE, LAST_FILE, STEP_FILE):
+        proto = onnx.load(str(bundle / name), load_external_data=False)
+        assert {p.key: p.value for p in proto.metadata_props} == {WEIGHTS_SHA256_KEY: digest}
+        stored = {}
+        for t in proto.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                info = {e.key: e.value for e in t.external_data}
+                assert info["location"] == WEIGHTS_FILE and not t.raw_data
+                offset, length = int(info["offset"]), int(info["length"])
+                stored[t.name] = np.frombuffer(blob[offset : offset + length], "<f4").reshape(tuple(t.dims))
+            else:  # shapes, split sizes and the like
+                assert len(t.SerializeToString()) < 200, t.name
+        # every parameter, under its state_dict name, in training/model.py's layout
+        assert stored.keys() == params.keys()
+        for key, value in params.items():
+            np.testing.assert_array_equal(stored[key], value)
 
 
 @pytest.fixture
@@ -157,7 +239,7 @@ def test_manifest_fields(checkpoint_file: Path, tmp_path: Path) -> None:
     assert "parity checked" in result.output
     bundle = tmp_path / "bundle"
     data = json.loads((bundle / MANIFEST_FILE).read_text())
-    assert data["format"] == "textgen-bundle/1"
+    assert data["format"] == "textgen-bundle/2"
     assert (data["cell"], data["num_layers"], data["hidden_size"], data["state_size"]) == ("lstm", 2, 10, 40)
     assert data["vocab_size"] == 21 and data["unk_id"] == 0 and data["vocab"][0] is None
     assert "".join(data["vocab"][1:]) == "".join(sorted(set("\n !,.abcdefghijklmno")))
@@ -165,14 +247,16 @@ def test_manifest_fields(checkpoint_file: Path, tmp_path: Path) -> None:
     assert (data["held_out_loss"], data["held_out_perplexity"], data["held_out_bpc"]) == (1.5, 4.4817, 2.164)
     assert data["command"] == "textgen train --cell lstm --hidden-size 10 --num-layers 2"
     assert data["opset"] == OPSET and data["exporter"].startswith("textgen ")
-    assert data["sha256"] == {name: sha256_file(bundle / name) for name in (MODEL_FILE, LAST_FILE, STEP_FILE)}
+    files = (MODEL_FILE, LAST_FILE, STEP_FILE, WEIGHTS_FILE)
+    assert data["sha256"] == {name: sha256_file(bundle / name) for name in files}
+    assert list(data["sha256"]) == list(files)
     assert data["created"].endswith("Z")
-    assert sorted(p.name for p in bundle.iterdir()) == sorted([MANIFEST_FILE, MODEL_FILE, LAST_FILE, STEP_FILE])
+    assert sorted(p.name for p in bundle.iterdir()) == sorted([MANIFEST_FILE, *files])
 
     info = CliRunner().invoke(cli, ["info", str(bundle)])
     assert info.exit_code == 0, info.output
     for expected in (
-        "textgen-bundle/1",
+        "textgen-bundle/2",
         "lstm, 2 layers x hidden 10, state_size 40",
         "21 ids",
         "loss 1.5000 nats/char",
@@ -181,6 +265,7 @@ def test_manifest_fields(checkpoint_file: Path, tmp_path: Path) -> None:
         "1,234 training steps",
         "textgen train --cell lstm",
         data["sha256"][MODEL_FILE],
+        data["sha256"][WEIGHTS_FILE],
     ):
         assert expected in info.output
     raw = CliRunner().invoke(cli, ["info", "--json", str(bundle)])
@@ -250,6 +335,10 @@ def test_export_is_deterministic(make_tiny_model, tmp_path: Path) -> None:
     model, vocab = make_tiny_model(cell="lstm", num_layers=2)
     a = write_bundle(model, vocab, tmp_path / "a")
     b = write_bundle(model, vocab, tmp_path / "b")
-    assert a.sha256 == b.sha256 and len(a.sha256) == 3
+    assert a.sha256 == b.sha256 and len(a.sha256) == 4
     other, _ = make_tiny_model(cell="lstm", num_layers=2, seed=1)
-    assert write_bundle(other, vocab, tmp_path / "c").sha256[MODEL_FILE] != a.sha256[MODEL_FILE]
+    c = write_bundle(other, vocab, tmp_path / "c")
+    # the graphs of two models of one shape differ only in the weights.bin digest they record, which keeps
+    # model.onnx's own digest an identifier of the model
+    assert c.sha256[WEIGHTS_FILE] != a.sha256[WEIGHTS_FILE]
+    assert c.sha256[MODEL_FILE] != a.sha256[MODEL_FILE]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from textgen.service import runtime as runtime_module
-from textgen.service.bundle import LAST_FILE, MANIFEST_FILE, MODEL_FILE, STEP_FILE, sha256_file
+from textgen.service.bundle import LAST_FILE, MANIFEST_FILE, MODEL_FILE, STEP_FILE, WEIGHTS_FILE, sha256_file
 from textgen.service.errors import (
     BundleError,
     BundleFileMissing,
@@ -37,11 +37,15 @@ def _edit_manifest(bundle: Path, **changes: object) -> None:
     (bundle / MANIFEST_FILE).write_text(json.dumps(data))
 
 
-def _replace_graph(bundle: Path, name: str, content: bytes) -> None:
-    """Put another graph in place and update its checksum, so that only the graph check can object."""
+def _replace_graph(bundle: Path, name: str, content: bytes, weights: bytes | None = None) -> None:
+    """Put another graph (and ``weights``: another weights.bin) in place and update the checksums, so that
+    only the graph check can object."""
     (bundle / name).write_bytes(content)
+    if weights is not None:
+        (bundle / WEIGHTS_FILE).write_bytes(weights)
     data = json.loads((bundle / MANIFEST_FILE).read_text())
     data["sha256"][name] = sha256_file(bundle / name)
+    data["sha256"][WEIGHTS_FILE] = sha256_file(bundle / WEIGHTS_FILE)
     (bundle / MANIFEST_FILE).write_text(json.dumps(data))
 
 
@@ -69,6 +73,13 @@ def test_missing_variants_file(bundle: Path) -> None:
         load_bundle(bundle)
 
 
+def test_missing_weights_file(bundle: Path) -> None:
+    (bundle / WEIGHTS_FILE).unlink()
+    with pytest.raises(BundleFileMissing) as err:
+        load_bundle(bundle)
+    assert str(err.value) == f"{bundle / WEIGHTS_FILE}: weights file missing from the bundle (listed in manifest.json)"
+
+
 def test_missing_manifest(bundle: Path) -> None:
     (bundle / MANIFEST_FILE).unlink()
     with pytest.raises(BundleFileMissing) as err:
@@ -92,6 +103,23 @@ def test_default_bundle_path_is_inside_the_package() -> None:
     assert path == Path(runtime_module.__file__).resolve().parent / "default_bundle"
 
 
+def test_default_bundle_is_its_weights_once() -> None:
+    """The packaged bundle: the parameters stored once (within 1.2x of their float32 bytes), under 2 MB."""
+    path = default_bundle_path()
+    if not (path / MANIFEST_FILE).is_file():
+        pytest.skip("no default bundle in this checkout")
+    m = load_bundle(None, intra_op_threads=1).manifest
+    G, H, V = {"rnn": 1, "gru": 3, "lstm": 4}[m.cell], m.hidden_size, m.vocab_size
+    per_layer = [
+        (V if i == 0 else H) * G * H + H * G * H + G * H * (2 if m.cell == "gru" else 1) for i in range(m.num_layers)
+    ]
+    param_bytes = 4 * (sum(per_layer) + H * V + V)
+    files = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
+    assert set(files) == {MANIFEST_FILE, *m.sha256}
+    assert param_bytes <= files[WEIGHTS_FILE] and sum(files.values()) <= 1.2 * param_bytes
+    assert sum(files.values()) < 2_000_000
+
+
 def test_checksum_mismatch(bundle: Path) -> None:
     data = bytearray((bundle / MODEL_FILE).read_bytes())
     data[-10] ^= 0x01  # one bit of one weight
@@ -103,19 +131,51 @@ def test_checksum_mismatch(bundle: Path) -> None:
     assert "does not match" in message and "recorded in manifest.json" in message
 
 
+def test_tampered_weights_file(bundle: Path) -> None:
+    """The graphs hold no weights of their own: one flipped bit in weights.bin is caught by its checksum."""
+    data = bytearray((bundle / WEIGHTS_FILE).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (bundle / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatch) as err:
+        load_bundle(bundle)
+    message = str(err.value)
+    assert message.startswith(f"{bundle / WEIGHTS_FILE}: sha256 ")
+    assert "does not match" in message and "recorded in manifest.json" in message
+
+
+def test_truncated_weights_file(bundle: Path) -> None:
+    (bundle / WEIGHTS_FILE).write_bytes((bundle / WEIGHTS_FILE).read_bytes()[:-4])
+    with pytest.raises(ChecksumMismatch, match=r"weights\.bin: sha256 .* does not match"):
+        load_bundle(bundle)
+
+
+def test_a_moved_bundle_loads(tmp_path: Path, tiny_bundle: Path) -> None:
+    """The graphs refer to weights.bin by a relative location: the folder can be copied and renamed."""
+    moved = Path(shutil.copytree(tiny_bundle, tmp_path / "a" / "b")).rename(tmp_path / "elsewhere")
+    rt, original = load_bundle(moved, intra_op_threads=1), load_bundle(tiny_bundle, intra_op_threads=1)
+    ids = rt.encode("hello, a fine bold idea.")[None]
+    for step in ("step", "step_last"):
+        a, sa = getattr(rt, step)(ids, rt.initial_state(1))
+        b, sb = getattr(original, step)(ids, original.initial_state(1))
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(sa, sb)
+
+
 def test_truncated_variants_is_a_checksum_mismatch(bundle: Path) -> None:
     (bundle / LAST_FILE).write_bytes((bundle / LAST_FILE).read_bytes()[:100])
     with pytest.raises(ChecksumMismatch, match=r"model_last\.onnx: sha256 .* does not match"):
         load_bundle(bundle)
 
 
-def test_manifest_of_another_format_version(bundle: Path) -> None:
-    _edit_manifest(bundle, format="textgen-bundle/2")
+@pytest.mark.parametrize("version", ["textgen-bundle/1", "textgen-bundle/3"])
+def test_manifest_of_another_format_version(bundle: Path, version: str) -> None:
+    """/1 is the previous layout (every graph with its own copy of the weights, no weights.bin)."""
+    _edit_manifest(bundle, format=version)
     with pytest.raises(ManifestError) as err:
         load_bundle(bundle)
     assert str(err.value) == (
-        f"{bundle / MANIFEST_FILE}: unsupported bundle format 'textgen-bundle/2'; this runtime reads "
-        "'textgen-bundle/1' (re-export the bundle with this version of textgen)"
+        f"{bundle / MANIFEST_FILE}: unsupported bundle format '{version}'; this runtime reads "
+        "'textgen-bundle/2' (re-export the bundle with this version of textgen)"
     )
 
 
@@ -142,6 +202,11 @@ def test_manifest_missing_fields(bundle: Path) -> None:
         ({"vocab_size": 22}, "vocab lists 21 entries but vocab_size is 22"),
         ({"unk_id": 3}, "unk_id 3 must index a null entry of vocab"),
         ({"sha256": {LAST_FILE: "0" * 64}}, "sha256 has no entry for model.onnx"),
+        ({"sha256": {MODEL_FILE: "0" * 64}}, "sha256 has no entry for weights.bin"),
+        (
+            {"sha256": {MODEL_FILE: "0" * 64, WEIGHTS_FILE: "0" * 64, "w.bin": "0" * 64}},
+            "sha256 lists an unknown file 'w.bin'",
+        ),
     ],
 )
 def test_inconsistent_manifest(bundle: Path, changes: dict, message: str) -> None:
@@ -154,7 +219,14 @@ def test_inconsistent_manifest(bundle: Path, changes: dict, message: str) -> Non
 def test_graph_of_another_model(bundle: Path, make_tiny_bundle) -> None:
     """model.onnx of a hidden-16 model in a hidden-12 bundle: checksums fine, graph disagrees."""
     other = make_tiny_bundle(hidden_size=16)
+    # without its own weights.bin, the graph's external data does not fit this bundle's weights.bin
     _replace_graph(bundle, MODEL_FILE, (other / MODEL_FILE).read_bytes())
+    with pytest.raises(
+        BundleError, match=r"model\.onnx: onnxruntime cannot load the graph \(.*External initializer: .* out of bounds"
+    ):
+        load_bundle(bundle)
+    # with it, the graph loads and its inputs disagree with the manifest
+    _replace_graph(bundle, MODEL_FILE, (other / MODEL_FILE).read_bytes(), (other / WEIGHTS_FILE).read_bytes())
     with pytest.raises(GraphMismatch) as err:
         load_bundle(bundle)
     assert str(err.value) == (
@@ -164,7 +236,8 @@ def test_graph_of_another_model(bundle: Path, make_tiny_bundle) -> None:
 
 def test_graph_of_another_vocabulary(bundle: Path, make_tiny_bundle) -> None:
     other = make_tiny_bundle(chars="abcdefghijklmnopqrstuvwxyz")
-    _replace_graph(bundle, LAST_FILE, (other / LAST_FILE).read_bytes())
+    # (model.onnx still fits the larger weights.bin, reading the wrong numbers; loading checks it first)
+    _replace_graph(bundle, LAST_FILE, (other / LAST_FILE).read_bytes(), (other / WEIGHTS_FILE).read_bytes())
     with pytest.raises(GraphMismatch) as err:
         load_bundle(bundle)
     assert str(err.value) == (
@@ -288,7 +361,7 @@ def test_step_last_equals_the_last_step(make_tiny_bundle, variants: bool) -> Non
     rt = load_bundle(make_tiny_bundle(cell="lstm", num_layers=2, variants=variants))
     assert rt.has_last_variant is variants and rt.has_step_variant is variants
     assert rt.graphs == ([MODEL_FILE, LAST_FILE, STEP_FILE] if variants else [MODEL_FILE])
-    assert list(rt.manifest.sha256) == rt.graphs
+    assert list(rt.manifest.sha256) == [*rt.graphs, WEIGHTS_FILE]
     rng = np.random.default_rng(1)
     for T in (9, 1):  # model_last.onnx, then model_step.onnx
         tokens = rng.integers(0, 21, size=(3, T))
@@ -355,7 +428,7 @@ def test_manifest_public_dict_is_json(tiny_runtime) -> None:
     public = tiny_runtime.manifest.to_public_dict()
     assert json.loads(json.dumps(public)) == public
     assert public["vocab"][0] is None and len(public["vocab"]) == 21
-    assert list(public["sha256"]) == [MODEL_FILE, LAST_FILE, STEP_FILE]
+    assert list(public["sha256"]) == [MODEL_FILE, LAST_FILE, STEP_FILE, WEIGHTS_FILE]
     assert public["cell"] == "gru" and public["state_size"] == 12
 
 

@@ -1,8 +1,14 @@
-"""Export a trained CharRNN to a bundle: ONNX graphs with explicit state, and a manifest.
+"""Export a trained CharRNN to a bundle: ONNX graphs with explicit state, their shared weights, a manifest.
 
-The graphs are built by hand with ``onnx.helper`` from the model's weights (no tracing), around ONNX's
-built-in RNN/GRU/LSTM operators, so batch and time are both dynamic and the recurrence runs inside one
-fused kernel per layer. Weight layout conversion, per layer (G gates of size H):
+The graphs are built by hand with ``onnx.helper`` (no tracing), around ONNX's built-in RNN/GRU/LSTM
+operators, so batch and time are both dynamic and the recurrence runs inside one fused kernel per layer.
+
+Every parameter is stored once, in training/model.py's layout and under its state_dict name
+(``layers.0.W_xh``, ..., ``W_hq``, ``b_q``), in ``weights.bin``; each graph refers to it as ONNX external
+data (location, offset, length) and derives the layout its operators need with Transpose/Split/Concat/Add/
+EyeLike nodes over those initializers. Those nodes have constant inputs only, so onnxruntime folds them once
+when it creates a session; a call pays nothing for them. Weight layout conversion, per layer (G gates of
+size H):
 
     ours:  x W_xh (I, G*H) + b_h + h W_hh (H, G*H) [+ b_hh for gru]   gates rnn: -, gru: r z n, lstm: i f g o
     ONNX:  W (1, G*H, I) = W_xh^T,  R (1, G*H, H) = W_hh^T,  B (1, 2*G*H) = [Wb, Rb]
@@ -19,6 +25,7 @@ same layout as training/model.py: layer l owns [l * per, (l + 1) * per), per = H
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import os
 import shutil
 import tempfile
@@ -31,10 +38,11 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import set_external_data
 
 from textgen.service.bundle import (
+    BUNDLE_FILES,
     FORMAT,
-    GRAPH_FILES,
     INPUT_STATE,
     INPUT_TOKENS,
     LAST_FILE,
@@ -43,6 +51,8 @@ from textgen.service.bundle import (
     OUTPUT_LOGITS,
     OUTPUT_STATE,
     STEP_FILE,
+    WEIGHTS_FILE,
+    WEIGHTS_SHA256_KEY,
     Manifest,
     sha256_file,
 )
@@ -59,6 +69,7 @@ ATOL = 1e-4
 RTOL = 1e-4
 CHECK_BATCH = 3
 CHECK_TIME = 64
+WEIGHTS_ALIGN = 64  # byte alignment of each parameter in weights.bin
 
 # Gate permutations: ONNX block k takes our block ORDER[k].
 _GATE_ORDER = {"rnn": [0], "gru": [1, 0, 2], "lstm": [0, 3, 1, 2]}
@@ -71,12 +82,6 @@ def _exporter_version() -> str:
         return f"textgen {version('textgen')}"
     except Exception:  # pragma: no cover - running from a source tree without metadata
         return "textgen (unknown version)"
-
-
-def _reorder(w: np.ndarray, cell: str, hidden: int) -> np.ndarray:
-    """Permute the G gate blocks along the last axis of ``w`` from our order to ONNX's."""
-    blocks = [w[..., g * hidden : (g + 1) * hidden] for g in _GATE_ORDER[cell]]
-    return np.concatenate(blocks, axis=-1)
 
 
 @dataclass
@@ -125,6 +130,20 @@ def model_weights(model: CharRNN) -> Weights:
     return Weights(cfg.cell, H, cfg.vocab_size, layers, a(model.W_hq), a(model.b_q))
 
 
+def model_parameters(w: Weights) -> dict[str, np.ndarray]:
+    """The parameters as stored in weights.bin: state_dict names and order, training/model.py's layout."""
+    params: dict[str, np.ndarray] = {}
+    for i, layer in enumerate(w.layers):
+        params[f"layers.{i}.W_xh"] = layer.W_xh
+        params[f"layers.{i}.W_hh"] = layer.W_hh
+        params[f"layers.{i}.b_h"] = layer.b_h
+        if w.cell == "gru":
+            params[f"layers.{i}.b_hh"] = layer.b_hh
+    params["W_hq"] = w.W_hq
+    params["b_q"] = w.b_q
+    return {k: np.ascontiguousarray(v, dtype="<f4") for k, v in params.items()}
+
+
 def choose_first_layer_input(model: CharRNN | Weights) -> str:
     """OneHot costs V*G*H per token in the input GEMM; Gather + identity weights costs (G*H)^2."""
     w = model if isinstance(model, Weights) else model_weights(model)
@@ -132,18 +151,37 @@ def choose_first_layer_input(model: CharRNN | Weights) -> str:
 
 
 class GraphBuilder:
-    """Collects the nodes of one graph (or If branch) and the initializers of the whole model."""
+    """Collects the nodes of one graph (or If branch) and the initializers of the whole model.
+
+    ``param`` initializers are the model's parameters (moved to weights.bin by :func:`write_bundle`);
+    ``const`` ones are small constants of the graph's own (shapes, split sizes), which stay inside it.
+    """
 
     def __init__(self, prefix: str = "", inits: dict[str, TensorProto] | None = None):
         self.prefix = prefix
         self.nodes: list[onnx.NodeProto] = []
         self.inits: dict[str, TensorProto] = {} if inits is None else inits
+        self.derived: dict[str, str] = {}  # key -> output name of a layout already derived in this graph
 
     def const(self, name: str, value: np.ndarray) -> str:
         """An initializer (shared by all branches; a name is created once)."""
         if name not in self.inits:
             self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(value), name)
         return name
+
+    def param(self, w: Weights, name: str) -> str:
+        """The parameter ``name`` of :func:`model_parameters`, as stored (an initializer of that name)."""
+        return self.const(name, model_parameters(w)[name])
+
+    def gates(self, x: str, order: list[int], hidden: int) -> str:
+        """``x`` with its G gate blocks (of ``hidden`` columns, along the last axis) taken in ``order``."""
+        if order == list(range(len(order))):
+            return x
+        key = f"gates:{x}:{order}"
+        if key not in self.derived:
+            blocks = self.node("Split", [x, self.ints(*[hidden] * len(order))], len(order), axis=-1)
+            self.derived[key] = self.one("Concat", [blocks[g] for g in order], axis=-1)
+        return self.derived[key]
 
     def ints(self, *values: int) -> str:
         return self.const("i64_" + "_".join(str(v) for v in values), np.array(values, dtype=np.int64))
@@ -165,6 +203,7 @@ def sequence_nodes(
     """The whole sequence through ONNX's fused RNN/GRU/LSTM operators (any T >= 1)."""
     cell, H, L, V = w.cell, w.hidden_size, len(w.layers), w.vocab_size
     G, k, S = GATES[cell], (2 if cell == "lstm" else 1), w.state_size
+    order = _GATE_ORDER[cell]
     # state (B, S) -> per-layer initial states (1, B, H): h (and c) of each layer
     if L * k == 1:
         pieces = [b.one("Unsqueeze", [state, b.ints(0)])]
@@ -178,22 +217,25 @@ def sequence_nodes(
         x = b.one(
             "OneHot", [tokens_tb, b.ints(V), b.const("onehot_values", np.array([0.0, 1.0], np.float32))], axis=-1
         )  # (T, B, V)
-    else:
-        x = b.one("Gather", [b.const("embedding", _reorder(w.layers[0].W_xh, cell, H)), tokens_tb], axis=0)
+    else:  # the embedding: W_xh's rows in ONNX gate order
+        x = b.one("Gather", [b.gates(b.param(w, "layers.0.W_xh"), order, H), tokens_tb], axis=0)
     outputs_h: list[str] = []
-    for i, layer in enumerate(w.layers):
-        # (G*H, I); after a Gather, which already applied W_xh (in ONNX gate order), the identity
-        W = np.eye(G * H, dtype=np.float32) if i == 0 and first == "gather" else _reorder(layer.W_xh, cell, H).T
-        R = _reorder(layer.W_hh, cell, H).T  # (G*H, H)
-        Bias = np.concatenate([_reorder(layer.b_h, cell, H), _reorder(layer.b_hh, cell, H)])
-        ins = [
-            x,
-            b.const(f"l{i}.W", W[None]),
-            b.const(f"l{i}.R", R[None]),
-            b.const(f"l{i}.B", Bias[None]),
-            "",
-            pieces[i * k],
-        ]  # "": no sequence_lens, every sequence has the full length T
+    for i in range(L):
+        # Derived from the stored parameters; all inputs constant, so onnxruntime folds these at load.
+        p = f"layers.{i}."
+        if i == 0 and first == "gather":  # the Gather already applied W_xh: identity input weights
+            eye = b.one("EyeLike", [b.one("ConstantOfShape", [b.ints(G * H, G * H)])])  # float32 by default
+            W = b.one("Unsqueeze", [eye, b.ints(0)])
+        else:  # (1, G*H, I) = W_xh^T, gates reordered
+            W = b.one("Unsqueeze", [b.one("Transpose", [b.gates(b.param(w, p + "W_xh"), order, H)]), b.ints(0)])
+        R = b.one("Unsqueeze", [b.one("Transpose", [b.gates(b.param(w, p + "W_hh"), order, H)]), b.ints(0)])
+        Wb = b.gates(b.param(w, p + "b_h"), order, H)
+        if cell == "gru":  # B (1, 2*G*H) = [Wb, Rb]
+            Bias = b.one("Concat", [Wb, b.gates(b.param(w, p + "b_hh"), order, H)], axis=0)
+        else:  # no recurrent bias: Rb = 0
+            Bias = b.one("Pad", [Wb, b.ints(0, G * H)])
+        ins = [x, W, R, b.one("Unsqueeze", [Bias, b.ints(0)]), "", pieces[i * k]]
+        # "": no sequence_lens, every sequence has the full length T
         if cell == "lstm":
             y, *hc = b.node("LSTM", [*ins, pieces[i * k + 1]], 3, hidden_size=H)
         elif cell == "gru":
@@ -209,7 +251,7 @@ def sequence_nodes(
     else:
         cat = b.one("Concat", outputs_h, axis=0)  # (L*k, B, H)
         b.one("Reshape", [b.one("Transpose", [cat], perm=[1, 0, 2]), b.ints(0, S)], state_out)
-    W_hq, b_q = b.const("W_hq", w.W_hq), b.const("b_q", w.b_q)
+    W_hq, b_q = b.param(w, "W_hq"), b.param(w, "b_q")
     if last_only:
         h_last = b.one("Squeeze", [outputs_h[(L - 1) * k], b.ints(0)])  # top layer's Y_h -> (B, H)
         b.one("Gemm", [h_last, W_hq, b_q], logits_out)  # (B, V)
@@ -233,24 +275,23 @@ def step_nodes(
     )
     x = ""
     new_states = []
-    for i, (layer, s) in enumerate(zip(w.layers, states, strict=True)):
-        p = f"step{i}."
-        # gru: [r z n] as in the model; lstm: [i f o g], so that the three sigmoid gates are contiguous
-        perm = [0, 1, 3, 2] if cell == "lstm" else list(range(GATES[cell]))
-
-        def gates(a: np.ndarray, perm: list[int] = perm) -> np.ndarray:
-            return np.concatenate([a[..., g * H : (g + 1) * H] for g in perm], axis=-1)
-
-        if i == 0:  # the embedding row, with the input bias folded in
-            xw = b.one("Gather", [b.const(p + "table", gates(layer.W_xh + layer.b_h)), tok], axis=0)
+    # gru: [r z n] as in the model; lstm: [i f o g], so that the three sigmoid gates are contiguous
+    perm = [0, 1, 3, 2] if cell == "lstm" else list(range(GATES[cell]))
+    for i, s in enumerate(states):
+        p = f"layers.{i}."
+        # Derived from the stored parameters; all inputs constant, so onnxruntime folds these at load.
+        b_h = b.param(w, p + "b_h")
+        if i == 0:  # the embedding table, with the input bias folded in (W_xh + b_h, row by row)
+            table = b.gates(b.one("Add", [b.param(w, p + "W_xh"), b_h]), perm, H)
+            xw = b.one("Gather", [table, tok], axis=0)
         else:
-            xw = b.one("Gemm", [x, b.const(p + "W_xh", gates(layer.W_xh)), b.const(p + "b_h", gates(layer.b_h))])
+            xw = b.one("Gemm", [x, b.gates(b.param(w, p + "W_xh"), perm, H), b.gates(b_h, perm, H)])
         h_prev, c_prev = (s, "") if cell != "lstm" else b.node("Split", [s, b.ints(H, H)], 2, axis=1)
-        W_hh = b.const(p + "W_hh", gates(layer.W_hh))
+        W_hh = b.gates(b.param(w, p + "W_hh"), perm, H)
         if cell == "rnn":
             h = new = b.one("Tanh", [b.one("Gemm", [h_prev, W_hh, xw])])
         elif cell == "gru":
-            hw = b.one("Gemm", [h_prev, W_hh, b.const(p + "b_hh", layer.b_hh)])
+            hw = b.one("Gemm", [h_prev, W_hh, b.param(w, p + "b_hh")])
             x_rz, x_n = b.node("Split", [xw, b.ints(2 * H, H)], 2, axis=1)
             h_rz, h_n = b.node("Split", [hw, b.ints(2 * H, H)], 2, axis=1)
             r, z = b.node("Split", [b.one("Sigmoid", [b.one("Add", [x_rz, h_rz])]), b.ints(H, H)], 2, axis=1)
@@ -272,7 +313,7 @@ def step_nodes(
     if h_out is not None:
         b.one("Identity", [x], h_out)
     if logits_out is not None:
-        b.one("Gemm", [x, b.const("W_hq", w.W_hq), b.const("b_q", w.b_q)], logits_out)
+        b.one("Gemm", [x, b.param(w, "W_hq"), b.param(w, "b_q")], logits_out)
 
 
 GRAPH_KINDS = ("full", "last", "step")
@@ -326,6 +367,32 @@ def build_graph(
     proto.ir_version = IR_VERSION
     onnx.checker.check_model(proto, full_check=True)
     return proto
+
+
+def weights_blob(params: dict[str, np.ndarray]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """weights.bin: each parameter's float32 little-endian bytes in order, every one starting at a multiple
+    of WEIGHTS_ALIGN bytes (zero padding between); and name -> (offset, length) in bytes."""
+    blob = bytearray()
+    layout: dict[str, tuple[int, int]] = {}
+    for name, value in params.items():
+        blob += bytes(-len(blob) % WEIGHTS_ALIGN)
+        data = value.astype("<f4", copy=False).tobytes()
+        layout[name] = (len(blob), len(data))
+        blob += data
+    return bytes(blob), layout
+
+
+def externalize(proto: onnx.ModelProto, blob: bytes, layout: dict[str, tuple[int, int]]) -> None:
+    """Point the parameter initializers of ``proto`` at their bytes in weights.bin (``blob``), dropping the
+    embedded copies, and record weights.bin's sha256 in the graph's metadata (docs/bundle.md)."""
+    for tensor in proto.graph.initializer:
+        if tensor.name in layout:
+            offset, length = layout[tensor.name]
+            if tensor.data_type != TensorProto.FLOAT or tensor.raw_data != blob[offset : offset + length]:
+                raise ExportError(f"{tensor.name}: the graph's initializer differs from its bytes in {WEIGHTS_FILE}")
+            set_external_data(tensor, WEIGHTS_FILE, offset, length)
+            tensor.ClearField("raw_data")
+    helper.set_model_props(proto, {WEIGHTS_SHA256_KEY: hashlib.sha256(blob).hexdigest()})
 
 
 def _session(path: Path):
@@ -414,8 +481,9 @@ def write_bundle(
     check: bool = True,
     overwrite: bool = False,
 ) -> Manifest:
-    """Write model.onnx (with ``variants``: model_last.onnx and model_step.onnx too) and manifest.json to
-    ``out_dir``, and check every graph against the torch model.
+    """Write model.onnx (with ``variants``: model_last.onnx and model_step.onnx too), weights.bin (every
+    parameter once, the external data of all graphs) and manifest.json to ``out_dir``, and check every graph
+    against the torch model.
 
     The bundle is assembled in a temporary directory next to ``out_dir`` and moved into place only after
     the parity check passed, so a failed export leaves nothing behind.
@@ -426,7 +494,7 @@ def write_bundle(
         raise ExportError(f"the vocabulary has {vocab.size} ids but the model expects {cfg.vocab_size}")
     if out.exists():
         entries = {p.name for p in out.iterdir()} if out.is_dir() else None
-        bundle_files = {MANIFEST_FILE, *GRAPH_FILES}
+        bundle_files = {MANIFEST_FILE, *BUNDLE_FILES}
         replaceable = entries is not None and (
             not entries or (overwrite and MANIFEST_FILE in entries and entries <= bundle_files)
         )
@@ -436,16 +504,21 @@ def write_bundle(
                 + (" or a bundle" if overwrite else " (choose another OUT_DIR, or --force to replace a bundle)")
             )
     model = model.float().eval()
-    first = first_layer_input or choose_first_layer_input(model)
+    weights = model_weights(model)
+    first = first_layer_input or choose_first_layer_input(weights)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        files = {MODEL_FILE: build_graph(model, "full", first_layer_input=first)}
+        graphs = {MODEL_FILE: build_graph(weights, "full", first_layer_input=first)}
         if variants:
-            files[LAST_FILE] = build_graph(model, "last", first_layer_input=first)
-            files[STEP_FILE] = build_graph(model, "step", first_layer_input=first)
-        for name, proto in files.items():
-            onnx.save_model(proto, tmp / name)
+            graphs[LAST_FILE] = build_graph(weights, "last", first_layer_input=first)
+            graphs[STEP_FILE] = build_graph(weights, "step", first_layer_input=first)
+        blob, layout = weights_blob(model_parameters(weights))
+        (tmp / WEIGHTS_FILE).write_bytes(blob)
+        for name, proto in graphs.items():
+            externalize(proto, blob, layout)
+            onnx.save_model(proto, tmp / name)  # the initializers have no embedded data left to write
+            onnx.checker.check_model(str(tmp / name))  # also checks the external data's location
         metrics = metrics or {}
 
         def metric(key: str) -> float | None:
@@ -471,7 +544,7 @@ def write_bundle(
             command=command,
             opset=OPSET,
             first_layer_input=first,
-            sha256={name: sha256_file(tmp / name) for name in files},
+            sha256={name: sha256_file(tmp / name) for name in (*graphs, WEIGHTS_FILE)},
         )
         Manifest.from_json_dict(manifest.to_json_dict())  # the manifest we write must pass our own reader
         (tmp / MANIFEST_FILE).write_text(manifest.to_json_text(), encoding="utf-8")
