@@ -72,6 +72,8 @@ def main() -> None:
 @click.option("--hidden-size", type=int, default=None)
 @click.option("--num-layers", type=int, default=None)
 @click.option("--dropout", type=float, default=None)
+@click.option("--init", type=click.Choice(["uniform", "orthogonal"]), default=None,
+              help="Initial recurrent weights.")
 @click.option("--iterator", type=click.Choice(["sequential", "random"]), default=None,
               help="sequential: carry the state across batches (truncated BPTT); random: fresh state.")
 @click.option("--bptt", type=int, default=None, help="Unroll length in characters.")

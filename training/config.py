@@ -21,6 +21,7 @@ class TrainConfig:
     hidden_size: int = 512  # H per layer
     num_layers: int = 1  # stacked layers
     dropout: float = 0.0  # on each layer's outputs while training
+    init: str = "uniform"  # recurrent weights: "uniform" (PyTorch's default) or "orthogonal"
     # optimisation
     optimizer: str = "adamw"  # "adamw", or "sgd" (the article's recipe uses sgd with lr 1)
     lr: float = 3e-3  # peak learning rate
@@ -46,6 +47,7 @@ class TrainConfig:
             hidden_size=self.hidden_size,
             num_layers=self.num_layers,
             dropout=self.dropout,
+            init=self.init,
         )
 
     def to_dict(self) -> dict:

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 CELLS = ("rnn", "gru", "lstm")
-GATES = {"rnn": 1, "gru": 3, "lstm": 4}  # how many H-sized blocks each input projection has
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+INITS = ("uniform", "orthogonal")  # how many H-sized blocks each input projection has
 
 
 @dataclass
@@ -35,12 +36,15 @@ class ModelConfig:
     hidden_size: int = 512  # H, per layer
     num_layers: int = 1  # stacked recurrent layers
     dropout: float = 0.0  # on the outputs of each layer during training (0 = off)
+    init: str = "uniform"  # recurrent weights: "uniform" (PyTorch's +-1/sqrt(H)) or "orthogonal" per gate block
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
             raise ValueError(f"cell must be one of {', '.join(CELLS)}, not {self.cell!r}")
         if self.hidden_size < 1 or self.num_layers < 1 or self.vocab_size < 2:
             raise ValueError("hidden_size and num_layers must be >= 1 and vocab_size >= 2")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, not {self.init!r}")
 
     @property
     def state_per_layer(self) -> int:
@@ -64,7 +68,7 @@ class RecurrentLayer(nn.Module):
         b_hh (G*H,)    gru only: bias of the recurrent product (the candidate's part is gated by r)
     """
 
-    def __init__(self, cell: str, input_size: int, hidden_size: int):
+    def __init__(self, cell: str, input_size: int, hidden_size: int, init: str = "uniform"):
         super().__init__()
         self.cell = cell
         self.hidden_size = H = hidden_size
@@ -75,6 +79,10 @@ class RecurrentLayer(nn.Module):
         self.b_h = nn.Parameter(torch.empty(G * H).uniform_(-bound, bound))
         if cell == "gru":
             self.b_hh = nn.Parameter(torch.empty(G * H).uniform_(-bound, bound))
+        if init == "orthogonal":  # spectral radius 1 per gate: the state neither vanishes nor explodes at first
+            with torch.no_grad():
+                for g in range(G):
+                    nn.init.orthogonal_(self.W_hh[:, g * H : (g + 1) * H])
 
     def project(self, x: Tensor) -> Tensor:
         """x_t W_xh + b_h for all steps at once: ids (B, T) -> (B, T, G*H), or features (B, T, I) -> same."""
@@ -135,7 +143,8 @@ class CharRNN(nn.Module):
         self.config = config
         H = config.hidden_size
         self.layers = nn.ModuleList(
-            RecurrentLayer(config.cell, config.vocab_size if i == 0 else H, H) for i in range(config.num_layers)
+            RecurrentLayer(config.cell, config.vocab_size if i == 0 else H, H, config.init)
+            for i in range(config.num_layers)
         )
         bound = 1.0 / math.sqrt(H)
         self.W_hq = nn.Parameter(torch.empty(H, config.vocab_size).uniform_(-bound, bound))
