@@ -125,8 +125,9 @@ SETTINGS: tuple[Setting, ...] = (
                         "model call runs on its own (for comparison).", BATCHING),
     Setting("max_batch", "Batching: streams advanced by one decode step at most (the others take the next "
                          "step), and Feed prompts run together at most."),
-    Setting("prefill_chunk", "Tokens per prompt chunk (Feed, CreateSession and Generate prompts, Score); a "
-                             "decode step runs between any two chunks."),
+    Setting("prefill_chunk", "Tokens per prompt chunk at most (Feed, CreateSession and Generate prompts, Score); "
+                             "a decode step runs between any two chunks, and while streams decode the batching "
+                             "scheduler shortens chunks to about 10 ms each."),
     Setting("stream_window", "Batching: tokens a Generate stream may be computed ahead of its connection. 1 = no "
                              "look-ahead, one token per message; above 1, tokens computed while the previous "
                              "message was being sent go out together in the next one."),

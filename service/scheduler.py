@@ -7,9 +7,11 @@
    tokens (B, 1) and the states stacked (B, S), one ``step_last`` call (the one-step graph), then every row's
    next token is drawn at once (:func:`~textgen.service.sampling.sample_rows`: vectorized argmax for greedy
    rows, vectorized softmax and draw for sampled rows, each row with its own seeded generator);
-3. **prefill**: one prompt chunk of at most ``prefill_chunk`` tokens. Feed jobs whose next chunks have the
-   same length run together as one (B, L) call; jobs take turns (round robin), so a 100,000-character prompt
-   neither stalls decoding (a decode step runs between any two chunks) nor the other prompts;
+3. **prefill**: one prompt chunk of at most ``prefill_chunk`` tokens; while streams are decoding, also short
+   enough to take about :data:`PREFILL_BUDGET` (the thread measures the cost of a token), so that a larger
+   model gets shorter chunks. Feed jobs whose next chunks have the same length run together as one (B, L)
+   call; jobs take turns (round robin), so a 100,000-character prompt neither stalls decoding (a decode step
+   runs between any two chunks) nor the other prompts;
 4. hand the results back to the event loop with one ``call_soon_threadsafe`` per round.
 
 Streams join and leave between two rounds: a new stream is in the next step, a closed one is never stepped
@@ -55,6 +57,7 @@ PREFILL_CHUNK = 256
 MAX_BATCH = 256
 WINDOW = 4
 SWITCH_INTERVAL = 0.001  # seconds; see the module's docstring
+PREFILL_BUDGET = 0.010  # seconds a prompt chunk should take while streams are decoding
 
 _STOP = object()
 _WAKE = object()
@@ -148,6 +151,8 @@ class BatchingEngine:
         self.score_block = score_block
         self.step_delay = step_delay  # tests: every step and chunk takes at least this long
         self.steps = 0  # decode steps and prompt chunks run (tests)
+        self.prefill_budget = PREFILL_BUDGET
+        self._cost: dict[bool, float] = {}  # seconds per token of a prompt (False) or score (True) chunk, averaged
         self._zero = np.zeros(self.state_size, dtype=np.float32)
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by the first call
@@ -321,7 +326,7 @@ class BatchingEngine:
             while jobs and jobs[0].cancelled:
                 jobs.popleft()
             if jobs:
-                self._prefill(jobs, done)
+                self._prefill(jobs, done, decoding=bool(active))
             # 4. results back to the loop, one call per round
             if produced or done or failed:
                 try:
@@ -355,20 +360,30 @@ class BatchingEngine:
             self._m_batch.observe(B)
             self._m_decode.observe(time.perf_counter() - t0)
 
-    def _prefill(self, jobs: deque[_Job], done: list[tuple[_Job, Any, BaseException | None]]) -> None:
+    def _chunk_cap(self, score: bool, decoding: bool) -> int:
+        """Tokens per chunk: ``prefill_chunk``, or fewer while streams decode (about ``prefill_budget``)."""
+        cost = self._cost.get(score)
+        if not decoding or cost is None:
+            return self.prefill_chunk if not decoding else min(self.prefill_chunk, 16)
+        return max(2, min(self.prefill_chunk, int(self.prefill_budget / cost)))
+
+    def _prefill(self, jobs: deque[_Job], done: list[tuple[_Job, Any, BaseException | None]],
+                 decoding: bool = False) -> None:
         t0 = time.perf_counter()
         head = jobs.popleft()
         group = [head]
+        cap = self._chunk_cap(head.score, decoding)
+        pos0 = head.pos
         try:
             if head.score:
-                self._score_chunk(head)
+                self._score_chunk(head, cap)
             else:
-                L = chunk_length(head.n - head.pos, self.prefill_chunk)
+                L = chunk_length(head.n - head.pos, cap)
                 if len(jobs) and self.max_batch > 1:
                     rest: deque[_Job] = deque()
                     for j in jobs:
                         if (not j.score and not j.cancelled and len(group) < self.max_batch
-                                and chunk_length(j.n - j.pos, self.prefill_chunk) == L):
+                                and chunk_length(j.n - j.pos, cap) == L):
                             group.append(j)
                         elif not j.cancelled:
                             rest.append(j)
@@ -387,6 +402,10 @@ class BatchingEngine:
             done.extend((j, None, exc) for j in group)
             return
         self.steps += 1
+        took = time.perf_counter() - t0
+        per_token = took / max(1, head.pos - pos0)
+        old = self._cost.get(head.score)
+        self._cost[head.score] = per_token if old is None else 0.7 * old + 0.3 * per_token
         for j in group:
             if j.pos >= j.n:
                 done.append((j, (j.nll, j.state) if j.score else j.state, None))
@@ -397,12 +416,12 @@ class BatchingEngine:
                 if not j.started:
                     j.started = True
                     self._m_wait.observe(t0 - j.enqueued)
-            (self._m_score if head.score else self._m_prefill).observe(time.perf_counter() - t0)
+            (self._m_score if head.score else self._m_prefill).observe(took)
 
-    def _score_chunk(self, j: _Job) -> None:
+    def _score_chunk(self, j: _Job, cap: int) -> None:
         # Chunks end at the 4096-token blocks of Runtime.score_ids, whose per-block float64 sums we repeat.
         block_end = min((j.blocks + 1) * self.score_block, j.n)
-        b = j.pos + min(self.prefill_chunk, block_end - j.pos)
+        b = j.pos + min(cap, block_end - j.pos)
         if self.step_delay:
             time.sleep(self.step_delay)
         logits, out = self.runtime.step(j.seq[None, j.pos:b], j.state.reshape(1, -1))
