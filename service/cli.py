@@ -105,6 +105,8 @@ def train(resume: str | None, quiet: bool, **options: Any) -> None:
         if unknown:
             raise click.UsageError("--resume continues a run as it was configured; only --max-steps, "
                                    "--time-budget, --threads and --out may be given with it")
+    if "time_budget" in given and "max_steps" not in given:
+        given["max_steps"] = 0  # a time budget alone limits the run; the default step limit does not apply
     cfg = TrainConfig(**given)
     command = "textgen " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     run(cfg, resume_from=resume, command=command, show_progress=False if quiet else None)

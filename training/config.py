@@ -31,7 +31,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.05  # floor of the cosine schedule, as a fraction of lr
     clip: float = 1.0  # theta of gradient-norm clipping over all parameters (0 = off)
     # length of the run: whichever comes first; the schedule follows the fraction of either that has passed
-    max_steps: int = 2000  # optimiser steps (0 = no limit)
+    max_steps: int = 2000  # optimiser steps (0 = no limit); the CLI drops it when only --time-budget is given
     time_budget: float = 0.0  # seconds of wall-clock training, evaluation included (0 = no limit)
     # evaluation and output
     eval_every: int = 200  # steps between held-out evaluations (and checkpoints)
