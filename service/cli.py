@@ -261,9 +261,9 @@ def generate(prompt: str, address: str, max_tokens: int, temperature: float, top
                 click.echo(chunk, nl=False)
         except KeyboardInterrupt:
             stream.cancel()
-            click.echo()
             raise
-        click.echo()
+        finally:
+            click.echo()  # end the text's line, also before an error message
         if verbose and stream.final is not None:
             u = stream.final.usage
             click.echo(f"[finish: {FINISH_NAMES[stream.final.finish_reason]}, prompt {u.prompt_tokens} tokens, "

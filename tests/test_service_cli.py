@@ -78,6 +78,7 @@ def test_generate_streams_the_servers_text(served: ServeProcess, bundle: Path) -
     assert "finish: length" in r.stderr and "generated 40" in r.stderr
     bad = run("generate", "hello", "--address", served.address, "--temperature", "-1")
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "temperature" in bad.stderr
+    assert bad.stdout == "hello\n"  # the echoed prompt's line is ended before the error line
 
 
 def test_health_exits_0_only_when_serving(served: ServeProcess) -> None:
