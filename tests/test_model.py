@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -43,11 +45,13 @@ def split_state(model: CharRNN, state: torch.Tensor):
     return torch.stack(layers)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "autograd"])
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
 @pytest.mark.parametrize("num_layers", [1, 2])
-def test_matches_torch_module(cell: str, num_layers: int) -> None:
+def test_matches_torch_module(cell: str, num_layers: int, fused: bool) -> None:
     torch.manual_seed(0)
     model = CharRNN(ModelConfig(vocab_size=V, cell=cell, hidden_size=H, num_layers=num_layers))
+    model.set_fused(fused)
     ref = reference(cell, num_layers)
     copy_into(model, ref)
     ids = torch.randint(0, V, (3, 13))
@@ -82,10 +86,12 @@ def test_same_weights_at_every_step(cell: str) -> None:
     torch.testing.assert_close(state, state_whole)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "autograd"])
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
-def test_gradcheck_float64(cell: str) -> None:
+def test_gradcheck_float64(cell: str, fused: bool) -> None:
     torch.manual_seed(2)
     model = CharRNN(ModelConfig(vocab_size=5, cell=cell, hidden_size=3, num_layers=2)).double()
+    model.set_fused(fused)
     ids = torch.randint(0, 5, (2, 4))
     names = [n for n, _ in model.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_(True) for p in model.parameters())
@@ -96,6 +102,28 @@ def test_gradcheck_float64(cell: str) -> None:
         return logits, state_out
 
     assert torch.autograd.gradcheck(f, (state0, *params), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru"])
+def test_hand_written_backward_equals_autograd_through_the_steps(cell: str) -> None:
+    """The fused time loops (recurrence.py) give the reference's outputs and the gradients of every
+    parameter and of the initial state, with gradients arriving both from the logits and from the final state."""
+    torch.manual_seed(3)
+    fused = CharRNN(ModelConfig(vocab_size=V, cell=cell, hidden_size=H, num_layers=2)).double()
+    reference = copy.deepcopy(fused)
+    reference.set_fused(False)
+    ids = torch.randint(0, V, (4, 17))
+    w_logits, w_state = torch.randn(4, 17, V, dtype=torch.float64), torch.randn(4, 2 * H, dtype=torch.float64)
+    grads = []
+    for model in (fused, reference):
+        state0 = (torch.randn(4, 2 * H, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 0.5)
+        state0.requires_grad_(True)
+        logits, state = model(ids, state0)
+        ((logits * w_logits).sum() + (state * w_state).sum()).backward()
+        grads.append([logits.detach(), state.detach(), state0.grad] + [p.grad for p in model.parameters()])
+    for ours, ref in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-10)
+    assert any(p.grad.abs().sum() > 0 for p in fused.layers[0].parameters())  # the comparison is not vacuous
 
 
 def test_state_size_is_flat_whatever_the_cell() -> None:

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from .recurrence import GRUScan, RNNScan
+
 CELLS = ("rnn", "gru", "lstm")
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 INITS = ("uniform", "orthogonal")  # how many H-sized blocks each input projection has
@@ -79,26 +81,37 @@ class RecurrentLayer(nn.Module):
         self.b_h = nn.Parameter(torch.empty(G * H).uniform_(-bound, bound))
         if cell == "gru":
             self.b_hh = nn.Parameter(torch.empty(G * H).uniform_(-bound, bound))
+        self.fused = True  # run rnn/gru through the hand-written time loops (False: autograd reference)
         if init == "orthogonal":  # spectral radius 1 per gate: the state neither vanishes nor explodes at first
             with torch.no_grad():
                 for g in range(G):
                     nn.init.orthogonal_(self.W_hh[:, g * H : (g + 1) * H])
 
     def project(self, x: Tensor) -> Tensor:
-        """x_t W_xh + b_h for all steps at once: ids (B, T) -> (B, T, G*H), or features (B, T, I) -> same."""
+        """x_t W_xh + b_h for all steps at once: ids (T, B) -> (T, B, G*H), or features (T, B, I) -> same."""
         if x.dtype == torch.long:
             return nn.functional.embedding(x, self.W_xh) + self.b_h  # the one-hot product, as a lookup
         return x @ self.W_xh + self.b_h
 
     def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        """x: ids (B, T) or features (B, T, I); state (B, per_layer) -> outputs (B, T, H), state (B, per_layer)."""
-        xw = self.project(x)  # (B, T, G*H)
+        """Time-major: x ids (T, B) or features (T, B, I); state (B, per_layer) -> outputs (T, B, H), new state.
+
+        The rnn and gru time loops run in :mod:`.recurrence` (hand-written backward) unless ``fused`` is off;
+        the lstm, and every cell with ``fused`` off, runs the step functions below under autograd.
+        """
+        xw = self.project(x)  # (T, B, G*H)
+        if self.fused and self.cell == "rnn":
+            hs = RNNScan.apply(xw, state, self.W_hh)  # (T, B, H)
+            return hs, hs[-1]
+        if self.fused and self.cell == "gru":
+            hs = GRUScan.apply(xw, state, self.W_hh, self.b_hh)
+            return hs, hs[-1]
         step = {"rnn": self.rnn_step, "gru": self.gru_step, "lstm": self.lstm_step}[self.cell]
         outputs = []
-        for xw_t in xw.unbind(1):  # unbind, not xw[:, t]: its backward is one stack, not T full-size copies
+        for xw_t in xw.unbind(0):  # unbind, not xw[t]: its backward is one stack, not T full-size copies
             h, state = step(xw_t, state)
             outputs.append(h)
-        return torch.stack(outputs, dim=1), state  # (B, T, H)
+        return torch.stack(outputs), state  # (T, B, H)
 
     def rnn_step(self, xw: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         """h_t = tanh(x_t W_xh + b_h + h_{t-1} W_hh)."""
@@ -159,11 +172,16 @@ class CharRNN(nn.Module):
         if state is None:
             state = self.initial_state(tokens.shape[0], tokens.device)
         per = self.config.state_per_layer
-        x: Tensor = tokens
+        x: Tensor = tokens.t()  # (T, B): the layers run time-major
         new_states = []
         for i, layer in enumerate(self.layers):
-            x, s = layer(x, state[:, i * per : (i + 1) * per])  # (B, T, H)
+            x, s = layer(x, state[:, i * per : (i + 1) * per])  # (T, B, H)
             x = self.drop(x)
             new_states.append(s)
-        logits = x @ self.W_hq + self.b_q  # (B, T, V)
+        logits = x.transpose(0, 1) @ self.W_hq + self.b_q  # (B, T, V)
         return logits, torch.cat(new_states, dim=1)
+
+    def set_fused(self, fused: bool) -> None:
+        """Use the hand-written rnn/gru time loops (the default) or the step-by-step autograd reference."""
+        for layer in self.layers:
+            layer.fused = fused

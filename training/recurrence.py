@@ -1,0 +1,108 @@
+"""The time loops of the vanilla RNN and the GRU with their backward passes written out by hand.
+
+Autograd through a Python time loop records every small operation of every step, and its backward computes
+the recurrent weights' gradient as T separate (H, B) x (B, G*H) products that it then adds up one by one.
+These two ``torch.autograd.Function``s run the same equations (see ``model.py``) with a handful of in-place
+kernels per step, keep the per-step quantities the backward needs in preallocated (T, B, .) buffers, and
+compute dW_hh and the biases' gradients once, as single large products over all T*B rows, after the
+backward time loop. They are checked against the step-by-step autograd reference (``fused=False``) and with
+``torch.autograd.gradcheck`` in tests/test_model.py.
+
+Everything here is time-major: inputs (T, B, G*H) with the input bias already added, outputs (T, B, H).
+The final state is the last output row, so there is one output tensor and one gradient to receive.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class RNNScan(torch.autograd.Function):
+    """h_t = tanh(xw_t + h_{t-1} W_hh) for t = 1..T, where xw_t = x_t W_xh + b_h."""
+
+    @staticmethod
+    def forward(ctx: Any, xw: Tensor, h0: Tensor, W_hh: Tensor) -> Tensor:
+        hs = torch.empty_like(xw)  # (T, B, H)
+        h = h0
+        for t in range(xw.shape[0]):
+            torch.addmm(xw[t], h, W_hh, out=hs[t])
+            h = hs[t].tanh_()
+        ctx.save_for_backward(h0, W_hh, hs)
+        return hs
+
+    @staticmethod
+    def backward(ctx: Any, grad_hs: Tensor) -> tuple[Tensor | None, ...]:
+        h0, W_hh, hs = ctx.saved_tensors
+        g = grad_hs.contiguous()  # (T, B, H): gradient reaching each h_t from above (output layer, next layer)
+        W_t = W_hh.t()
+        da = (hs * hs).neg_().add_(1.0)  # (T, B, H): tanh' = 1 - h_t^2, overwritten step by step with dL/da_t
+        dh = g[-1]
+        for t in range(hs.shape[0] - 1, 0, -1):
+            da[t].mul_(dh)  # dL/da_t = dL/dh_t * (1 - h_t^2)
+            dh = torch.addmm(g[t - 1], da[t], W_t)  # dL/dh_{t-1}: from above plus through W_hh
+        da[0].mul_(dh)
+        H = hs.shape[-1]
+        grad_h0 = da[0] @ W_t if ctx.needs_input_grad[1] else None
+        grad_W = None
+        if ctx.needs_input_grad[2]:  # sum_t h_{t-1}^T da_t, as two products instead of T
+            grad_W = h0.t() @ da[0]
+            if hs.shape[0] > 1:
+                grad_W.addmm_(hs[:-1].reshape(-1, H).t(), da[1:].reshape(-1, H))
+        return da, grad_h0, grad_W
+
+
+class GRUScan(torch.autograd.Function):
+    """The GRU of ``model.py``: with hh = h_{t-1} W_hh + b_hh split as [hh_r, hh_z, hh_n],
+
+    r = sigmoid(xw_r + hh_r),  z = sigmoid(xw_z + hh_z),  n = tanh(xw_n + r * hh_n),  h_t = n + z * (h_{t-1} - n)
+    """
+
+    @staticmethod
+    def forward(ctx: Any, xw: Tensor, h0: Tensor, W_hh: Tensor, b_hh: Tensor) -> Tensor:
+        T, B, G = xw.shape
+        H = G // 3
+        hh = torch.empty_like(xw)  # (T, B, 3H): h_{t-1} W_hh + b_hh
+        rz = torch.empty(T, B, 2 * H, dtype=xw.dtype)  # (T, B, 2H): [r, z]
+        n = torch.empty(T, B, H, dtype=xw.dtype)
+        hs = torch.empty(T, B, H, dtype=xw.dtype)
+        h = h0
+        for t in range(T):
+            torch.addmm(b_hh, h, W_hh, out=hh[t])
+            torch.add(xw[t, :, : 2 * H], hh[t, :, : 2 * H], out=rz[t]).sigmoid_()
+            torch.addcmul(xw[t, :, 2 * H :], rz[t, :, :H], hh[t, :, 2 * H :], out=n[t]).tanh_()
+            torch.addcmul(n[t], rz[t, :, H:], torch.sub(h, n[t]), out=hs[t])
+            h = hs[t]
+        ctx.save_for_backward(h0, W_hh, hs, hh, rz, n)
+        return hs
+
+    @staticmethod
+    def backward(ctx: Any, grad_hs: Tensor) -> tuple[Tensor | None, ...]:
+        h0, W_hh, hs, hh, rz, n = ctx.saved_tensors
+        T, _, H = hs.shape
+        g = grad_hs.contiguous()
+        W_t = W_hh.t()
+        r, z, hh_n = rz[..., :H], rz[..., H:], hh[..., 2 * H :]
+        h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]])  # (T, B, H)
+        # Everything that does not depend on dL/dh_t, for all steps at once:
+        a_n = (1 - z) * (1 - n * n)  # dL/d(pre-activation of n) = dh * a_n
+        c_r = a_n * hh_n * r * (1 - r)  # dL/d(pre-activation of r) = dh * c_r
+        c_z = (h_prev - n) * z * (1 - z)  # dL/d(pre-activation of z) = dh * c_z
+        d_hh = torch.empty_like(hh)  # (T, B, 3H): dL/dhh_t
+        d_n = torch.empty_like(n)  # dL/d(pre-activation of n), which is also dL/dxw_n
+        dh = g[-1]
+        for t in range(T - 1, -1, -1):
+            torch.mul(dh, c_r[t], out=d_hh[t, :, :H])
+            torch.mul(dh, c_z[t], out=d_hh[t, :, H : 2 * H])
+            torch.mul(dh, a_n[t], out=d_n[t])
+            torch.mul(d_n[t], r[t], out=d_hh[t, :, 2 * H :])
+            carried = dh * z[t]  # h_t depends on h_{t-1} directly through z * h_{t-1}
+            if t > 0:
+                carried += g[t - 1]
+            dh = torch.addmm(carried, d_hh[t], W_t)
+        grad_xw = torch.cat([d_hh[..., : 2 * H], d_n], dim=-1)
+        grad_W = h_prev.reshape(-1, H).t() @ d_hh.reshape(-1, 3 * H) if ctx.needs_input_grad[2] else None
+        grad_b = d_hh.sum(dim=(0, 1)) if ctx.needs_input_grad[3] else None
+        return grad_xw, dh if ctx.needs_input_grad[1] else None, grad_W, grad_b
