@@ -81,6 +81,7 @@ def main() -> None:
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default=None)
 @click.option("--lr", type=float, default=None)
 @click.option("--weight-decay", type=float, default=None)
+@click.option("--beta2", type=float, default=None, help="AdamW's second-moment decay.")
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default=None)
 @click.option("--warmup-steps", type=int, default=None)
 @click.option("--clip", type=float, default=None, help="Gradient-norm clipping threshold theta (0 = off).")

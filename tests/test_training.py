@@ -20,7 +20,7 @@ from textgen.training.data import batches_per_epoch, epoch_batches
 from textgen.training.errors import CheckpointError, CorpusError
 from textgen.training.model import CharRNN, ModelConfig
 from textgen.training.sample import predict
-from textgen.training.train import begin_state, clip_grad_norm, evaluate, figures, train
+from textgen.training.train import begin_state, clip_grad_norm, evaluate, figures, make_optimizer, train
 from textgen.training.vocab import Vocab
 
 # ------------------------------------------------------------------------------------------ iterators
@@ -121,6 +121,15 @@ def test_clipping_equals_the_hand_written_formula() -> None:
 
 
 # ------------------------------------------------------------------------------------------ figures
+
+
+def test_optimizer_follows_the_config() -> None:
+    model = CharRNN(ModelConfig(vocab_size=5, cell="rnn", hidden_size=3))
+    adamw = make_optimizer(TrainConfig(lr=0.01, weight_decay=0.1, beta2=0.99), model)
+    assert isinstance(adamw, torch.optim.AdamW)
+    assert adamw.defaults["betas"] == (0.9, 0.99) and adamw.defaults["weight_decay"] == 0.1
+    sgd = make_optimizer(TrainConfig(optimizer="sgd", lr=1.0), model)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["lr"] == 1.0
 
 
 def test_uniform_model_has_perplexity_equal_to_vocabulary_size() -> None:

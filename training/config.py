@@ -26,6 +26,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # "adamw", or "sgd" (the article's recipe uses sgd with lr 1)
     lr: float = 3e-3  # peak learning rate
     weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    beta2: float = 0.999  # AdamW's second-moment decay (PyTorch's default); 0.99 adapts faster in short runs
     schedule: str = "cosine"  # "cosine" decays to lr * min_lr_ratio at the end of the run; or "constant"
     warmup_steps: int = 50  # linear warmup before the schedule
     min_lr_ratio: float = 0.05  # floor of the cosine schedule, as a fraction of lr
