@@ -65,9 +65,9 @@ class GRUScan(torch.autograd.Function):
         T, B, G = xw.shape
         H = G // 3
         hh = torch.empty_like(xw)  # (T, B, 3H): h_{t-1} W_hh + b_hh
-        rz = torch.empty(T, B, 2 * H, dtype=xw.dtype)  # (T, B, 2H): [r, z]
-        n = torch.empty(T, B, H, dtype=xw.dtype)
-        hs = torch.empty(T, B, H, dtype=xw.dtype)
+        rz = xw.new_empty(T, B, 2 * H)  # (T, B, 2H): [r, z]
+        n = xw.new_empty(T, B, H)
+        hs = xw.new_empty(T, B, H)
         h = h0
         for t in range(T):
             torch.addmm(b_hh, h, W_hh, out=hh[t])
