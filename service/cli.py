@@ -85,6 +85,8 @@ def main() -> None:
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default=None)
 @click.option("--warmup-steps", type=int, default=None)
 @click.option("--clip", type=float, default=None, help="Gradient-norm clipping threshold theta (0 = off).")
+@click.option("--ema", type=float, default=None,
+              help="Evaluate and save a moving average of the weights with this decay per step (0 = off).")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many steps (0 = no limit).")
 @click.option("--time-budget", type=float, default=None, help="Stop after this many seconds (0 = no limit).")
 @click.option("--eval-every", type=int, default=None)

@@ -17,10 +17,18 @@ from textgen.training.checkpoint import load_checkpoint
 from textgen.training.config import TrainConfig
 from textgen.training.corpus import load_corpus, pydoc_text
 from textgen.training.data import batches_per_epoch, epoch_batches
-from textgen.training.errors import CheckpointError, CorpusError
+from textgen.training.errors import CheckpointError, CorpusError, TrainingError
 from textgen.training.model import CharRNN, ModelConfig
 from textgen.training.sample import predict
-from textgen.training.train import begin_state, clip_grad_norm, evaluate, figures, make_optimizer, train
+from textgen.training.train import (
+    begin_state,
+    clip_grad_norm,
+    evaluate,
+    figures,
+    make_optimizer,
+    moving_average,
+    train,
+)
 from textgen.training.vocab import Vocab
 
 # ------------------------------------------------------------------------------------------ iterators
@@ -132,6 +140,43 @@ def test_optimizer_follows_the_config() -> None:
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["lr"] == 1.0
 
 
+def test_moving_average_follows_its_formula() -> None:
+    model = torch.nn.Linear(3, 2)
+    averaged = moving_average(model, decay=0.3)
+    expected: list[torch.Tensor] = []
+    for n in range(6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        averaged.update_parameters(model)
+        if n == 0:  # the first update copies the weights
+            expected = [p.detach().clone() for p in model.parameters()]
+        else:
+            d = min(0.3, (1 + n) / (10 + n))  # the warm-up ramp (n = 1, 2), then the decay
+            expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, model.parameters(), strict=True)]
+    for e, a in zip(expected, averaged.module.parameters(), strict=True):
+        torch.testing.assert_close(a, e)
+    with pytest.raises(TrainingError, match="ema"):
+        moving_average(model, decay=1.0)
+
+
+def test_training_with_ema_evaluates_and_saves_the_average(tmp_path: Path) -> None:
+    corpus = _corpus(tmp_path, pydoc_text()[:8000])
+    cfg = TrainConfig(corpus=corpus, cell="rnn", hidden_size=16, bptt=10, batch_size=4, ema=0.9, max_steps=12,
+                      eval_every=6, threads=1, out_dir=str(tmp_path / "run"))
+    train(cfg, show_progress=False, echo=lambda _: None)
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last.train_state is not None and last.ema_updates == 12
+    assert any(not torch.equal(last.model_state[k], last.train_state[k]) for k in last.model_state)
+    # the logged held-out loss is the saved (averaged) weights' loss, not the optimizer's weights'
+    val_ids = torch.from_numpy(last.vocab.encode(load_corpus(corpus).split()[1]))
+    logged = _records(tmp_path / "run", "val")[-1]["loss"]
+    assert figures(*evaluate(last.build_model(), val_ids, cfg.eval_streams))["loss"] == pytest.approx(logged)
+    raw = CharRNN(last.model_config)
+    raw.load_state_dict(last.train_state)
+    assert figures(*evaluate(raw, val_ids, cfg.eval_streams))["loss"] != pytest.approx(logged)
+
+
 def test_uniform_model_has_perplexity_equal_to_vocabulary_size() -> None:
     model = CharRNN(ModelConfig(vocab_size=13, cell="gru", hidden_size=5))
     with torch.no_grad():
@@ -181,11 +226,11 @@ def test_tiny_model_overfits_a_short_text(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("iterator", ["sequential", "random"])
-def test_resume_reproduces_the_uninterrupted_losses(tmp_path: Path, iterator: str) -> None:
+@pytest.mark.parametrize(("iterator", "ema"), [("sequential", 0.0), ("random", 0.0), ("sequential", 0.8)])
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path: Path, iterator: str, ema: float) -> None:
     text = pydoc_text()[:20000]
     corpus = _corpus(tmp_path, text)
-    common = dict(corpus=corpus, cell="lstm", hidden_size=16, bptt=10, batch_size=4, dropout=0.1,
+    common = dict(corpus=corpus, cell="lstm", hidden_size=16, bptt=10, batch_size=4, dropout=0.1, ema=ema,
                   iterator=iterator, schedule="constant", warmup_steps=4, eval_every=5, seed=7, threads=1)
     quiet = dict(show_progress=False, echo=lambda _: None)
     train(TrainConfig(**common, max_steps=20, out_dir=str(tmp_path / "whole")), **quiet)

@@ -27,7 +27,7 @@ class Checkpoint:
     model_config: ModelConfig
     train_config: TrainConfig
     vocab: Vocab
-    model_state: dict[str, torch.Tensor]
+    model_state: dict[str, torch.Tensor]  # the evaluated weights: the moving average when training with --ema
     step: int = 0
     # resume-only fields
     optimizer_state: dict[str, Any] | None = None
@@ -37,6 +37,9 @@ class Checkpoint:
     best_val_loss: float = float("inf")
     metrics: dict[str, float] = field(default_factory=dict)  # last held-out figures
     command: str = ""  # the command line that started the run
+    # with --ema: the optimizer's own weights and how many updates the average has had (resume-only)
+    train_state: dict[str, torch.Tensor] | None = None
+    ema_updates: int = 0
 
     def build_model(self) -> CharRNN:
         model = CharRNN(self.model_config)
@@ -63,6 +66,8 @@ def save_checkpoint(ckpt: Checkpoint, path: Path) -> None:
         "best_val_loss": ckpt.best_val_loss,
         "metrics": dict(ckpt.metrics),
         "command": ckpt.command,
+        "train_state": ckpt.train_state,
+        "ema_updates": ckpt.ema_updates,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -96,6 +101,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             best_val_loss=float(payload.get("best_val_loss", float("inf"))),
             metrics=dict(payload.get("metrics") or {}),
             command=str(payload.get("command", "")),
+            train_state=payload.get("train_state"),
+            ema_updates=int(payload.get("ema_updates", 0)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: checkpoint is missing or has a malformed field ({exc})") from exc

@@ -31,6 +31,7 @@ class TrainConfig:
     warmup_steps: int = 50  # linear warmup before the schedule
     min_lr_ratio: float = 0.05  # floor of the cosine schedule, as a fraction of lr
     clip: float = 1.0  # theta of gradient-norm clipping over all parameters (0 = off)
+    ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated and saved instead (0 = off)
     # length of the run: whichever comes first; the schedule follows the fraction of either that has passed
     max_steps: int = 2000  # optimiser steps (0 = no limit); the CLI drops it when only --time-budget is given
     time_budget: float = 0.0  # seconds of wall-clock training, evaluation included (0 = no limit)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -97,6 +98,22 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     raise TrainingError(f"optimizer must be 'sgd' or 'adamw', not {cfg.optimizer!r}")
 
 
+def moving_average(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of ``model``'s weights (``torch.optim.swa_utils.AveragedModel``): after
+    each step avg <- d avg + (1 - d) w, with d = min(decay, (1 + n) / (10 + n)) after n updates, so that the
+    first evaluations are not dominated by the initial weights."""
+    if not 0.0 <= decay < 1.0:
+        raise TrainingError(f"ema must be in [0, 1), not {decay}")
+
+    @torch.no_grad()
+    def update(averaged: list[Tensor], current: list[Tensor], n: Tensor | int) -> None:
+        d = min(decay, (1 + int(n)) / (10 + int(n)))
+        for a, w in zip(averaged, current, strict=True):
+            a.lerp_(w, 1.0 - d)
+
+    return AveragedModel(model, multi_avg_fn=update)
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -160,12 +177,18 @@ def train(
     step, elapsed, best = 0, 0.0, float("inf")
     carried: Tensor | None = None
     if resumed is not None:
-        model.load_state_dict(resumed.model_state)
+        model.load_state_dict(resumed.train_state if resumed.train_state is not None else resumed.model_state)
         if resumed.optimizer_state is not None:
             optimizer.load_state_dict(resumed.optimizer_state)
         step, elapsed, best, carried = resumed.step, resumed.elapsed, resumed.best_val_loss, resumed.carried_state
         if resumed.rng_state is not None:
             torch.set_rng_state(resumed.rng_state)
+    # with --ema the moving average is what gets evaluated and saved; the optimizer keeps stepping `model`
+    averaged = moving_average(model, cfg.ema) if cfg.ema else None
+    if averaged is not None and resumed is not None and resumed.train_state is not None:
+        averaged.module.load_state_dict(resumed.model_state)
+        averaged.n_averaged.fill_(resumed.ema_updates)
+    scored: CharRNN = averaged.module if averaged is not None else model  # type: ignore[assignment]
 
     out = Path(cfg.out_dir)
     log = _Log(out / "metrics.jsonl", resume_step=step if resumed else None)
@@ -174,14 +197,19 @@ def train(
     echo(f"{cfg.cell} x{cfg.num_layers} H={cfg.hidden_size}: {n_params:,} parameters, vocab {vocab.size}, "
          f"{len(train_ids):,} training / {len(val_ids):,} held-out characters, {n_batches} batches per epoch")
 
+    def weights(m: nn.Module) -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
     def snapshot(with_resume_state: bool, metrics: dict[str, float]) -> Checkpoint:
+        resume_ema = with_resume_state and averaged is not None
         return Checkpoint(
-            model_config=model.config, train_config=cfg, vocab=vocab,
-            model_state={k: v.detach().clone() for k, v in model.state_dict().items()}, step=step,
+            model_config=model.config, train_config=cfg, vocab=vocab, model_state=weights(scored), step=step,
             optimizer_state=optimizer.state_dict() if with_resume_state else None,
             carried_state=carried.detach().clone() if with_resume_state and carried is not None else None,
             rng_state=torch.get_rng_state() if with_resume_state else None,
             elapsed=elapsed, best_val_loss=best, metrics=metrics, command=command,
+            train_state=weights(model) if resume_ema else None,
+            ema_updates=int(averaged.n_averaged) if resume_ema and averaged is not None else 0,
         )
 
     last_val: dict[str, float] = {}
@@ -191,7 +219,7 @@ def train(
     def run_eval() -> None:
         nonlocal best, last_val, best_val, eval_seconds, elapsed
         t0 = time.perf_counter()
-        last_val = figures(*evaluate(model, val_ids, cfg.eval_streams))
+        last_val = figures(*evaluate(scored, val_ids, cfg.eval_streams))
         eval_seconds = time.perf_counter() - t0
         elapsed += eval_seconds
         log.write({"step": step, "split": "val", **last_val, "elapsed": round(elapsed, 3)})
@@ -244,6 +272,8 @@ def train(
             loss.backward()
             grad_norm = clip_grad_norm(model.parameters(), cfg.clip) if cfg.clip else float("nan")
             optimizer.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
             carried = new_state.detach() if cfg.iterator == "sequential" else None
             step += 1
             elapsed += time.perf_counter() - t0
