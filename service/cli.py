@@ -17,9 +17,9 @@ import click
 TRAIN_EXTRA_HINT = "this command needs the training extra (torch): pip install 'textgen[train]'"
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 1) -> None:
     click.echo(f"textgen: error: {message}", err=True)
-    sys.exit(1)
+    sys.exit(code)
 
 
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -34,7 +34,7 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except TrainingError as exc:
             _fail(str(exc))
         except _user_error_types() as exc:
-            _fail(str(exc))
+            _fail(str(exc), getattr(exc, "exit_code", 1))
         except KeyboardInterrupt:
             _fail("interrupted")
 

@@ -7,6 +7,7 @@
     │   ├── ManifestError        manifest unreadable, of another format version, or missing fields
     │   └── GraphMismatch        the ONNX graph's inputs/outputs disagree with the manifest
     ├── InputError               bad user input to a job (scoring rows, CLI arguments)
+    │   └── UnsafeOutput         an output path that would overwrite the input (the CLI exits 2)
     ├── ScoringError             the scoring job cannot go on: a worker died, or --resume found another run's output
     ├── ServiceError             a request the gRPC service refuses; .code names its gRPC status
     │   ├── InvalidRequest       INVALID_ARGUMENT: empty text, temperature < 0, top_p outside (0, 1], bad TTL
@@ -24,7 +25,9 @@ there is a bug and becomes INTERNAL with a logged traceback.
 
 
 class TextgenError(Exception):
-    """Base class of user-facing errors."""
+    """Base class of user-facing errors. ``exit_code`` is the command line's exit status for it."""
+
+    exit_code = 1
 
 
 class BundleError(TextgenError):
@@ -49,6 +52,12 @@ class GraphMismatch(BundleError):
 
 class InputError(TextgenError):
     pass
+
+
+class UnsafeOutput(InputError):
+    """An output that is the input, or lies inside an input folder: refused before anything is written."""
+
+    exit_code = 2
 
 
 class ScoringError(TextgenError):

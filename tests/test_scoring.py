@@ -6,6 +6,7 @@ All on the tiny random-weight bundles of conftest (gru, hidden 12, vocabulary "\
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -269,7 +270,8 @@ def test_resume_from_any_cut_point_equals_an_uninterrupted_run(tiny_bundle: Path
         assert s["documents"] == 200 and s["failed"] == 6
 
 
-def test_resume_refuses_another_run_and_output_is_not_replaced_silently(tiny_bundle: Path, tmp_path: Path) -> None:
+def test_resume_refuses_another_run_and_output_is_not_replaced_silently(tiny_bundle: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     inp = write_jsonl(tmp_path / "in.jsonl", make_corpus(20))
     out = tmp_path / "out.jsonl"
     job(tiny_bundle, inp, out)
@@ -280,9 +282,19 @@ def test_resume_refuses_another_run_and_output_is_not_replaced_silently(tiny_bun
         job(tiny_bundle, inp, out, batch_size=8, resume=True)
     with open(inp, "w") as f:  # same path and settings, another document
         f.write(json.dumps({"id": "zzz", "text": "abc"}) + "\n")
-    with pytest.raises(ScoringError, match="row 1 of the output has id 'doc-0'"):
+    with pytest.raises(ScoringError, match="the input changed since that run"):
         job(tiny_bundle, inp, out, resume=True)
     assert out.read_bytes() == before
+    # Standard input has no fingerprint: there the ids of the rows already written are checked.
+    piped = tmp_path / "piped.jsonl"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(write_jsonl(tmp_path / "x", make_corpus(5))
+                                                                 .read_bytes())))
+    job(tiny_bundle, Path("-"), piped)
+    piped_rows = piped.read_bytes()
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(inp.read_bytes())))
+    with pytest.raises(ScoringError, match="row 1 of the output has id 'doc-0'"):
+        job(tiny_bundle, Path("-"), piped, resume=True)
+    assert piped.read_bytes() == piped_rows
     job(tiny_bundle, inp, out, force=True)
     assert len(rows_of(out)) == 1
     (tmp_path / "out.jsonl.summary.json").unlink()
@@ -397,3 +409,92 @@ def test_cli_stdin_to_stdout_and_exit_codes(tiny_bundle: Path, tmp_path: Path) -
         r = runner.invoke(main, args)
         assert r.exit_code == 1 and r.stderr.startswith("textgen: error:") and message in r.stderr, r.stderr
         assert r.stderr.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------------ safety
+
+
+def test_an_output_that_is_the_input_is_refused_before_anything_is_written(tiny_bundle: Path, tmp_path: Path) -> None:
+    inp = write_jsonl(tmp_path / "in.jsonl", make_corpus(10))
+    before = inp.read_bytes()
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "a.txt").write_text("hello, world")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(inp)
+    hard = tmp_path / "hard.jsonl"
+    hard.hardlink_to(inp)
+    cases: list[tuple[Path, dict[str, Any], str]] = [
+        (inp, {"force": True}, "is the input"),
+        (inp, {"resume": True}, "is the input"),
+        (link, {"force": True}, "is the input"),
+        (hard, {"force": True}, "is the input"),
+        (tmp_path / "out.jsonl", {"errors": str(inp)}, "errors file .* is the input"),
+        (tmp_path / "out.jsonl", {"errors": str(tmp_path / "out.jsonl")}, "is also the output"),
+    ]
+    for out, kw, message in cases:
+        with pytest.raises(InputError, match=message):
+            job(tiny_bundle, inp, out, **kw)
+        assert inp.read_bytes() == before, (out, kw)
+    assert not (tmp_path / "out.jsonl").exists() and not list(tmp_path.glob("*.summary.json"))
+    for out in [folder / "scores.jsonl", folder / "sub" / "scores.csv"]:
+        with pytest.raises(InputError, match="inside the input folder"):
+            job(tiny_bundle, folder, out, force=True)
+        assert not out.exists()
+    with pytest.raises(InputError, match="inside the input folder"):
+        job(tiny_bundle, folder, tmp_path / "ok.jsonl", errors=str(folder / "a.txt.errors.jsonl"))
+
+    # The command line: one line, exit status 2, the input untouched.
+    runner = CliRunner()
+    r = runner.invoke(main, ["score", str(inp), "-o", str(inp), "--force", "--model", str(tiny_bundle),
+                             "--workers", "1"])
+    assert r.exit_code == 2 and r.stderr.startswith("textgen: error:") and r.stderr.count("\n") == 1, r.stderr
+    assert "is the input" in r.stderr and inp.read_bytes() == before
+
+
+def test_resume_refuses_an_input_that_changed_with_the_same_number_of_lines(tiny_bundle: Path,
+                                                                         tmp_path: Path) -> None:
+    texts = make_corpus(40)
+    inp = tmp_path / "in.jsonl"  # no id field: the ids are line numbers, so the id check cannot see a change
+    inp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    job(tiny_bundle, inp, out, batch_size=4)
+    full = out.read_bytes()
+    summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
+    assert summary["settings"]["input_fingerprint"]["size"] == inp.stat().st_size
+
+    def cut() -> None:  # an interrupted run: the first 10 rows
+        out.write_bytes(b"".join(full.splitlines(keepends=True)[:10]))
+        (tmp_path / "out.jsonl.summary.json").write_text(json.dumps({**summary, "status": "running"}))
+
+    cut()
+    changed = [*texts[:20], "another text, same line count", *texts[21:]]
+    inp.write_text("".join(json.dumps({"text": t}) + "\n" for t in changed), encoding="utf-8")
+    with pytest.raises(ScoringError, match="the input changed since that run"):
+        job(tiny_bundle, inp, out, batch_size=4, resume=True)
+    assert len(out.read_bytes().splitlines()) == 10
+
+    # The same bytes again (a newer mtime): the content decides, so the run resumes to the same output.
+    inp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    s = job(tiny_bundle, inp, out, batch_size=4, resume=True)
+    assert out.read_bytes() == full and s["resumed_rows"] == 10
+
+
+def test_a_successful_run_has_fsynced_its_rows_errors_and_summary(tiny_bundle: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def record(fd: int) -> None:
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name the fsynced files")
+    monkeypatch.setattr(os, "fsync", record)
+    inp = write_jsonl(tmp_path / "in.jsonl", make_corpus(10), extra=["{bad"])
+    job(tiny_bundle, inp, tmp_path / "out.jsonl")
+    assert {"out.jsonl", "out.jsonl.errors.jsonl", "out.jsonl.summary.json.tmp"} <= set(synced)
+    assert synced[-2:] == ["out.jsonl.summary.json.tmp", tmp_path.name]  # the summary last, then its folder

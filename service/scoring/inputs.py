@@ -19,6 +19,7 @@ conditions the state, so a 1-character document has nothing to predict).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from collections.abc import Iterator
@@ -84,6 +85,41 @@ def input_size(path: str, kind: str = "auto") -> int | None:
     if k == "dir":
         return sum(f.stat().st_size for f in _txt_files(Path(path)))
     return Path(path).stat().st_size
+
+
+def input_files(path: str, kind: str = "auto") -> list[Path]:
+    """The files the job reads (none for standard input): the file itself, or a folder's ``*.txt`` files."""
+    k = input_kind(path, kind)
+    if k == "stdin":
+        return []
+    if k == "dir":
+        return _txt_files(Path(path))
+    return [Path(path)]
+
+
+def input_fingerprint(path: str, kind: str = "auto") -> dict[str, Any] | None:
+    """Size, newest mtime and sha256 of the input's bytes (and, for a folder, its files' names), or None for
+    standard input. ``--resume`` refuses to continue when the size or the hash differs from the interrupted
+    run's: the rows written so far would belong to another input."""
+    k = input_kind(path, kind)
+    if k == "stdin":
+        return None
+    digest = hashlib.sha256()
+    size = 0
+    mtime_ns = 0
+    root = Path(path)
+    for file in input_files(path, kind):
+        if k == "dir":
+            digest.update(file.relative_to(root).as_posix().encode("utf-8") + b"\0")
+        st = file.stat()
+        size += st.st_size
+        mtime_ns = max(mtime_ns, st.st_mtime_ns)
+        file_digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                file_digest.update(block)
+        digest.update(file_digest.digest())
+    return {"size": size, "mtime_ns": mtime_ns, "sha256": digest.hexdigest()}
 
 
 def read_records(path: str, *, text_field: str = "text", id_field: str = "id", kind: str = "auto") -> Iterator[Record]:

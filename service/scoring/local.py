@@ -37,9 +37,9 @@ from typing import Any, Protocol, TextIO
 import numpy as np
 
 from ..bundle import MANIFEST_FILE, MODEL_FILE, load_verified
-from ..errors import InputError, ScoringError
+from ..errors import InputError, ScoringError, UnsafeOutput
 from .batching import Window, plan_windows, score_batch
-from .inputs import BadRow, Document, Record, input_kind, input_size, read_records
+from .inputs import BadRow, Document, Record, input_fingerprint, input_kind, input_size, read_records
 from .output import (
     Done,
     ErrorWriter,
@@ -260,10 +260,18 @@ def run_job(job: ScoreJob, *, stdout: TextIO | None = None, stderr: TextIO | Non
     from textgen.training.vocab import Vocab
 
     vocab = Vocab(manifest.chars())
-    input_kind(job.input, job.input_format)  # a missing input fails here, before anything is written
+    kind = input_kind(job.input, job.input_format)  # a missing input fails here, before anything is written
     fmt = output_format(job.output, job.format)
-    settings = job.settings(manifest.sha256[MODEL_FILE], fmt)
     err_path = job.errors or (errors_path(job.output) if job.output else None)
+    if job.output is not None:
+        check_outputs(job.input, kind, [job.output, summary_path(job.output), summary_path(job.output) + ".tmp"],
+                      err_path)
+    elif err_path is not None:
+        check_outputs(job.input, kind, [], err_path)
+    settings = job.settings(manifest.sha256[MODEL_FILE], fmt)
+    if job.output is not None:
+        # Hashing the input costs one extra read of it; only a file can be resumed, so only then.
+        settings["input_fingerprint"] = input_fingerprint(job.input, job.input_format)
 
     done = Done()
     appending = False
@@ -391,11 +399,38 @@ def _check_options(job: ScoreJob) -> None:
         raise InputError("--address is for --engine ray")
 
 
+def check_outputs(input_path: str, kind: str, outputs: list[str], errors: str | None) -> None:
+    """Refuse, before anything is opened for writing, an output (rows, summary, errors) that is the input, or
+    that lies inside an input folder: ``-o in.jsonl --force`` must never truncate the user's file."""
+    if input_path == "-":
+        return
+    src = Path(os.path.realpath(input_path))
+    named = [("output", p) for p in outputs] + ([("errors file", errors)] if errors is not None else [])
+    seen: dict[Path, str] = {}
+    for what, path in named:
+        dst = Path(os.path.realpath(path))
+        if dst == src or (dst.exists() and src.exists() and os.path.samefile(dst, src)):
+            raise UnsafeOutput(f"the {what} {path} is the input {input_path}: refusing to overwrite it")
+        if kind == "dir" and dst.is_relative_to(src):
+            raise UnsafeOutput(f"the {what} {path} is inside the input folder {input_path}: write it elsewhere")
+        if dst in seen:
+            raise UnsafeOutput(f"the {what} {path} is also the {seen[dst]}: give them different paths")
+        seen[dst] = what
+
+
 def _check_resumable(output: str, settings: dict[str, Any]) -> None:
     prev = read_summary(output)
     if prev is None:
         raise ScoringError(f"cannot resume {output}: {summary_path(output)} is missing (not written by textgen score?)")
     before = prev.get("settings") or {}
+    was, now = before.get("input_fingerprint"), settings.get("input_fingerprint")
+    if now is not None and (not isinstance(was, dict) or (was.get("size"), was.get("sha256"))
+                            != (now["size"], now["sha256"])):
+        old = f"{was.get('size')} bytes, sha256 {str(was.get('sha256'))[:12]}" if isinstance(was, dict) else "unknown"
+        raise ScoringError(f"cannot resume {output}: the input changed since that run (then {old}; now "
+                           f"{now['size']} bytes, sha256 {now['sha256'][:12]}); start again with --force")
+    before = {k: v for k, v in before.items() if k != "input_fingerprint"}
+    settings = {k: v for k, v in settings.items() if k != "input_fingerprint"}
     changed = [k for k in settings if before.get(k) != settings[k]]
     if changed:
         what = ", ".join(f"{k} {before.get(k)!r} -> {settings[k]!r}" for k in changed)
@@ -432,4 +467,4 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ENGINES", "ScoreJob", "available_cores", "format_summary", "run_job"]
+__all__ = ["ENGINES", "ScoreJob", "available_cores", "check_outputs", "format_summary", "run_job"]

@@ -146,7 +146,7 @@ class RowWriter:
 
     def close(self) -> None:
         if self._own:
-            self._f.close()
+            _fsync_close(self._f)
         else:
             self._f.flush()
 
@@ -172,7 +172,16 @@ class ErrorWriter:
 
     def close(self) -> None:
         if self._f is not None and self._own:
-            self._f.close()
+            _fsync_close(self._f)
+
+
+def _fsync_close(f: TextIO) -> None:
+    """Flush, fsync and close: a run reports success only once its files are on disk."""
+    try:
+        f.flush()
+        os.fsync(f.fileno())
+    finally:
+        f.close()
 
 
 def write_json_atomic(path: str, data: dict[str, Any]) -> None:
@@ -180,7 +189,24 @@ def write_json_atomic(path: str, data: dict[str, Any]) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, ensure_ascii=False)
         f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - file systems without directory fsync
+        pass
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------ resume
