@@ -30,11 +30,12 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from .nll import SUM_BLOCK, block_sum, token_nll
 from .sampling import RowSampler, log_softmax_rows, sample_rows
 
 T = TypeVar("T")
 
-SCORE_CHUNK = 4096  # the runtime's own score_ids chunk: same cuts, same figures
+SCORE_CHUNK = SUM_BLOCK  # one sum block per call: the cuts of Runtime.score_ids, the same figures
 FEED_CHUNK = 1024
 
 
@@ -156,13 +157,10 @@ class ThreadEngine:
         tokens, lps = sample_logits(logits, [sampler], [logprobs])
         return int(tokens[0]), np.array(out[0], dtype=np.float32), lps[0]
 
-    def _score_chunk(self, state: np.ndarray, inputs: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
-        # The same float64 arithmetic as Runtime.score_ids, so that the figures agree to the last bit.
+    def _score_chunk(self, state: np.ndarray, inputs: np.ndarray,
+                     targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits, out = self.runtime.step(inputs[None], state)
-        x = logits[0].astype(np.float64)  # (c, V)
-        top = x.max(axis=1)
-        lse = top + np.log(np.exp(x - top[:, None]).sum(axis=1))
-        return float((lse - x[np.arange(len(targets)), targets]).sum()), out
+        return token_nll(logits[0], targets), out
 
     # -- interface (event loop)
     async def feed(self, state: np.ndarray | None, pending: int | None,
@@ -192,10 +190,17 @@ class ThreadEngine:
         s = self._state(state)
         n = len(seq) - 1
         total = 0.0
-        for a in range(0, max(n, 0), self.score_chunk):
-            b = min(a + self.score_chunk, n)
+        parts: list[np.ndarray] = []
+        a = 0
+        while a < n:  # calls end at the sum blocks of Runtime.score_ids: the figures agree to the last bit
+            block_end = min((a // SUM_BLOCK + 1) * SUM_BLOCK, n)
+            b = min(a + self.score_chunk, block_end)
             part, s = await self._run(self._score_chunk, s, seq[a:b], seq[a + 1:b + 1])
-            total += part
+            parts.append(part)
+            if b == block_end:
+                total += block_sum(parts[0] if len(parts) == 1 else np.concatenate(parts))
+                parts = []
+            a = b
         if not keep_state or len(seq) == 0:
             return ScoreOutcome(total, max(n, 0), None, None)
         return ScoreOutcome(total, n, np.array(s[0], dtype=np.float32), int(seq[-1]))

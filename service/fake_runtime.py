@@ -21,6 +21,8 @@ import numpy as np
 
 from textgen.training.vocab import Vocab
 
+from .nll import SUM_BLOCK, score_ids
+
 DEFAULT_CHARS = string.ascii_letters + string.digits + " .,;:!?'\"()-\n"
 
 
@@ -92,17 +94,5 @@ class FakeRuntime:
         logits, out = self.step(tokens, state)
         return logits[:, -1], out
 
-    def score_ids(self, ids: np.ndarray, state: np.ndarray | None = None, chunk: int = 4096) -> tuple[float, int]:
-        ids = np.asarray(ids, dtype=np.int64)
-        if len(ids) < 2:
-            return 0.0, 0
-        s = self.initial_state(1) if state is None else np.asarray(state, dtype=np.float32).reshape(1, -1)
-        total = 0.0
-        for a in range(0, len(ids) - 1, chunk):
-            b = min(a + chunk, len(ids) - 1)
-            logits, s = self.step(ids[None, a:b], s)
-            x = logits[0].astype(np.float64)
-            top = x.max(axis=1)
-            lse = top + np.log(np.exp(x - top[:, None]).sum(axis=1))
-            total += float((lse - x[np.arange(b - a), ids[a + 1:b + 1]]).sum())
-        return total, len(ids) - 1
+    def score_ids(self, ids: np.ndarray, state: np.ndarray | None = None, chunk: int = SUM_BLOCK) -> tuple[float, int]:
+        return score_ids(self, ids, state, chunk)

@@ -42,6 +42,7 @@ from .bundle import (
     load_verified,
 )
 from .errors import BundleError, BundleFileMissing, GraphMismatch
+from .nll import SUM_BLOCK, score_ids
 
 __all__ = ["FORMAT", "Manifest", "Runtime", "default_bundle_path", "load_bundle"]
 
@@ -233,29 +234,13 @@ class Runtime:
         logits, state_out = run(_OUTPUTS, feed)
         return logits, state_out
 
-    def score_ids(self, ids: np.ndarray, state: np.ndarray | None = None, chunk: int = 4096) -> tuple[float, int]:
+    def score_ids(self, ids: np.ndarray, state: np.ndarray | None = None, chunk: int = SUM_BLOCK) -> tuple[float, int]:
         """Summed negative log-likelihood (nats) of ids[1:] given ids[:-1], and the number of predictions.
 
         One sequence (batch 1); starts from ``state`` (1, S) or the initial state, and carries the state
-        across chunks of ``chunk`` tokens. The log-softmax and the sum are in float64.
+        across calls of at most ``chunk`` tokens. The figure is :func:`textgen.service.nll.score_ids`'s.
         """
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if chunk < 1:
-            raise ValueError("chunk must be >= 1")
-        n = len(ids) - 1
-        if n < 1:
-            return 0.0, 0
-        s = self.initial_state(1) if state is None else np.asarray(state, dtype=np.float32).reshape(1, -1)
-        total = 0.0
-        for start in range(0, n, chunk):
-            inputs = ids[start : min(start + chunk, n)]
-            targets = ids[start + 1 : start + 1 + len(inputs)]
-            logits, s = self.step(inputs[None], s)
-            x = logits[0].astype(np.float64)  # (c, V)
-            top = x.max(axis=1)
-            lse = top + np.log(np.exp(x - top[:, None]).sum(axis=1))
-            total += float((lse - x[np.arange(len(targets)), targets]).sum())
-        return total, n
+        return score_ids(self, ids, state, chunk)
 
 
 def _fast_run(sess: ort.InferenceSession) -> Any:

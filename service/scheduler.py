@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from .engine import SCORE_CHUNK, Produced, ScoreOutcome, TokenStream, chunk_length, sample_logits, sequence
+from .nll import block_sum, token_nll
 from .sampling import RowSampler
 
 log = logging.getLogger("textgen.scheduler")
@@ -425,14 +426,11 @@ class BatchingEngine:
         if self.step_delay:
             time.sleep(self.step_delay)
         logits, out = self.runtime.step(j.seq[None, j.pos:b], j.state.reshape(1, -1))
-        x = logits[0].astype(np.float64)
-        top = x.max(axis=1)
-        lse = top + np.log(np.exp(x - top[:, None]).sum(axis=1))
-        j.parts.append(lse - x[np.arange(b - j.pos), j.seq[j.pos + 1:b + 1]])
+        j.parts.append(token_nll(logits[0], j.seq[j.pos + 1:b + 1]))
         j.state = out[0].copy()
         j.pos = b
         if b == block_end:
-            j.nll += float((j.parts[0] if len(j.parts) == 1 else np.concatenate(j.parts)).sum())
+            j.nll += block_sum(j.parts[0] if len(j.parts) == 1 else np.concatenate(j.parts))
             j.parts = []
             j.blocks += 1
 

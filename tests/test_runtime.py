@@ -394,6 +394,17 @@ def test_score_ids(tiny_runtime) -> None:
         assert c == count and t == pytest.approx(total, rel=1e-6)
 
 
+def test_score_ids_does_not_depend_on_chunk_to_the_last_bit(tiny_runtime) -> None:
+    """One NLL rule (service/nll.py): float64 sums over SUM_BLOCK-prediction blocks, whatever the call sizes."""
+    from textgen.service.nll import SUM_BLOCK
+
+    ids = tiny_runtime.encode(("a bold fence, hello. " * 500)[: 2 * SUM_BLOCK + 77])
+    total, count = tiny_runtime.score_ids(ids)
+    assert count == 2 * SUM_BLOCK + 76
+    for chunk in (1000, 3000, SUM_BLOCK - 1, SUM_BLOCK + 1, 10 * SUM_BLOCK):
+        assert tiny_runtime.score_ids(ids, chunk=chunk) == (total, count), chunk
+
+
 def test_score_ids_from_a_given_state(tiny_runtime) -> None:
     prefix, ids = tiny_runtime.encode("abc "), tiny_runtime.encode("hello, ok.")
     _, state = tiny_runtime.step(prefix[None], tiny_runtime.initial_state(1))

@@ -18,9 +18,10 @@ from click.testing import CliRunner
 
 from textgen.service.cli import main
 from textgen.service.errors import InputError, ScoringError
+from textgen.service.nll import SUM_BLOCK
 from textgen.service.scoring import FIELDS, ScoreJob, batching, run_job, score_batch
 from textgen.service.scoring import local as local_mod
-from textgen.service.scoring.batching import SUM_BLOCK, bucket, plan_windows
+from textgen.service.scoring.batching import bucket, plan_windows
 from textgen.service.scoring.inputs import BadRow, Document, read_records
 
 ALPHABET = list("abcdefghijklmno    ,.!\n")

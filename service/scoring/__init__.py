@@ -8,7 +8,8 @@ state-carrying batched forward that reproduces ``Runtime.score_ids``), :mod:`.ou
 summary figures), :mod:`.local` (the job: worker pool, ordering, resume) and :mod:`.ray_engine` (Ray Data).
 """
 
-from .batching import score_batch, score_document, token_nll
+from ..nll import token_nll
+from .batching import score_batch, score_document
 from .local import ScoreJob, format_summary, run_job
 from .output import FIELDS, make_row
 

@@ -29,27 +29,13 @@ from typing import Any
 
 import numpy as np
 
+from ..nll import SUM_BLOCK, block_sum, token_nll
 from .inputs import BadRow, Document, Record
 
-SUM_BLOCK = 4096  # Runtime.score_ids' default chunk (and the service's SCORE_CHUNK): the cuts of the sums
 WINDOW_BATCHES = 64  # a window holds up to this many full batches of documents, sorted by length together
 WINDOW_CHARS = 1 << 24  # ... and at most about this many characters
 WINDOW_RECORDS_FACTOR = 4  # ... and at most this many times the document limit in records (bad rows count)
 BATCH_TOKENS = 1 << 22  # a batch's documents hold at most this many tokens in all (unless it has a single one)
-
-
-def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Negative log-probabilities (float64, shape of ``targets``) of ``targets`` under ``logits`` (..., V).
-
-    The same float64 operations, in the same order, as :meth:`Runtime.score_ids`.
-    """
-    x = logits.astype(np.float64)
-    picked = np.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
-    top = x.max(axis=-1)
-    x -= top[..., None]
-    np.exp(x, out=x)
-    lse = top + np.log(x.sum(axis=-1))
-    return lse - picked
 
 
 def score_batch(rt: Any, seqs: list[np.ndarray], chunk: int = 256) -> list[float]:
@@ -89,7 +75,7 @@ def score_batch(rt: Any, seqs: list[np.ndarray], chunk: int = 256) -> list[float
             v = int(valid[b])
             acc[b, off : off + v] = nll[b, :v]
             if a + v == ns[b] or a + v == block_end:
-                totals[b] += float(acc[b, : off + v].sum())
+                totals[b] += block_sum(acc[b, : off + v])
         a += width
     out = [0.0] * len(rows)
     for pos, i in enumerate(order):
@@ -161,7 +147,6 @@ def plan_windows(records: Iterable[Record], encode: Callable[[str], np.ndarray],
 
 
 __all__ = [
-    "SUM_BLOCK",
     "BadRow",
     "Document",
     "Window",
