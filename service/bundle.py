@@ -45,6 +45,52 @@ def state_per_layer(cell: str, hidden_size: int) -> int:
     return 2 * hidden_size if cell == "lstm" else hidden_size
 
 
+def state_size(cell: str, hidden_size: int, num_layers: int) -> int:
+    """The flat state's width: layer l owns [l * per_layer, (l + 1) * per_layer) (:func:`state_per_layer`)."""
+    return num_layers * state_per_layer(cell, hidden_size)
+
+
+# Options of `textgen train` whose values are paths of the machine that trained the model.
+_PATH_OPTIONS = ("--out", "--resume")
+
+
+def portable_corpus(corpus: str) -> str:
+    """The corpus as a manifest records it: a built-in name as is, a path as its last component."""
+    return corpus if "/" not in corpus and "\\" not in corpus else Path(corpus.rstrip("/\\")).name or corpus
+
+
+def portable_command(command: str) -> str:
+    """The training command as a manifest records it: without the output folder (a path of the training
+    machine, no fact of the model), and with the corpus named as :func:`portable_corpus` names it."""
+    import shlex
+
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return command
+    out: list[str] = []
+    skip = False
+    for i, w in enumerate(words):
+        if skip:
+            skip = False
+            continue
+        name, eq, value = w.partition("=")
+        if name in _PATH_OPTIONS:
+            skip = not eq
+            continue
+        if name == "--corpus":
+            if eq:
+                out.append(f"--corpus={portable_corpus(value)}")
+            elif i + 1 < len(words):
+                out += ["--corpus", portable_corpus(words[i + 1])]
+                skip = True
+            else:
+                out.append(w)
+            continue
+        out.append(w)
+    return shlex.join(out)
+
+
 @dataclass(frozen=True)
 class Manifest:
     """The typed content of manifest.json. ``vocab[i]`` is the character of id ``i``; ``vocab[unk_id]`` is None."""
@@ -59,12 +105,12 @@ class Manifest:
     vocab_size: int
     unk_id: int
     vocab: tuple[str | None, ...]
-    corpus: str  # the training corpus name ("pydoc" or the path given to `textgen train`)
+    corpus: str  # the training corpus: a built-in name ("pydoc") or the file or folder's name
     held_out_loss: float | None  # nats per character on the held-out split; None if never evaluated
     held_out_perplexity: float | None
     held_out_bpc: float | None  # bits per character
     train_steps: int
-    command: str  # the command line that trained the model
+    command: str  # the command line that trained the model, without its output folder
     opset: int
     first_layer_input: str  # "onehot" or "gather": how the graph feeds ids to the first layer
     sha256: Mapping[str, str]  # file name -> hex digest, for every file of the bundle but manifest.json
@@ -84,11 +130,16 @@ class Manifest:
         return json.dumps(d, indent=2, ensure_ascii=False).replace('"@vocab@"', vocab, 1) + "\n"
 
     def to_public_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable copy of every field (the vocabulary as a list, id order, None at unk_id)."""
-        return self.to_json_dict()
+        """What the service tells clients (GetModelInfo, metrics): every field, JSON-serialisable (the
+        vocabulary as a list, id order, None at unk_id), with the corpus and command of
+        :func:`portable_corpus`/:func:`portable_command`: no path of the machine that built the bundle."""
+        d = self.to_json_dict()
+        d["corpus"] = portable_corpus(self.corpus)
+        d["command"] = portable_command(self.command)
+        return d
 
     def chars(self) -> list[str]:
-        """The known characters in id order (ids 1..), as :class:`textgen.training.vocab.Vocab` takes them."""
+        """The known characters in id order (ids 1..), as :class:`textgen.service.vocab.Vocab` takes them."""
         return [c for i, c in enumerate(self.vocab) if i != self.unk_id]  # type: ignore[misc]
 
     @classmethod

@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from .errors import InvalidRequest, LimitExceeded, SessionEmpty, ShuttingDown
 from .metrics import Metrics
 from .sampling import RowSampler, SamplingParams
 from .sessions import Session, SessionInfo, SessionStore
+
+if TYPE_CHECKING:
+    from .runtime import ModelRuntime
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 64
@@ -95,7 +98,7 @@ class ScoreResult:
 
 
 class TextgenCore:
-    def __init__(self, runtime: Any, engine: Engine, config: ServerConfig, store: SessionStore,
+    def __init__(self, runtime: ModelRuntime, engine: Engine, config: ServerConfig, store: SessionStore,
                  metrics: Metrics):
         self.runtime = runtime
         self.engine = engine
@@ -180,7 +183,6 @@ class TextgenCore:
                 raise InvalidRequest(f"each stop string must have 1..{MAX_STOP_CHARS} characters, got {s!r}"[:200])
         if not p.session_id and not p.prompt:
             raise InvalidRequest("one-shot Generate (no session_id) needs a prompt")
-        p.sampling.validate()
         return p.max_tokens or self.config.max_tokens, p.stop
 
     async def generate(self, p: GenerateParams) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
@@ -243,11 +245,11 @@ class TextgenCore:
                             break
                 n = len(items)
                 token, state, _ = items[-1]
+                lps = tuple(float(lp) for _, _, lp in items if lp is not None) if p.logprobs else None
                 if n == 1:
-                    event = TokenEvent(chars[token], (token,), (items[0][2],) if p.logprobs else None)
+                    event = TokenEvent(chars[token], (token,), lps)
                 else:
-                    event = TokenEvent("".join([chars[t] for t, _, _ in items]), tuple(t for t, _, _ in items),
-                                       tuple(lp for _, _, lp in items) if p.logprobs else None)  # type: ignore
+                    event = TokenEvent("".join([chars[t] for t, _, _ in items]), tuple(t for t, _, _ in items), lps)
                 now = time.perf_counter()
                 if last is None:
                     m.time_to_first_token.observe(now - start)

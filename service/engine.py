@@ -26,12 +26,15 @@ import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
 from .nll import SUM_BLOCK, block_sum, token_nll
-from .sampling import RowSampler, log_softmax_rows, sample_rows
+from .sampling import RowSampler, sample_logits
+
+if TYPE_CHECKING:
+    from .runtime import ModelRuntime
 
 T = TypeVar("T")
 
@@ -88,19 +91,6 @@ def chunk_length(remaining: int, chunk: int) -> int:
     return n
 
 
-def sample_logits(logits: np.ndarray, samplers: list[RowSampler],
-                  logprobs: list[bool]) -> tuple[np.ndarray, list[float | None]]:
-    """Draw every row's next token; the log-probabilities of the rows that asked for them."""
-    tokens = sample_rows(samplers, logits)
-    lps: list[float | None] = [None] * len(samplers)
-    rows = [i for i, want in enumerate(logprobs) if want]
-    if rows:
-        lsm = log_softmax_rows(logits[rows])
-        for k, i in enumerate(rows):
-            lps[i] = float(lsm[k, tokens[i]])
-    return tokens, lps
-
-
 class _ThreadStream:
     """ThreadEngine's stream: one decode-and-sample job per ``next()``, nothing computed ahead."""
 
@@ -127,7 +117,7 @@ class _ThreadStream:
 
 
 class ThreadEngine:
-    def __init__(self, runtime: Any, *, feed_chunk: int = FEED_CHUNK, score_chunk: int = SCORE_CHUNK):
+    def __init__(self, runtime: ModelRuntime, *, feed_chunk: int = FEED_CHUNK, score_chunk: int = SCORE_CHUNK):
         self.runtime = runtime
         self.state_size = int(runtime.state_size)
         self.vocab_size = int(runtime.vocab_size)

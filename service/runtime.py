@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -44,7 +44,7 @@ from .bundle import (
 from .errors import BundleError, BundleFileMissing, GraphMismatch
 from .nll import SUM_BLOCK, score_ids
 
-__all__ = ["FORMAT", "Manifest", "Runtime", "default_bundle_path", "load_bundle"]
+__all__ = ["FORMAT", "Manifest", "ModelRuntime", "Runtime", "default_bundle_path", "load_bundle"]
 
 _INT64 = np.dtype(np.int64)
 _FLOAT32 = np.dtype(np.float32)
@@ -105,6 +105,8 @@ def _check_graph(sess: ort.InferenceSession, path: Path, manifest: Manifest, kin
     # name -> (onnx type, expected dims: int = must equal, str = must be dynamic)
     time: int | str = 1 if kind == "step" else "time"
     logits: list[int | str] = ["batch", "time", V] if kind == "full" else ["batch", V]
+    want_in: dict[str, tuple[str, list[int | str]]]
+    want_out: dict[str, tuple[str, list[int | str]]]
     want_in = {INPUT_TOKENS: ("tensor(int64)", ["batch", time]), INPUT_STATE: ("tensor(float)", ["batch", S])}
     want_out = {OUTPUT_LOGITS: ("tensor(float)", logits), OUTPUT_STATE: ("tensor(float)", ["batch", S])}
     for what, args, want in (("input", sess.get_inputs(), want_in), ("output", sess.get_outputs(), want_out)):
@@ -136,6 +138,43 @@ def _check_graph(sess: ort.InferenceSession, path: Path, manifest: Manifest, kin
                         f"{path}: {what} {arg.name!r} fixes its {exp} axis to {got}; the graph must accept any "
                         f"{exp} length (re-export the bundle)"
                     )
+
+
+class PublicFacts(Protocol):
+    def to_public_dict(self) -> dict[str, Any]: ...
+
+
+class ModelRuntime(Protocol):
+    """What the service and the scoring job need of a model. :class:`Runtime` (onnxruntime, a bundle) and
+    :class:`~textgen.service.fake_runtime.FakeRuntime` (numpy) both satisfy it.
+
+    Ids are int64, states float32 (B, S) with S = ``state_size``, logits float32; id 0 is the unknown id.
+    """
+
+    vocab_size: int
+    state_size: int
+
+    @property
+    def manifest(self) -> PublicFacts: ...
+
+    def encode(self, text: str) -> np.ndarray: ...
+
+    def decode(self, ids: Any) -> str: ...
+
+    def unknown_chars(self, text: str) -> list[str]: ...
+
+    def initial_state(self, batch: int) -> np.ndarray: ...
+
+    def step(self, tokens: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """tokens (B, T), state (B, S) -> logits (B, T, V), state_out (B, S)."""
+        ...
+
+    def step_last(self, tokens: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """tokens (B, T >= 1), state (B, S) -> logits (B, V) of the last step, state_out (B, S)."""
+        ...
+
+    def score_ids(self, ids: np.ndarray, state: np.ndarray | None = None,
+                  chunk: int = SUM_BLOCK) -> tuple[float, int]: ...
 
 
 class Runtime:

@@ -4,7 +4,8 @@ A sampler is a small callable ``logits (V,) -> token id`` built per request by :
 filters apply in a fixed order: divide by the temperature, keep the ``top_k`` most likely tokens, keep the
 smallest set whose probability reaches ``top_p``, then draw with the request's own ``numpy`` generator, so the
 same seed over the same logits draws the same tokens. Temperature 0 is greedy (argmax, the lowest id on
-ties) and ignores the other parameters.
+ties) and ignores the other parameters; a temperature above 0 must be at least :data:`MIN_TEMPERATURE`.
+:class:`SamplingParams` checks the parameters when it is made, and nowhere else.
 
 :class:`RowSampler` is the same sampler for one row of a batch: :func:`sample_rows` draws the next token of
 many streams at once (one vectorized argmax for the greedy rows, one vectorized softmax and draw for the
@@ -27,26 +28,29 @@ Filter = Callable[[np.ndarray], np.ndarray]  # float64 logits (V,) -> float64 lo
 Sampler = Callable[[np.ndarray], int]
 
 
+MIN_TEMPERATURE = 0.01  # the smallest temperature above 0 (greedy): below it, logits / T can overflow to NaN
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0
+    """A request's sampling parameters, checked once, here: an instance is always valid."""
+
+    temperature: float = 0.0  # 0 = greedy; else >= MIN_TEMPERATURE
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int = 0
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if not np.isfinite(self.temperature) or self.temperature < 0:
             raise InvalidRequest(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise InvalidRequest(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {self.temperature}")
         if self.top_k < 0:
             raise InvalidRequest(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.seed < 2**64:
             raise InvalidRequest(f"seed must be in [0, 2**64), got {self.seed}")
-
-
-def temperature(t: float) -> Filter:
-    return lambda x: x / t
 
 
 def top_k(k: int) -> Filter:
@@ -92,7 +96,6 @@ class RowSampler:
     __slots__ = ("filters", "greedy", "plain", "rng", "temperature")
 
     def __init__(self, params: SamplingParams):
-        params.validate()
         self.greedy = params.temperature == 0
         self.temperature = float(params.temperature) if not self.greedy else 1.0
         self.filters: list[Filter] = []
@@ -146,7 +149,20 @@ def log_softmax_rows(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=1, keepdims=True))
 
 
+def sample_logits(logits: np.ndarray, samplers: Sequence[RowSampler],
+                  logprobs: Sequence[bool]) -> tuple[np.ndarray, list[float | None]]:
+    """Draw every row's next token; the log-probabilities of the rows that asked for them."""
+    tokens = sample_rows(samplers, logits)
+    lps: list[float | None] = [None] * len(samplers)
+    rows = [i for i, want in enumerate(logprobs) if want]
+    if rows:
+        lsm = log_softmax_rows(logits[rows])
+        for k, i in enumerate(rows):
+            lps[i] = float(lsm[k, tokens[i]])
+    return tokens, lps
+
+
 def make_sampler(params: SamplingParams) -> Sampler:
-    """The request's sampler ``logits (V,) -> id``; raises :class:`InvalidRequest` for parameters out of range."""
+    """The request's sampler ``logits (V,) -> id``."""
     row = RowSampler(params)
     return lambda logits: int(sample_rows([row], np.asarray(logits).reshape(1, -1))[0])

@@ -44,13 +44,18 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .engine import SCORE_CHUNK, Produced, ScoreOutcome, TokenStream, chunk_length, sample_logits, sequence
+from .engine import SCORE_CHUNK, Produced, ScoreOutcome, TokenStream, chunk_length, sequence
 from .nll import block_sum, token_nll
-from .sampling import RowSampler
+from .sampling import RowSampler, sample_logits
+
+if TYPE_CHECKING:
+    from .config import ServerConfig
+    from .engine import Engine
+    from .runtime import ModelRuntime
 
 log = logging.getLogger("textgen.scheduler")
 
@@ -137,7 +142,7 @@ class _Job:
 
 
 class BatchingEngine:
-    def __init__(self, runtime: Any, *, metrics: Any = None, max_batch: int = MAX_BATCH,
+    def __init__(self, runtime: ModelRuntime, *, metrics: Any = None, max_batch: int = MAX_BATCH,
                  prefill_chunk: int = PREFILL_CHUNK, window: int = WINDOW, score_block: int = SCORE_CHUNK,
                  step_delay: float = 0.0):
         if max_batch < 1 or prefill_chunk < 2 or window < 1:
@@ -435,7 +440,7 @@ class BatchingEngine:
             j.blocks += 1
 
 
-def make_engine(runtime: Any, config: Any, metrics: Any = None) -> Any:
+def make_engine(runtime: ModelRuntime, config: ServerConfig, metrics: Any = None) -> Engine:
     """The engine ``config`` asks for: :class:`BatchingEngine` (``--batching on``) or the ThreadEngine."""
     from .engine import ThreadEngine
 

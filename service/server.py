@@ -19,7 +19,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -38,6 +38,9 @@ from .scheduler import make_engine
 from .servicer import TextgenServicer
 from .sessions import SessionStore, StoreEvents
 
+if TYPE_CHECKING:
+    from .runtime import ModelRuntime
+
 log = logging.getLogger("textgen.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextgenService"].full_name  # "textgen.v1.TextgenService"
@@ -50,8 +53,9 @@ def _grpc_host(host: str) -> str:
 
 
 class TextgenServer:
-    def __init__(self, config: ServerConfig, runtime: Any = None, *, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time, engine: Engine | None = None,
+    def __init__(self, config: ServerConfig, runtime: ModelRuntime | None = None, *,
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
+                 engine: Engine | None = None,
                  sweep_seconds: float = SWEEP_SECONDS):
         self.config = config
         self.runtime = runtime

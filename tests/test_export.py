@@ -233,6 +233,29 @@ def checkpoint_file(tmp_path: Path, make_tiny_model) -> Path:
     return path
 
 
+def test_manifest_records_no_path_of_the_training_machine(tmp_path: Path, make_tiny_model) -> None:
+    """The output folder is dropped from the command and a corpus path becomes its name; GetModelInfo's
+    facts (to_public_dict) do the same for bundles exported before."""
+    from textgen.service.bundle import Manifest, portable_command
+    from textgen.service.runtime import default_bundle_path
+    from textgen.training.export import export_checkpoint
+
+    model, vocab = make_tiny_model(cell="gru", num_layers=1, hidden_size=8)
+    ckpt = Checkpoint(model_config=model.config, train_config=TrainConfig(corpus="/home/me/data/books"),
+                      vocab=vocab, model_state=model.state_dict(), step=3,
+                      command="textgen train --corpus /home/me/data/books --out /home/me/runs/x --quiet")
+    m = export_checkpoint(ckpt, tmp_path / "b", variants=False)
+    assert (m.corpus, m.command) == ("books", "textgen train --corpus books --quiet")
+    assert "/home/me" not in (tmp_path / "b" / MANIFEST_FILE).read_text()
+
+    assert portable_command("textgen train --corpus=/a/b.txt --out=/x --resume /r/last.pt --cell 'g r u'") == \
+        "textgen train --corpus=b.txt --cell 'g r u'"
+    old = Manifest.from_json_dict({**m.to_json_dict(), "corpus": "/srv/c.txt", "command": "textgen train --out /srv"})
+    assert (old.to_public_dict()["corpus"], old.to_public_dict()["command"]) == ("c.txt", "textgen train")
+    shipped = json.loads((default_bundle_path() / MANIFEST_FILE).read_text())
+    assert "--out" not in shipped["command"] and "/" not in shipped["command"] + shipped["corpus"]
+
+
 def test_manifest_fields(checkpoint_file: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["export", str(checkpoint_file), str(tmp_path / "bundle")])
     assert result.exit_code == 0, result.output

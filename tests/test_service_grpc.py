@@ -254,6 +254,7 @@ def test_a_client_that_disconnects_stops_its_stream(rt: Any) -> None:
     ("kwargs", "words"),
     [
         (dict(temperature=-0.5), "temperature"),
+        (dict(temperature=1e-320), "temperature must be 0 (greedy) or >= 0.01"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_k=-1), "top_k"),

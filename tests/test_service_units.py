@@ -18,7 +18,15 @@ from textgen.service.engine import ThreadEngine
 from textgen.service.errors import InputError, InvalidRequest, LimitExceeded, SessionBusy, SessionNotFound
 from textgen.service.fake_runtime import FakeRuntime
 from textgen.service.metrics import METRIC_NAMES
-from textgen.service.sampling import SamplingParams, log_softmax, make_sampler, softmax, top_k, top_p
+from textgen.service.sampling import (
+    MIN_TEMPERATURE,
+    SamplingParams,
+    log_softmax,
+    make_sampler,
+    softmax,
+    top_k,
+    top_p,
+)
 from textgen.service.sessions import Session, SessionStore, StoreEvents
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "api.md"
@@ -64,12 +72,20 @@ def test_log_softmax_is_normalised() -> None:
     assert np.exp(log_softmax(LOGITS)).sum() == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=-1), SamplingParams(temperature=float("nan")),
-                                    SamplingParams(top_k=-2), SamplingParams(top_p=0.0),
-                                    SamplingParams(top_p=1.01), SamplingParams(seed=-1)])
-def test_bad_sampling_parameters(params: SamplingParams) -> None:
+@pytest.mark.parametrize("params", [dict(temperature=-1), dict(temperature=float("nan")),
+                                    dict(temperature=float("inf")), dict(temperature=1e-320),
+                                    dict(temperature=MIN_TEMPERATURE / 2), dict(top_k=-2), dict(top_p=0.0),
+                                    dict(top_p=1.01), dict(seed=-1)])
+def test_bad_sampling_parameters_are_refused_when_made(params: dict) -> None:
     with pytest.raises(InvalidRequest):
-        make_sampler(params)
+        SamplingParams(**params)
+
+
+def test_the_smallest_temperature_samples_finite_probabilities() -> None:
+    """At MIN_TEMPERATURE the logits / T stay finite: the draw is the argmax, never NaN's arbitrary token."""
+    logits = np.array([[30.0, -30.0, 29.5, 0.0]], dtype=np.float32)
+    for seed in range(20):
+        assert make_sampler(SamplingParams(temperature=MIN_TEMPERATURE, seed=seed))(logits[0]) == 0
 
 
 # ---------------------------------------------------------------------------------------------- sessions
@@ -251,3 +267,18 @@ def test_the_numpy_rnn_stand_in_depends_on_history() -> None:
     assert not np.allclose(a, b)
     nll, n = rt.score_ids(rt.encode("hello world"))
     assert n == 10 and nll > 0
+
+
+def test_both_runtimes_speak_the_model_runtime_protocol(tiny_bundle: Any) -> None:
+    """mypy checks the assignments (FakeRuntime and Runtime satisfy ModelRuntime); the loop checks the shapes."""
+    from textgen.service.fake_runtime import FakeRuntime
+    from textgen.service.runtime import ModelRuntime, Runtime
+
+    runtimes: list[ModelRuntime] = [FakeRuntime("rnn"), FakeRuntime("fixed"), Runtime(tiny_bundle)]
+    for rt in runtimes:
+        ids = rt.encode("hello")
+        logits, state = rt.step(ids[None], rt.initial_state(1))
+        assert logits.shape == (1, 5, rt.vocab_size) and state.shape == (1, rt.state_size)
+        last, _ = rt.step_last(ids[None], rt.initial_state(1))
+        np.testing.assert_allclose(last, logits[:, -1], rtol=1e-5, atol=1e-6)
+        assert rt.score_ids(ids)[1] == 4 and "cell" in rt.manifest.to_public_dict()

@@ -54,6 +54,8 @@ from textgen.service.bundle import (
     WEIGHTS_FILE,
     WEIGHTS_SHA256_KEY,
     Manifest,
+    portable_command,
+    portable_corpus,
     sha256_file,
 )
 
@@ -536,12 +538,12 @@ def write_bundle(
             vocab_size=cfg.vocab_size,
             unk_id=vocab.unk_id,
             vocab=(None, *vocab.to_list()),
-            corpus=corpus,
+            corpus=portable_corpus(corpus),
             held_out_loss=metric("loss"),
             held_out_perplexity=metric("perplexity"),
             held_out_bpc=metric("bpc"),
             train_steps=int(train_steps),
-            command=command,
+            command=portable_command(command),
             opset=OPSET,
             first_layer_input=first,
             sha256={name: sha256_file(tmp / name) for name in (*graphs, WEIGHTS_FILE)},
