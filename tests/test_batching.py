@@ -219,7 +219,7 @@ def test_a_long_prompt_is_cut_into_chunks_with_decode_steps_between_them(rt: Any
             state, pending = await engine.feed(None, None, rt.encode(PROMPTS[1]))
             stream = engine.open_stream(state, pending, sampler(), 10_000, False)
             feeding = asyncio.ensure_future(engine.feed(None, None, ids))
-            text = []
+            text: list[str] = []
             while not feeding.done():
                 items = await stream.next()
                 stream.delivered(len(items))

@@ -33,12 +33,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import set_external_data
+from torch import nn
 
 from textgen.service.bundle import (
     BUNDLE_FILES,
@@ -115,7 +117,8 @@ class Weights:
 
 
 def model_weights(model: CharRNN) -> Weights:
-    def a(t: torch.Tensor) -> np.ndarray:
+    def a(t: torch.Tensor | nn.Module) -> np.ndarray:
+        assert isinstance(t, torch.Tensor)  # layers' parameters, reached through nn.Module's __getattr__
         return np.ascontiguousarray(t.detach().float().cpu().numpy())
 
     cfg = model.config
@@ -188,7 +191,7 @@ class GraphBuilder:
     def ints(self, *values: int) -> str:
         return self.const("i64_" + "_".join(str(v) for v in values), np.array(values, dtype=np.int64))
 
-    def node(self, op: str, inputs: list[str], outputs: list[str] | int = 1, **attrs: object) -> list[str]:
+    def node(self, op: str, inputs: list[str], outputs: list[str] | int = 1, **attrs: Any) -> list[str]:
         """Add a node; ``outputs`` is a list of names, or how many fresh names to create."""
         if isinstance(outputs, int):
             outputs = [f"{self.prefix}{op.lower()}{len(self.nodes)}_{i}" for i in range(outputs)]

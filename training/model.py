@@ -184,4 +184,5 @@ class CharRNN(nn.Module):
     def set_fused(self, fused: bool) -> None:
         """Use the hand-written rnn/gru time loops (the default) or the step-by-step autograd reference."""
         for layer in self.layers:
+            assert isinstance(layer, RecurrentLayer)
             layer.fused = fused
