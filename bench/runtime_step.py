@@ -182,8 +182,8 @@ def random_bundle(
 ) -> Path:
     import torch
 
+    from textgen.service.vocab import Vocab
     from textgen.training.model import CharRNN, ModelConfig
-    from textgen.training.vocab import Vocab
 
     torch.manual_seed(0)
     chars = [chr(c) for c in range(32, 32 + vocab_size - 1)]

@@ -66,9 +66,9 @@ def corpus_documents(max_chars: int) -> tuple[str, list[str]]:
 def export_random(out: Path, hidden: int, chars: str) -> Path:
     import torch
 
+    from textgen.service.vocab import Vocab
     from textgen.training.export import write_bundle
     from textgen.training.model import CharRNN, ModelConfig
-    from textgen.training.vocab import Vocab
 
     vocab = Vocab.build(chars)
     torch.manual_seed(0)

@@ -201,9 +201,9 @@ def export_random_gru(hidden: int, out: Path) -> Path:
     import torch
 
     from textgen.service.runtime import default_bundle_path
+    from textgen.service.vocab import Vocab
     from textgen.training.export import write_bundle
     from textgen.training.model import CharRNN, ModelConfig
-    from textgen.training.vocab import Vocab
 
     manifest = json.loads((default_bundle_path() / "manifest.json").read_text(encoding="utf-8"))
     vocab = Vocab([c for c in manifest["vocab"] if c is not None])  # the default bundle's characters

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from textgen.service.vocab import Vocab
 from textgen.training.corpus import load_corpus
 from textgen.training.data import epoch_batches
 from textgen.training.model import CharRNN, ModelConfig
 from textgen.training.train import begin_state, clip_grad_norm
-from textgen.training.vocab import Vocab
 
 H, T, B, LR, THETA = 512, 35, 32, 1.0, 1.0
 

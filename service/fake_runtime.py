@@ -19,9 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from textgen.training.vocab import Vocab
-
 from .nll import SUM_BLOCK, score_ids
+from .vocab import Vocab
 
 DEFAULT_CHARS = string.ascii_letters + string.digits + " .,;:!?'\"()-\n"
 

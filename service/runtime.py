@@ -26,8 +26,6 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime as ort
 
-from textgen.training.vocab import Vocab
-
 from .bundle import (
     FORMAT,
     INPUT_STATE,
@@ -43,6 +41,7 @@ from .bundle import (
 )
 from .errors import BundleError, BundleFileMissing, GraphMismatch
 from .nll import SUM_BLOCK, score_ids
+from .vocab import Vocab
 
 __all__ = ["FORMAT", "Manifest", "ModelRuntime", "Runtime", "default_bundle_path", "load_bundle"]
 

@@ -62,8 +62,8 @@ def make_tiny_model() -> Callable[..., Any]:
     ) -> tuple[Any, Any]:
         import torch
 
+        from textgen.service.vocab import Vocab
         from textgen.training.model import CharRNN, ModelConfig
-        from textgen.training.vocab import Vocab
 
         vocab = Vocab(sorted(set(chars)))
         torch.manual_seed(seed)

@@ -348,7 +348,7 @@ def test_self_check_catches_a_wrong_state(make_tiny_model, tmp_path: Path) -> No
 
 def test_export_refuses_a_vocabulary_of_another_size(make_tiny_model, tmp_path: Path) -> None:
     model, _ = make_tiny_model()
-    from textgen.training.vocab import Vocab
+    from textgen.service.vocab import Vocab
 
     with pytest.raises(ExportError, match="vocabulary has 4 ids but the model expects 21"):
         write_bundle(model, Vocab(list("abc")), tmp_path / "out")

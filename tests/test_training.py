@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from textgen.service.cli import main as cli
+from textgen.service.vocab import Vocab
 from textgen.training.checkpoint import load_checkpoint
 from textgen.training.config import TrainConfig
 from textgen.training.corpus import load_corpus, pydoc_text
@@ -29,7 +30,6 @@ from textgen.training.train import (
     moving_average,
     train,
 )
-from textgen.training.vocab import Vocab
 
 # ------------------------------------------------------------------------------------------ iterators
 

@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
+from textgen.service.vocab import Vocab
+
 from .config import TrainConfig
 from .errors import CheckpointError
 from .model import CharRNN, ModelConfig
-from .vocab import Vocab
 
 FORMAT = "textgen-checkpoint/1"
 

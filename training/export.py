@@ -59,12 +59,14 @@ from textgen.service.bundle import (
     portable_command,
     portable_corpus,
     sha256_file,
+    state_per_layer,
+    state_size,
 )
+from textgen.service.vocab import Vocab
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import ExportError
 from .model import GATES, CharRNN
-from .vocab import Vocab
 
 OPSET = 17  # supported by every onnxruntime this project allows (>= 1.18)
 IR_VERSION = 8  # the IR version that goes with opset 17; keeps the file loadable by older runtimes
@@ -109,11 +111,11 @@ class Weights:
 
     @property
     def state_per_layer(self) -> int:
-        return 2 * self.hidden_size if self.cell == "lstm" else self.hidden_size
+        return state_per_layer(self.cell, self.hidden_size)
 
     @property
     def state_size(self) -> int:
-        return len(self.layers) * self.state_per_layer
+        return state_size(self.cell, self.hidden_size, len(self.layers))
 
 
 def model_weights(model: CharRNN) -> Weights:

@@ -24,9 +24,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from textgen.service import bundle
+
 from .recurrence import GRUScan, RNNScan
 
-CELLS = ("rnn", "gru", "lstm")
+CELLS = bundle.CELLS  # the bundle contract's cells
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 INITS = ("uniform", "orthogonal")  # how many H-sized blocks each input projection has
 
@@ -50,11 +52,11 @@ class ModelConfig:
 
     @property
     def state_per_layer(self) -> int:
-        return 2 * self.hidden_size if self.cell == "lstm" else self.hidden_size
+        return bundle.state_per_layer(self.cell, self.hidden_size)  # the bundle contract's rule, one copy
 
     @property
     def state_size(self) -> int:
-        return self.num_layers * self.state_per_layer
+        return bundle.state_size(self.cell, self.hidden_size, self.num_layers)
 
     def to_dict(self) -> dict:
         return asdict(self)

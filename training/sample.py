@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from textgen.service.vocab import Vocab
+
 from .model import CharRNN
-from .vocab import Vocab
 
 
 @torch.no_grad()

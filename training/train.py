@@ -14,13 +14,14 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
+from textgen.service.vocab import Vocab
+
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .corpus import load_corpus
 from .data import batches_per_epoch, epoch_batches
 from .errors import CorpusError, TrainingError
 from .model import CharRNN
-from .vocab import Vocab
 
 LN2 = math.log(2.0)
 

@@ -257,7 +257,7 @@ def run_job(job: ScoreJob, *, stdout: TextIO | None = None, stderr: TextIO | Non
     if job.model is None and not (bundle / MANIFEST_FILE).is_file():
         load_bundle(None)  # raises the runtime's own error: the default bundle is not installed
     manifest, _ = load_verified(bundle)
-    from textgen.training.vocab import Vocab
+    from ..vocab import Vocab
 
     vocab = Vocab(manifest.chars())
     kind = input_kind(job.input, job.input_format)  # a missing input fails here, before anything is written
