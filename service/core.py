@@ -15,6 +15,7 @@ the session exactly after the last token it delivered; the generator must then b
 
 from __future__ import annotations
 
+import asyncio
 import math
 import secrets
 import time
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from .runtime import ModelRuntime
 
 MAX_STOP_STRINGS = 16
+MAX_UNKNOWN_LISTED = 64  # unknown characters a reply lists (their count is given too)
+ENCODE_INLINE_CHARS = 16_384  # longer texts are encoded off the event loop
 MAX_STOP_CHARS = 64
 
 
@@ -71,10 +74,20 @@ class FinishEvent:
 
 
 @dataclass(frozen=True)
+class Encoded:
+    """A request's text as ids, with its unknown characters: the first MAX_UNKNOWN_LISTED and the count."""
+
+    ids: np.ndarray
+    unknown_chars: list[str]
+    unknown_count: int
+
+
+@dataclass(frozen=True)
 class FeedResult:
     tokens_consumed: int
     unknown_chars: list[str]
     session_tokens: int
+    unknown_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,7 @@ class ScoreResult:
     predictions: int
     token_count: int
     unknown_chars: list[str]
+    unknown_count: int = 0
 
     @property
     def loss(self) -> float:
@@ -110,15 +124,23 @@ class TextgenCore:
         self._chars = [runtime.decode([i]) for i in range(runtime.vocab_size)]  # token id -> its text
 
     # -- validation
-    def _text(self, text: str, what: str, limit: int, flag: str, *, allow_empty: bool = False) -> np.ndarray:
+    async def _text(self, text: str, what: str, limit: int, flag: str, *, allow_empty: bool = False) -> Encoded:
         if not text and not allow_empty:
             raise InvalidRequest(f"{what} must not be empty")
         if len(text) > limit:
             raise LimitExceeded(f"{what} has {len(text):,} characters; the limit is {limit:,} ({flag})")
-        return self.runtime.encode(text)
+        if len(text) <= ENCODE_INLINE_CHARS:
+            return self._encode(text)
+        # A long text is encoded on a worker thread: the event loop keeps streaming meanwhile.
+        return await asyncio.to_thread(self._encode, text)
 
-    def _prompt(self, text: str, what: str, *, allow_empty: bool = False) -> np.ndarray:
-        return self._text(text, what, self.config.max_prompt_chars, "--max-prompt-chars", allow_empty=allow_empty)
+    def _encode(self, text: str) -> Encoded:
+        ids, unknown, count = self.runtime.vocab.scan(text, MAX_UNKNOWN_LISTED)
+        return Encoded(ids, unknown, count)
+
+    async def _prompt(self, text: str, what: str, *, allow_empty: bool = False) -> Encoded:
+        return await self._text(text, what, self.config.max_prompt_chars, "--max-prompt-chars",
+                                allow_empty=allow_empty)
 
     def _ttl(self, ttl: float | None) -> float:
         if ttl is None:
@@ -138,7 +160,8 @@ class TextgenCore:
     async def create_session(self, prompt: str = "", ttl: float | None = None) -> tuple[SessionInfo, FeedResult]:
         self._check_open()
         ttl = self._ttl(ttl)
-        ids = self._prompt(prompt, "prompt", allow_empty=True)
+        enc = await self._prompt(prompt, "prompt", allow_empty=True)
+        ids = enc.ids
         s = self.store.create(ttl)
         ok = False
         try:
@@ -149,7 +172,7 @@ class TextgenCore:
         finally:
             if not ok:  # a prompt that failed (deadline, cancel) leaves no half-made session behind
                 self.store.discard(s.id)
-        return self.store.info(s), FeedResult(len(ids), self.runtime.unknown_chars(prompt), s.tokens)
+        return self.store.info(s), FeedResult(len(ids), enc.unknown_chars, s.tokens, enc.unknown_count)
 
     async def _feed(self, s: Session, ids: np.ndarray) -> None:
         state, pending = await self.engine.feed(s.state, s.pending, ids)
@@ -158,10 +181,10 @@ class TextgenCore:
 
     async def feed(self, session_id: str, text: str) -> FeedResult:
         self._check_open()
-        ids = self._prompt(text, "text")
+        enc = await self._prompt(text, "text")
         with self.store.acquire(session_id) as s:
-            await self._feed(s, ids)
-            return FeedResult(len(ids), self.runtime.unknown_chars(text), s.tokens)
+            await self._feed(s, enc.ids)
+            return FeedResult(len(enc.ids), enc.unknown_chars, s.tokens, enc.unknown_count)
 
     def get_session(self, session_id: str) -> SessionInfo:
         return self.store.info(self.store.get(session_id))
@@ -189,7 +212,7 @@ class TextgenCore:
         start = time.perf_counter()
         self._check_open()
         max_tokens, stops = self._generate_checks(p)
-        ids = self._prompt(p.prompt, "prompt", allow_empty=bool(p.session_id))
+        ids = (await self._prompt(p.prompt, "prompt", allow_empty=bool(p.session_id))).ids
         if self.streams >= self.config.max_streams:
             raise LimitExceeded(f"{self.config.max_streams} Generate streams are running, the server's limit "
                                 "(--max-streams); retry later", exhausted=True)
@@ -275,8 +298,8 @@ class TextgenCore:
         self._check_open()
         if update_session and not session_id:
             raise InvalidRequest("update_session needs a session_id")
-        ids = self._text(text, "text", self.config.max_score_chars, "--max-score-chars")
-        unknown = self.runtime.unknown_chars(text)
+        enc = await self._text(text, "text", self.config.max_score_chars, "--max-score-chars")
+        ids = enc.ids
         if not session_id:
             if len(ids) < 2:
                 raise InvalidRequest("without a session the text needs at least 2 characters "
@@ -295,7 +318,7 @@ class TextgenCore:
             if out.predictions == 0:
                 raise InvalidRequest("the session is empty, so a 1-character text has nothing to score")
         self.metrics.scored_tokens.inc(len(ids))
-        return ScoreResult(out.nll, out.predictions, len(ids), unknown)
+        return ScoreResult(out.nll, out.predictions, len(ids), enc.unknown_chars, enc.unknown_count)
 
     def model_info(self) -> dict[str, Any]:
         return dict(self.runtime.manifest.to_public_dict())

@@ -115,7 +115,8 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
             info, fed = await self.core.create_session(request.prompt, ttl)
             fields.update(new_session=short_id(info.session_id), prompt_tokens=fed.tokens_consumed)
             return pb.CreateSessionResponse(session=session_message(info), prompt_tokens=fed.tokens_consumed,
-                                            unknown_chars=fed.unknown_chars)
+                                            unknown_chars=fed.unknown_chars,
+                                            unknown_char_count=fed.unknown_count)
 
         return await self._call("CreateSession", context, "", work)
 
@@ -124,7 +125,7 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
             r = await self.core.feed(request.session_id, request.text)
             fields["tokens"] = r.tokens_consumed
             return pb.FeedResponse(tokens_consumed=r.tokens_consumed, unknown_chars=r.unknown_chars,
-                                   session_tokens=r.session_tokens)
+                                   session_tokens=r.session_tokens, unknown_char_count=r.unknown_count)
 
         return await self._call("Feed", context, request.session_id, work)
 
@@ -174,7 +175,7 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
             fields["tokens"] = r.token_count
             return pb.ScoreResponse(nll=r.nll, loss=r.loss, perplexity=r.perplexity, bits_per_char=r.bits_per_char,
                                     token_count=r.token_count, predictions=r.predictions,
-                                    unknown_chars=r.unknown_chars)
+                                    unknown_chars=r.unknown_chars, unknown_char_count=r.unknown_count)
 
         return await self._call("Score", context, request.session_id, work)
 

@@ -496,3 +496,18 @@ def test_runtime_runs_without_torch_or_onnx(tiny_bundle: Path, tmp_path: Path) -
 def test_blocker_really_blocks_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", BLOCKER + "import torch"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "torch is blocked in this test" in proc.stderr
+
+
+def test_vocab_scan_is_the_definition_on_every_kind_of_text() -> None:
+    """The vectorised encoder and unknown-character scan agree with a character-by-character reference,
+    also for characters beyond U+FFFF in the vocabulary or in the text."""
+    from textgen.service.vocab import UNK_ID, Vocab
+
+    for chars in ["ab c\n", "ab\U0001F600z\u00e9"]:
+        v = Vocab(sorted(set(chars)))
+        index = {c: i + 1 for i, c in enumerate(v.chars)}
+        for text in ["", "abc", "x\U0001F600a\U0001F601\U0001F600yx\u00e9", "\u4e00" * 3 + "ab" + "\U0001F600" * 2]:
+            ids, first, count = v.scan(text, limit=2)
+            assert ids.tolist() == [index.get(c, UNK_ID) for c in text]
+            reference = list(dict.fromkeys(c for c in text if c not in index))
+            assert first == reference[:2] and count == len(reference) and v.unknown_chars(text) == reference

@@ -459,6 +459,22 @@ def test_max_streams(rt: Any) -> None:
 # ------------------------------------------------------------------------------------ score, model info
 
 
+def test_unknown_characters_are_listed_up_to_64_and_counted(client: Any, rt: Any) -> None:
+    """A text of 10,000 distinct unknown characters (encoded off the event loop: over 16,384 characters) gets
+    a bounded reply: the first 64 in order of appearance, and the count."""
+    strange = [chr(0x4E00 + i) for i in range(10_000)]
+    text = "".join(strange) + PROMPT * 800  # ~20k characters, under --max-score-chars
+    got = client.score(text[:20_000])
+    assert list(got.unknown_chars) == strange[:64] and got.unknown_char_count == 10_000
+    nll, n = rt.score_ids(rt.encode(text[:20_000]))
+    assert (got.nll, got.predictions) == (nll, n)
+    sid = client.create_session("a¤b¤").session.session_id
+    fed = client.feed(sid, "".join(strange[:70]) + "a")
+    assert list(fed.unknown_chars) == strange[:64] and fed.unknown_char_count == 70
+    known = client.feed(sid, PROMPT)
+    assert list(known.unknown_chars) == [] and known.unknown_char_count == 0
+
+
 def test_score_equals_the_runtimes_own_perplexity(client: Any, rt: Any) -> None:
     text = (PROMPT * 400)[:9000]  # longer than one 4096-token chunk: the state is carried across chunks
     got = client.score(text + "¤")

@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18textgen/v1/textgen.proto\x12\ntextgen.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"N\n\x14\x43reateSessionRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"k\n\x15\x43reateSessionResponse\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.textgen.v1.Session\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x03\x12\x15\n\runknown_chars\x18\x03 \x03(\t\"\xfe\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_used_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04\x62usy\x18\x07 \x01(\x08\"/\n\x0b\x46\x65\x65\x64Request\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"V\n\x0c\x46\x65\x65\x64Response\x12\x17\n\x0ftokens_consumed\x18\x01 \x01(\x03\x12\x15\n\runknown_chars\x18\x02 \x03(\t\x12\x16\n\x0esession_tokens\x18\x03 \x01(\x03\"\xc7\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x10\n\x08logprobs\x18\t \x01(\x08\x42\x08\n\x06_top_pB\x07\n\x05_seed\"@\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x18\n\x10generated_tokens\x18\x02 \x01(\x03\x12\x16\n\x0esession_tokens\x18\x03 \x01(\x03\"\xad\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12*\n\x08logprobs\x18\x02 \x03(\x0b\x32\x18.textgen.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.textgen.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.textgen.v1.Usage\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"H\n\x0cScoreRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x16\n\x0eupdate_session\x18\x03 \x01(\x08\"\x96\x01\n\rScoreResponse\x12\x0b\n\x03nll\x18\x01 \x01(\x01\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x12\n\nperplexity\x18\x03 \x01(\x01\x12\x15\n\rbits_per_char\x18\x04 \x01(\x01\x12\x13\n\x0btoken_count\x18\x05 \x01(\x03\x12\x13\n\x0bpredictions\x18\x06 \x01(\x03\x12\x15\n\runknown_chars\x18\x07 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xe2\x03\n\tModelInfo\x12\x0c\n\x04\x63\x65ll\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x03 \x01(\x05\x12\x12\n\nstate_size\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x0e\n\x06\x63orpus\x18\x06 \x01(\t\x12\x1a\n\rheld_out_loss\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13held_out_perplexity\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x0cheld_out_bpc\x18\t \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05opset\x18\n \x01(\x05\x12\x31\n\x06sha256\x18\x0b \x03(\x0b\x32!.textgen.v1.ModelInfo.Sha256Entry\x12\x10\n\x08\x65xporter\x18\x0c \x01(\t\x12\x0f\n\x07\x63reated\x18\r \x01(\t\x12\x13\n\x0btrain_steps\x18\x0e \x01(\x03\x12)\n\x08manifest\x18\x0f \x01(\x0b\x32\x17.google.protobuf.Struct\x1a-\n\x0bSha256Entry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x10\n\x0e_held_out_lossB\x16\n\x14_held_out_perplexityB\x0f\n\r_held_out_bpc*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\x88\x04\n\x0eTextgenService\x12T\n\rCreateSession\x12 .textgen.v1.CreateSessionRequest\x1a!.textgen.v1.CreateSessionResponse\x12\x39\n\x04\x46\x65\x65\x64\x12\x17.textgen.v1.FeedRequest\x1a\x18.textgen.v1.FeedResponse\x12G\n\x08Generate\x12\x1b.textgen.v1.GenerateRequest\x1a\x1c.textgen.v1.GenerateResponse0\x01\x12@\n\nGetSession\x12\x1d.textgen.v1.GetSessionRequest\x1a\x13.textgen.v1.Session\x12T\n\rDeleteSession\x12 .textgen.v1.DeleteSessionRequest\x1a!.textgen.v1.DeleteSessionResponse\x12<\n\x05Score\x12\x18.textgen.v1.ScoreRequest\x1a\x19.textgen.v1.ScoreResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.textgen.v1.GetModelInfoRequest\x1a\x15.textgen.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18textgen/v1/textgen.proto\x12\ntextgen.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"N\n\x14\x43reateSessionRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x87\x01\n\x15\x43reateSessionResponse\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.textgen.v1.Session\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x03\x12\x15\n\runknown_chars\x18\x03 \x03(\t\x12\x1a\n\x12unknown_char_count\x18\x04 \x01(\x03\"\xfe\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_used_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04\x62usy\x18\x07 \x01(\x08\"/\n\x0b\x46\x65\x65\x64Request\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"r\n\x0c\x46\x65\x65\x64Response\x12\x17\n\x0ftokens_consumed\x18\x01 \x01(\x03\x12\x15\n\runknown_chars\x18\x02 \x03(\t\x12\x16\n\x0esession_tokens\x18\x03 \x01(\x03\x12\x1a\n\x12unknown_char_count\x18\x04 \x01(\x03\"\xc7\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x10\n\x08logprobs\x18\t \x01(\x08\x42\x08\n\x06_top_pB\x07\n\x05_seed\"@\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x18\n\x10generated_tokens\x18\x02 \x01(\x03\x12\x16\n\x0esession_tokens\x18\x03 \x01(\x03\"\xad\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12*\n\x08logprobs\x18\x02 \x03(\x0b\x32\x18.textgen.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.textgen.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.textgen.v1.Usage\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"H\n\x0cScoreRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x16\n\x0eupdate_session\x18\x03 \x01(\x08\"\xb2\x01\n\rScoreResponse\x12\x0b\n\x03nll\x18\x01 \x01(\x01\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x12\n\nperplexity\x18\x03 \x01(\x01\x12\x15\n\rbits_per_char\x18\x04 \x01(\x01\x12\x13\n\x0btoken_count\x18\x05 \x01(\x03\x12\x13\n\x0bpredictions\x18\x06 \x01(\x03\x12\x15\n\runknown_chars\x18\x07 \x03(\t\x12\x1a\n\x12unknown_char_count\x18\x08 \x01(\x03\"\x15\n\x13GetModelInfoRequest\"\xe2\x03\n\tModelInfo\x12\x0c\n\x04\x63\x65ll\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x03 \x01(\x05\x12\x12\n\nstate_size\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x0e\n\x06\x63orpus\x18\x06 \x01(\t\x12\x1a\n\rheld_out_loss\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13held_out_perplexity\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x0cheld_out_bpc\x18\t \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05opset\x18\n \x01(\x05\x12\x31\n\x06sha256\x18\x0b \x03(\x0b\x32!.textgen.v1.ModelInfo.Sha256Entry\x12\x10\n\x08\x65xporter\x18\x0c \x01(\t\x12\x0f\n\x07\x63reated\x18\r \x01(\t\x12\x13\n\x0btrain_steps\x18\x0e \x01(\x03\x12)\n\x08manifest\x18\x0f \x01(\x0b\x32\x17.google.protobuf.Struct\x1a-\n\x0bSha256Entry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x10\n\x0e_held_out_lossB\x16\n\x14_held_out_perplexityB\x0f\n\r_held_out_bpc*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\x88\x04\n\x0eTextgenService\x12T\n\rCreateSession\x12 .textgen.v1.CreateSessionRequest\x1a!.textgen.v1.CreateSessionResponse\x12\x39\n\x04\x46\x65\x65\x64\x12\x17.textgen.v1.FeedRequest\x1a\x18.textgen.v1.FeedResponse\x12G\n\x08Generate\x12\x1b.textgen.v1.GenerateRequest\x1a\x1c.textgen.v1.GenerateResponse0\x01\x12@\n\nGetSession\x12\x1d.textgen.v1.GetSessionRequest\x1a\x13.textgen.v1.Session\x12T\n\rDeleteSession\x12 .textgen.v1.DeleteSessionRequest\x1a!.textgen.v1.DeleteSessionResponse\x12<\n\x05Score\x12\x18.textgen.v1.ScoreRequest\x1a\x19.textgen.v1.ScoreResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.textgen.v1.GetModelInfoRequest\x1a\x15.textgen.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,42 +36,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFO_SHA256ENTRY']._loaded_options = None
   _globals['_MODELINFO_SHA256ENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2089
-  _globals['_FINISHREASON']._serialized_end=2213
+  _globals['_FINISHREASON']._serialized_start=2174
+  _globals['_FINISHREASON']._serialized_end=2298
   _globals['_CREATESESSIONREQUEST']._serialized_start=135
   _globals['_CREATESESSIONREQUEST']._serialized_end=213
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=215
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=322
-  _globals['_SESSION']._serialized_start=325
-  _globals['_SESSION']._serialized_end=579
-  _globals['_FEEDREQUEST']._serialized_start=581
-  _globals['_FEEDREQUEST']._serialized_end=628
-  _globals['_FEEDRESPONSE']._serialized_start=630
-  _globals['_FEEDRESPONSE']._serialized_end=716
-  _globals['_GENERATEREQUEST']._serialized_start=719
-  _globals['_GENERATEREQUEST']._serialized_end=918
-  _globals['_TOKENLOGPROB']._serialized_start=920
-  _globals['_TOKENLOGPROB']._serialized_end=984
-  _globals['_USAGE']._serialized_start=986
-  _globals['_USAGE']._serialized_end=1066
-  _globals['_GENERATERESPONSE']._serialized_start=1069
-  _globals['_GENERATERESPONSE']._serialized_end=1242
-  _globals['_GETSESSIONREQUEST']._serialized_start=1244
-  _globals['_GETSESSIONREQUEST']._serialized_end=1283
-  _globals['_DELETESESSIONREQUEST']._serialized_start=1285
-  _globals['_DELETESESSIONREQUEST']._serialized_end=1327
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=1329
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=1352
-  _globals['_SCOREREQUEST']._serialized_start=1354
-  _globals['_SCOREREQUEST']._serialized_end=1426
-  _globals['_SCORERESPONSE']._serialized_start=1429
-  _globals['_SCORERESPONSE']._serialized_end=1579
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1581
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1602
-  _globals['_MODELINFO']._serialized_start=1605
-  _globals['_MODELINFO']._serialized_end=2087
-  _globals['_MODELINFO_SHA256ENTRY']._serialized_start=1983
-  _globals['_MODELINFO_SHA256ENTRY']._serialized_end=2028
-  _globals['_TEXTGENSERVICE']._serialized_start=2216
-  _globals['_TEXTGENSERVICE']._serialized_end=2736
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=216
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=351
+  _globals['_SESSION']._serialized_start=354
+  _globals['_SESSION']._serialized_end=608
+  _globals['_FEEDREQUEST']._serialized_start=610
+  _globals['_FEEDREQUEST']._serialized_end=657
+  _globals['_FEEDRESPONSE']._serialized_start=659
+  _globals['_FEEDRESPONSE']._serialized_end=773
+  _globals['_GENERATEREQUEST']._serialized_start=776
+  _globals['_GENERATEREQUEST']._serialized_end=975
+  _globals['_TOKENLOGPROB']._serialized_start=977
+  _globals['_TOKENLOGPROB']._serialized_end=1041
+  _globals['_USAGE']._serialized_start=1043
+  _globals['_USAGE']._serialized_end=1123
+  _globals['_GENERATERESPONSE']._serialized_start=1126
+  _globals['_GENERATERESPONSE']._serialized_end=1299
+  _globals['_GETSESSIONREQUEST']._serialized_start=1301
+  _globals['_GETSESSIONREQUEST']._serialized_end=1340
+  _globals['_DELETESESSIONREQUEST']._serialized_start=1342
+  _globals['_DELETESESSIONREQUEST']._serialized_end=1384
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=1386
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=1409
+  _globals['_SCOREREQUEST']._serialized_start=1411
+  _globals['_SCOREREQUEST']._serialized_end=1483
+  _globals['_SCORERESPONSE']._serialized_start=1486
+  _globals['_SCORERESPONSE']._serialized_end=1664
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1666
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1687
+  _globals['_MODELINFO']._serialized_start=1690
+  _globals['_MODELINFO']._serialized_end=2172
+  _globals['_MODELINFO_SHA256ENTRY']._serialized_start=2068
+  _globals['_MODELINFO_SHA256ENTRY']._serialized_end=2113
+  _globals['_TEXTGENSERVICE']._serialized_start=2301
+  _globals['_TEXTGENSERVICE']._serialized_end=2821
 # @@protoc_insertion_point(module_scope)

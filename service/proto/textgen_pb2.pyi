@@ -32,14 +32,16 @@ class CreateSessionRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class CreateSessionResponse(_message.Message):
-    __slots__ = ("session", "prompt_tokens", "unknown_chars")
+    __slots__ = ("session", "prompt_tokens", "unknown_chars", "unknown_char_count")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_CHARS_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_CHAR_COUNT_FIELD_NUMBER: _ClassVar[int]
     session: Session
     prompt_tokens: int
     unknown_chars: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., unknown_chars: _Optional[_Iterable[str]] = ...) -> None: ...
+    unknown_char_count: int
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., unknown_chars: _Optional[_Iterable[str]] = ..., unknown_char_count: _Optional[int] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("session_id", "token_count", "create_time", "last_used_time", "expire_time", "ttl", "busy")
@@ -68,14 +70,16 @@ class FeedRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class FeedResponse(_message.Message):
-    __slots__ = ("tokens_consumed", "unknown_chars", "session_tokens")
+    __slots__ = ("tokens_consumed", "unknown_chars", "session_tokens", "unknown_char_count")
     TOKENS_CONSUMED_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_CHARS_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_CHAR_COUNT_FIELD_NUMBER: _ClassVar[int]
     tokens_consumed: int
     unknown_chars: _containers.RepeatedScalarFieldContainer[str]
     session_tokens: int
-    def __init__(self, tokens_consumed: _Optional[int] = ..., unknown_chars: _Optional[_Iterable[str]] = ..., session_tokens: _Optional[int] = ...) -> None: ...
+    unknown_char_count: int
+    def __init__(self, tokens_consumed: _Optional[int] = ..., unknown_chars: _Optional[_Iterable[str]] = ..., session_tokens: _Optional[int] = ..., unknown_char_count: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("session_id", "prompt", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "logprobs")
@@ -160,7 +164,7 @@ class ScoreRequest(_message.Message):
     def __init__(self, text: _Optional[str] = ..., session_id: _Optional[str] = ..., update_session: _Optional[bool] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("nll", "loss", "perplexity", "bits_per_char", "token_count", "predictions", "unknown_chars")
+    __slots__ = ("nll", "loss", "perplexity", "bits_per_char", "token_count", "predictions", "unknown_chars", "unknown_char_count")
     NLL_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +172,7 @@ class ScoreResponse(_message.Message):
     TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_CHARS_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_CHAR_COUNT_FIELD_NUMBER: _ClassVar[int]
     nll: float
     loss: float
     perplexity: float
@@ -175,7 +180,8 @@ class ScoreResponse(_message.Message):
     token_count: int
     predictions: int
     unknown_chars: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, nll: _Optional[float] = ..., loss: _Optional[float] = ..., perplexity: _Optional[float] = ..., bits_per_char: _Optional[float] = ..., token_count: _Optional[int] = ..., predictions: _Optional[int] = ..., unknown_chars: _Optional[_Iterable[str]] = ...) -> None: ...
+    unknown_char_count: int
+    def __init__(self, nll: _Optional[float] = ..., loss: _Optional[float] = ..., perplexity: _Optional[float] = ..., bits_per_char: _Optional[float] = ..., token_count: _Optional[int] = ..., predictions: _Optional[int] = ..., unknown_chars: _Optional[_Iterable[str]] = ..., unknown_char_count: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
