@@ -37,7 +37,7 @@ import numpy as np
 
 from textgen.service.runtime import default_bundle_path, load_bundle
 from textgen.service.scoring import ScoreJob, run_job
-from textgen.service.scoring.local import available_cores
+from textgen.service.scoring.tasks import available_cores
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 RAW_BATCH, RAW_T = 64, 256
