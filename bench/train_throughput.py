@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from _common import SHARED_DATA
 from torch import nn
 
 from textgen.training.corpus import load_corpus
@@ -103,7 +103,7 @@ class TorchRNN:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default = Path(__file__).resolve().parents[2] / "shared" / "data" / "timemachine.txt"
+    default = SHARED_DATA / "timemachine.txt"
     parser.add_argument("--corpus", default=str(default) if default.exists() else "pydoc")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per implementation per round")
     parser.add_argument("--rounds", type=int, default=3)
