@@ -40,6 +40,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -254,10 +255,10 @@ def measure(label: str, rt: Runtime, bundle: Path, rounds: int, threads: int) ->
         state = rng.uniform(-0.5, 0.5, size=(B, m.state_size)).astype(np.float32)
         decode[B] = alternate(
             {
-                "step_last": per_call(lambda t=tokens, s=state: rt.step_last(t, s)),
-                "step": per_call(lambda t=tokens, s=state: rt.step(t, s)),
-                "scan": per_call(lambda t=tokens, s=state: scan_last(t, s)),
-                "numpy": per_call(lambda t=flat, s=state: np_model.step(t, s)),
+                "step_last": per_call(partial(rt.step_last, tokens, state)),
+                "step": per_call(partial(rt.step, tokens, state)),
+                "scan": per_call(partial(scan_last, tokens, state)),
+                "numpy": per_call(partial(np_model.step, flat, state)),
             },
             rounds,
         )
@@ -300,7 +301,7 @@ def measure(label: str, rt: Runtime, bundle: Path, rounds: int, threads: int) ->
 
 def print_tables(results: list[Result]) -> None:
     print("\nDecode: B sequences advance one token per call (tokens/s = B / time per call).\n")
-    head = (
+    head: tuple[str, ...] = (
         "model",
         "batch",
         "step_last tok/s",
@@ -385,7 +386,7 @@ def design_study(tmp: Path, rounds: int) -> None:
         for what, tokens in cases:
             state = np.zeros((tokens.shape[0], H), np.float32)
             t = alternate(
-                {k: per_call(lambda rt=rt, x=tokens, s=state: rt.step(x, s)) for k, rt in runtimes.items()}, rounds
+                {k: per_call(partial(rt.step, tokens, state)) for k, rt in runtimes.items()}, rounds
             )
             cells = (f"{t[k] * 1e6:,.0f}" for k in ("onehot", "gather", "onehot2"))
             print(f"| {H} | {what} | " + " | ".join(cells) + f" | {t['gather'] / t['onehot']:.2f}x |")

@@ -219,7 +219,7 @@ def raw_decode_rate(model: str, batch: int, seconds: float = 3.0) -> float:
     state = rng.normal(0, 0.3, (batch, rt.state_size)).astype(np.float32)
     for _ in range(3):
         rt.step_last(tokens, state)
-    times = []
+    times: list[float] = []
     end = time.perf_counter() + seconds
     while time.perf_counter() < end or len(times) < 5:
         t = time.perf_counter()
