@@ -40,15 +40,17 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
+from _common import default_bundle, export_random  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from textgen.service.bundle import MODEL_FILE, read_manifest  # noqa: E402
-from textgen.service.runtime import Runtime, default_bundle_path, load_bundle  # noqa: E402
+from textgen.service.runtime import Runtime, load_bundle  # noqa: E402
 from textgen.training.export import (  # noqa: E402
     IR_VERSION,
     OPSET,
@@ -56,7 +58,6 @@ from textgen.training.export import (  # noqa: E402
     LayerWeights,
     Weights,
     step_nodes,
-    write_bundle,
 )
 
 DECODE_BATCHES = (1, 16, 64, 256)
@@ -177,26 +178,11 @@ def scan_graph(w: Weights) -> bytes:
 # ------------------------------------------------------------------------------------------------ timing
 
 
-def random_bundle(
-    out: Path, cell: str, hidden: int, num_layers: int, vocab_size: int, first_layer_input: str | None = None
-) -> Path:
-    import torch
-
-    from textgen.service.vocab import Vocab
-    from textgen.training.model import CharRNN, ModelConfig
-
-    torch.manual_seed(0)
+def random_bundle(out: Path, cell: str, hidden: int, vocab_size: int, first_layer_input: str | None = None) -> Path:
+    """A one-layer random-weight model over ``vocab_size - 1`` printable characters (and the unknown id)."""
     chars = [chr(c) for c in range(32, 32 + vocab_size - 1)]
-    model = CharRNN(ModelConfig(vocab_size=vocab_size, cell=cell, hidden_size=hidden, num_layers=num_layers))
-    write_bundle(
-        model,
-        Vocab(chars),
-        out,
-        corpus="(random weights)",
-        command="bench/runtime_step.py",
-        first_layer_input=first_layer_input,
-    )
-    return out
+    return export_random(out, chars, cell=cell, hidden=hidden, first_layer_input=first_layer_input,
+                         command="bench/runtime_step.py")
 
 
 def per_call(f: Callable[[], object], min_time: float = 0.1) -> Callable[[], float]:
@@ -269,10 +255,10 @@ def measure(label: str, rt: Runtime, bundle: Path, rounds: int, threads: int) ->
         state = rng.uniform(-0.5, 0.5, size=(B, m.state_size)).astype(np.float32)
         decode[B] = alternate(
             {
-                "step_last": per_call(lambda t=tokens, s=state: rt.step_last(t, s)),
-                "step": per_call(lambda t=tokens, s=state: rt.step(t, s)),
-                "scan": per_call(lambda t=tokens, s=state: scan_last(t, s)),
-                "numpy": per_call(lambda t=flat, s=state: np_model.step(t, s)),
+                "step_last": per_call(partial(rt.step_last, tokens, state)),
+                "step": per_call(partial(rt.step, tokens, state)),
+                "scan": per_call(partial(scan_last, tokens, state)),
+                "numpy": per_call(partial(np_model.step, flat, state)),
             },
             rounds,
         )
@@ -315,7 +301,7 @@ def measure(label: str, rt: Runtime, bundle: Path, rounds: int, threads: int) ->
 
 def print_tables(results: list[Result]) -> None:
     print("\nDecode: B sequences advance one token per call (tokens/s = B / time per call).\n")
-    head = (
+    head: tuple[str, ...] = (
         "model",
         "batch",
         "step_last tok/s",
@@ -384,8 +370,8 @@ def design_study(tmp: Path, rounds: int) -> None:
     print("| " + " | ".join(head) + " |")
     print("|---|---|" + "---:|" * (len(head) - 2))
     for H in (256, 512):
-        onehot = random_bundle(tmp / f"onehot{H}", "gru", H, 1, 98, "onehot")
-        gather = random_bundle(tmp / f"gather{H}", "gru", H, 1, 98, "gather")
+        onehot = random_bundle(tmp / f"onehot{H}", "gru", H, 98, "onehot")
+        gather = random_bundle(tmp / f"gather{H}", "gru", H, 98, "gather")
         runtimes = {
             "onehot": load_bundle(onehot, intra_op_threads=1),
             "gather": load_bundle(gather, intra_op_threads=1),
@@ -400,7 +386,7 @@ def design_study(tmp: Path, rounds: int) -> None:
         for what, tokens in cases:
             state = np.zeros((tokens.shape[0], H), np.float32)
             t = alternate(
-                {k: per_call(lambda rt=rt, x=tokens, s=state: rt.step(x, s)) for k, rt in runtimes.items()}, rounds
+                {k: per_call(partial(rt.step, tokens, state)) for k, rt in runtimes.items()}, rounds
             )
             cells = (f"{t[k] * 1e6:,.0f}" for k in ("onehot", "gather", "onehot2"))
             print(f"| {H} | {what} | " + " | ".join(cells) + f" | {t['gather'] / t['onehot']:.2f}x |")
@@ -417,13 +403,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.bundle:
             first, first_name = Path(args.bundle), "given bundle"
-        elif (default_bundle_path() / "manifest.json").is_file():
-            first, first_name = default_bundle_path(), "default bundle"
+        elif (default := default_bundle()) is not None:
+            first, first_name = default, "default bundle"
         else:
-            first, first_name = random_bundle(Path(tmp) / "h256", "gru", 256, 1, 98), "stand-in, random weights"
+            first, first_name = random_bundle(Path(tmp) / "h256", "gru", 256, 98), "stand-in, random weights"
         rt = load_bundle(first, intra_op_threads=args.threads, inter_op_threads=1)
         m = rt.manifest
-        big = random_bundle(Path(tmp) / "h512", m.cell, 512, 1, m.vocab_size)
+        big = random_bundle(Path(tmp) / "h512", m.cell, 512, m.vocab_size)
         rt_big = load_bundle(big, intra_op_threads=args.threads, inter_op_threads=1)
         print(
             f"onnxruntime {ort.__version__}, numpy {np.__version__}, {args.threads} thread(s), "

@@ -34,17 +34,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import SHARED_DATA, default_bundle, export_random
 
-from textgen.service.runtime import default_bundle_path, load_bundle
+from textgen.service.runtime import load_bundle
 from textgen.service.scoring import ScoreJob, run_job
-from textgen.service.scoring.local import available_cores
+from textgen.service.scoring.tasks import available_cores
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 RAW_BATCH, RAW_T = 64, 256
 
 
 def corpus_documents(max_chars: int) -> tuple[str, list[str]]:
-    path = SHARED / "tinyshakespeare.txt"
+    path = SHARED_DATA / "tinyshakespeare.txt"
     if path.is_file():
         name, text = "tinyshakespeare paragraphs", path.read_text(encoding="utf-8")
     else:
@@ -61,20 +61,6 @@ def corpus_documents(max_chars: int) -> tuple[str, list[str]]:
             total += len(d)
         docs = out
     return name, docs
-
-
-def export_random(out: Path, hidden: int, chars: str) -> Path:
-    import torch
-
-    from textgen.service.vocab import Vocab
-    from textgen.training.export import write_bundle
-    from textgen.training.model import CharRNN, ModelConfig
-
-    vocab = Vocab.build(chars)
-    torch.manual_seed(0)
-    model = CharRNN(ModelConfig(vocab_size=vocab.size, cell="gru", hidden_size=hidden, num_layers=1)).eval()
-    write_bundle(model, vocab, out, corpus="random weights (bench)", command="bench/score_throughput.py")
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ measures
@@ -154,13 +140,15 @@ def main() -> None:
         with open(inp, "w", encoding="utf-8") as f:
             for i, d in enumerate(docs):
                 f.write(json.dumps({"id": i, "text": d}, ensure_ascii=False) + "\n")
-        chars = "".join(sorted(set("".join(docs))))
+        chars = sorted(set("".join(docs)))
         models = []
-        if (default_bundle_path() / "manifest.json").is_file():
-            models.append(("default bundle", str(default_bundle_path())))
+        if (default := default_bundle()) is not None:
+            models.append(("default bundle", str(default)))
         else:
-            models.append(("gru 256 (random; no default bundle)", str(export_random(Path(tmp) / "g256", 256, chars))))
-        models.append(("gru 512 (random)", str(export_random(Path(tmp) / "g512", 512, chars))))
+            g256 = export_random(Path(tmp) / "g256", chars, hidden=256, command="bench/score_throughput.py")
+            models.append(("gru 256 (random; no default bundle)", str(g256)))
+        g512 = export_random(Path(tmp) / "g512", chars, hidden=512, command="bench/score_throughput.py")
+        models.append(("gru 512 (random)", str(g512)))
         for label, bundle in models:
             m = load_bundle(bundle, intra_op_threads=1).manifest
             label = f"{label}: {m.cell} {m.num_layers}x{m.hidden_size}"

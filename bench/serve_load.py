@@ -44,6 +44,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _common import export_random
+
 TEXT = ("The quick brown fox jumps over the lazy dog. def main(args):\n    return sum(x * x for x in args)\n"
         "Batching shares one model step between many streams; continuous batching lets them join and leave. ")
 SERVER_FLAGS = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--max-streams", "512",
@@ -198,19 +200,11 @@ def export_random_gru(hidden: int, out: Path) -> Path:
             return out
         except BundleError:  # a bundle of an older format: export it again
             shutil.rmtree(out)
-    import torch
-
     from textgen.service.runtime import default_bundle_path
-    from textgen.service.vocab import Vocab
-    from textgen.training.export import write_bundle
-    from textgen.training.model import CharRNN, ModelConfig
 
     manifest = json.loads((default_bundle_path() / "manifest.json").read_text(encoding="utf-8"))
-    vocab = Vocab([c for c in manifest["vocab"] if c is not None])  # the default bundle's characters
-    torch.manual_seed(hidden)
-    model = CharRNN(ModelConfig(vocab_size=vocab.size, cell="gru", hidden_size=hidden)).eval()
-    write_bundle(model, vocab, out, corpus="random", command=f"bench/serve_load.py: random GRU {hidden}")
-    return out
+    chars = [c for c in manifest["vocab"] if c is not None]  # the default bundle's characters
+    return export_random(out, chars, hidden=hidden, seed=hidden, command=f"bench/serve_load.py: random GRU {hidden}")
 
 
 def raw_decode_rate(model: str, batch: int, seconds: float = 3.0) -> float:
@@ -225,7 +219,7 @@ def raw_decode_rate(model: str, batch: int, seconds: float = 3.0) -> float:
     state = rng.normal(0, 0.3, (batch, rt.state_size)).astype(np.float32)
     for _ in range(3):
         rt.step_last(tokens, state)
-    times = []
+    times: list[float] = []
     end = time.perf_counter() + seconds
     while time.perf_counter() < end or len(times) < 5:
         t = time.perf_counter()

@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
+from typing import Protocol, cast
 
 import torch
+from _common import SHARED_DATA
 from torch import nn
 
 from textgen.service.vocab import Vocab
@@ -24,6 +25,12 @@ from textgen.training.model import CharRNN, ModelConfig
 from textgen.training.train import begin_state, clip_grad_norm
 
 H, T, B, LR, THETA = 512, 35, 32, 1.0, 1.0
+
+
+class Trainer(Protocol):
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One training step on the batch (x, y); returns the loss."""
+        ...
 
 
 class Article:
@@ -50,7 +57,7 @@ class Article:
         for p in self.params:
             p.grad = None
         loss.backward()
-        norm = torch.sqrt(sum(torch.sum(p.grad**2) for p in self.params))
+        norm = torch.sqrt(cast(torch.Tensor, sum(torch.sum(p.grad**2) for p in self.params)))
         if norm > THETA:
             for p in self.params:
                 p.grad[:] *= THETA / norm
@@ -103,7 +110,7 @@ class TorchRNN:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default = Path(__file__).resolve().parents[2] / "shared" / "data" / "timemachine.txt"
+    default = SHARED_DATA / "timemachine.txt"
     parser.add_argument("--corpus", default=str(default) if default.exists() else "pydoc")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per implementation per round")
     parser.add_argument("--rounds", type=int, default=3)
@@ -117,8 +124,8 @@ def main() -> None:
     vocab = Vocab.build(text)
     ids = torch.from_numpy(vocab.encode(text))
     batches = list(epoch_batches(ids, B, T, "sequential", seed=0, epoch=0))
-    impls = {"article recipe (one-hot, loop, hand clip)": Article(vocab.size), "textgen trainer": Ours(vocab.size),
-             "nn.RNN": TorchRNN(vocab.size)}
+    impls: dict[str, Trainer] = {"article recipe (one-hot, loop, hand clip)": Article(vocab.size),
+                                 "textgen trainer": Ours(vocab.size), "nn.RNN": TorchRNN(vocab.size)}
     rates: dict[str, list[float]] = {name: [] for name in impls}
     losses: dict[str, float] = {}
     position = 0

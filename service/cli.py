@@ -319,7 +319,7 @@ def score(input_path: str, output: str | None, fmt: str | None, errors_path: str
     Writes one row per document in input order, and OUTPUT.summary.json. Exit status: 0 all documents scored,
     3 some rows could not be scored (see the errors file), 1 error (docs/scoring.md).
     """
-    from textgen.service.scoring.local import ScoreJob, format_summary, run_job
+    from textgen.service.scoring.job import ScoreJob, format_summary, run_job
 
     job = ScoreJob(input_path, output=output, format=fmt, errors=errors_path, **options)
     summary = run_job(job)

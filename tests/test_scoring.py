@@ -19,8 +19,7 @@ from click.testing import CliRunner
 from textgen.service.cli import main
 from textgen.service.errors import InputError, ScoringError
 from textgen.service.nll import SUM_BLOCK
-from textgen.service.scoring import FIELDS, ScoreJob, batching, run_job, score_batch
-from textgen.service.scoring import local as local_mod
+from textgen.service.scoring import FIELDS, ScoreJob, batching, executors, run_job, score_batch
 from textgen.service.scoring.batching import bucket, plan_windows
 from textgen.service.scoring.inputs import BadRow, Document, read_records
 
@@ -223,7 +222,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny_bundle: P
     full = tmp_path / "full.jsonl"
     job(tiny_bundle, inp, full, batch_size=4, chunk=16)
     calls = {"n": 0}
-    real = local_mod.score_batch
+    real = executors.score_batch
 
     def dies_after_some_batches(*args: Any) -> Any:
         calls["n"] += 1
@@ -232,10 +231,10 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny_bundle: P
         return real(*args)
 
     out = tmp_path / "out.jsonl"
-    monkeypatch.setattr(local_mod, "score_batch", dies_after_some_batches)
+    monkeypatch.setattr(executors, "score_batch", dies_after_some_batches)
     with pytest.raises(KeyboardInterrupt):
         job(tiny_bundle, inp, out, batch_size=4, chunk=16)
-    monkeypatch.setattr(local_mod, "score_batch", real)
+    monkeypatch.setattr(executors, "score_batch", real)
     written = rows_of(out)
     assert 0 < len(written) < 200 and written == rows_of(full)[: len(written)]
     assert written[7]["id"] == "line\u2028separator, \"quoted\"\nnewline"

@@ -5,12 +5,14 @@
 
 Modules: :mod:`.inputs` (readers: documents and bad rows), :mod:`.batching` (length buckets and the padded,
 state-carrying batched forward that reproduces ``Runtime.score_ids``), :mod:`.output` (rows, writers, resume,
-summary figures), :mod:`.local` (the job: worker pool, ordering, resume) and :mod:`.ray_engine` (Ray Data).
+summary figures), :mod:`.tasks` (what the job hands an executor: keyed batches, the executor interface),
+:mod:`.executors` (in this process or a worker pool), :mod:`.ray_executor` (Ray Data) and :mod:`.job` (the
+driver: reading, ordering, resume, summary).
 """
 
 from ..nll import token_nll
 from .batching import score_batch, score_document
-from .local import ScoreJob, format_summary, run_job
+from .job import ScoreJob, format_summary, run_job
 from .output import FIELDS, make_row
 
 __all__ = ["FIELDS", "ScoreJob", "format_summary", "make_row", "run_job", "score_batch", "score_document",

@@ -31,7 +31,7 @@ import numpy as np
 from ..bundle import MANIFEST_FILE, read_manifest
 from ..errors import InputError, ScoringError
 from .batching import score_batch
-from .local import Key, Payload, available_cores, unpack
+from .tasks import Key, Payload, available_cores, unpack
 
 RAY_HINT = "the ray engine needs the ray extra: pip install 'textgen[ray]'"
 SEGMENT_TASKS = 256  # batches per Ray Data execution (at least 16 per worker)

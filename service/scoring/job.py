@@ -1,14 +1,10 @@
-"""The scoring job: read, plan, score on workers, write rows in input order; resume; summary.
+"""The scoring job: read, plan, score on an executor, write rows in input order; resume; summary.
 
     summary = run_job(ScoreJob("corpus/", output="scores.jsonl", model="bundles/gru"))
 
 The driver (this process) reads the input, encodes the documents and plans windows of length-bucketed
-batches (:func:`~textgen.service.scoring.batching.plan_windows`). An executor scores the batches:
-
-* local, 1 worker: in this process;
-* local, N workers: a pool of N spawned processes, each loading the bundle once with
-  ``threads = max(1, cores // N)`` onnxruntime intra-op threads (no oversubscription);
-* ray: Ray Data actors (:mod:`~textgen.service.scoring.ray_engine`).
+batches (:func:`~textgen.service.scoring.batching.plan_windows`). An executor scores the batches
+(:mod:`~textgen.service.scoring.executors`: in this process, a pool of worker processes, or Ray Data actors).
 
 Results come back in any order; a window's rows are written, in input order, once all its batches are
 back, and the files are flushed after every window. So an interrupted run leaves a prefix of the final output
@@ -22,23 +18,20 @@ uninterrupted run's.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
 from ..bundle import MANIFEST_FILE, MODEL_FILE, load_verified
 from ..errors import InputError, ScoringError, UnsafeOutput
-from .batching import Window, plan_windows, score_batch
+from .batching import Window, plan_windows
+from .executors import ENGINES, make_executor
 from .inputs import BadRow, Document, Record, input_fingerprint, input_kind, input_size, read_records
 from .output import (
     Done,
@@ -54,18 +47,7 @@ from .output import (
     summary_path,
     write_json_atomic,
 )
-
-ENGINES = ("local", "ray")
-Key = tuple[int, int]  # (window seq, batch number)
-Payload = tuple[np.ndarray, np.ndarray]  # (lengths, concatenated ids)
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - macOS, Windows
-        return max(1, os.cpu_count() or 1)
+from .tasks import Key, Payload, pack
 
 
 @dataclass
@@ -102,114 +84,6 @@ class ScoreJob:
             "batch_size": self.batch_size,
             "chunk": self.chunk,
         }
-
-
-# ------------------------------------------------------------------------------------------------ executors
-
-
-class Executor(Protocol):
-    workers: int
-    threads: int
-
-    def run(self, tasks: Iterable[tuple[Key, Payload]]) -> Iterator[tuple[Key, list[float]]]:
-        """Score every task's documents; yield (key, NLLs in payload order) in any order."""
-        ...
-
-    def close(self) -> None: ...
-
-
-def pack(seqs: list[np.ndarray], vocab_size: int) -> Payload:
-    """A batch as two flat arrays (cheap to pickle): the lengths and the concatenated ids."""
-    dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
-    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
-    return lengths, np.concatenate(seqs).astype(dtype, copy=False)
-
-
-def unpack(payload: Payload) -> list[np.ndarray]:
-    lengths, flat = payload
-    return np.split(flat, np.cumsum(lengths)[:-1])
-
-
-_worker_rt: Any = None
-_worker_chunk = 256
-
-
-def _init_worker(bundle: str, threads: int, chunk: int) -> None:
-    global _worker_rt, _worker_chunk
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver handles Ctrl-C and shuts the pool down
-    from ..runtime import load_bundle
-
-    _worker_rt = load_bundle(bundle, intra_op_threads=threads, inter_op_threads=1)
-    _worker_chunk = chunk
-
-
-def _score_payload(payload: Payload) -> list[float]:
-    return score_batch(_worker_rt, unpack(payload), _worker_chunk)
-
-
-class InProcessExecutor:
-    """One worker: the driver scores the batches itself, in order."""
-
-    def __init__(self, bundle: str, threads: int, chunk: int):
-        from ..runtime import load_bundle
-
-        self.workers, self.threads, self.chunk = 1, threads, chunk
-        self.rt = load_bundle(bundle, intra_op_threads=threads, inter_op_threads=1)
-
-    def run(self, tasks: Iterable[tuple[Key, Payload]]) -> Iterator[tuple[Key, list[float]]]:
-        for key, payload in tasks:
-            yield key, score_batch(self.rt, unpack(payload), self.chunk)
-
-    def close(self) -> None:
-        pass
-
-
-class PoolExecutor:
-    """N spawned worker processes; at most ``2 * N`` batches in flight, the input read lazily."""
-
-    def __init__(self, bundle: str, workers: int, threads: int, chunk: int):
-        self.workers, self.threads = workers, threads
-        self.pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                                        initargs=(bundle, threads, chunk))
-
-    def run(self, tasks: Iterable[tuple[Key, Payload]]) -> Iterator[tuple[Key, list[float]]]:
-        it = iter(tasks)
-        inflight: dict[Future[list[float]], Key] = {}
-        exhausted = False
-        while True:
-            while not exhausted and len(inflight) < 2 * self.workers:
-                task = next(it, None)
-                if task is None:
-                    exhausted = True
-                else:
-                    inflight[self.pool.submit(_score_payload, task[1])] = task[0]
-            if not inflight:
-                return
-            done, _ = wait(inflight, return_when=FIRST_COMPLETED)
-            for fut in done:
-                key = inflight.pop(fut)
-                try:
-                    result = fut.result()
-                except BrokenProcessPool as exc:
-                    raise ScoringError("a scoring worker process died (out of memory?); the rows written so far "
-                                       "are kept: rerun with --resume to continue") from exc
-                yield key, result
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def make_executor(job: ScoreJob, bundle: str) -> Executor:
-    if job.engine == "ray":
-        from .ray_engine import RayExecutor
-
-        return RayExecutor(bundle, job.workers, job.threads, job.chunk, job.address)
-    cores = available_cores()
-    workers = job.workers or cores
-    threads = job.threads or max(1, cores // workers)
-    if workers == 1:
-        return InProcessExecutor(bundle, threads, job.chunk)
-    return PoolExecutor(bundle, workers, threads, job.chunk)
 
 
 # ------------------------------------------------------------------------------------------------ the job
@@ -288,7 +162,7 @@ def run_job(job: ScoreJob, *, stdout: TextIO | None = None, stderr: TextIO | Non
     resume = _Resume(done)
     records = resume.track(read_records(job.input, text_field=job.text_field, id_field=job.id_field,
                                         kind=job.input_format), job.input)
-    executor = make_executor(job, str(bundle))
+    executor = make_executor(job.engine, str(bundle), job.workers, job.threads, job.chunk, job.address)
     rows = RowWriter(job.output, fmt, append=appending, stdout=stdout)
     # The errors file is written afresh, also on --resume: the bad rows before the cutoff are read again.
     errors = ErrorWriter(err_path, stream=stderr)
@@ -467,4 +341,4 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ENGINES", "ScoreJob", "available_cores", "check_outputs", "format_summary", "run_job"]
+__all__ = ["ScoreJob", "check_outputs", "format_summary", "run_job"]
