@@ -24,11 +24,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from .config import CELLS, INITS
 from .recurrence import GRUScan, RNNScan
 
-CELLS = ("rnn", "gru", "lstm")
-GATES = {"rnn": 1, "gru": 3, "lstm": 4}
-INITS = ("uniform", "orthogonal")  # how many H-sized blocks each input projection has
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}  # how many H-sized blocks each input projection has
 
 
 @dataclass
@@ -184,4 +183,5 @@ class CharRNN(nn.Module):
     def set_fused(self, fused: bool) -> None:
         """Use the hand-written rnn/gru time loops (the default) or the step-by-step autograd reference."""
         for layer in self.layers:
+            assert isinstance(layer, RecurrentLayer)
             layer.fused = fused
