@@ -135,7 +135,7 @@ def test_state_size_is_flat_whatever_the_cell() -> None:
 
 def test_rejects_unknown_cell() -> None:
     with pytest.raises(ValueError, match="cell must be one of"):
-        ModelConfig(vocab_size=V, cell="transformer")
+        ModelConfig(vocab_size=V, cell="transformer", hidden_size=H)
 
 
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
