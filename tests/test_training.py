@@ -307,6 +307,31 @@ def test_cli_reports_a_bad_corpus_in_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and "no such file or folder" in lines[0] and "Traceback" not in result.output
 
 
+def test_cli_options_become_the_train_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[TrainConfig, str | None]] = []
+    monkeypatch.setattr("textgen.training.train.train",
+                        lambda cfg, resume_from=None, **_: calls.append((cfg, resume_from)))
+    runner = CliRunner()
+
+    def given(*args: str) -> TrainConfig:
+        result = runner.invoke(cli, ["train", *args, "--quiet"])
+        assert result.exit_code == 0, result.output
+        return calls[-1][0]
+
+    assert given() == TrainConfig()
+    assert given("--cell", "lstm", "--hidden-size", "32", "--lr", "0.01", "--eval-streams", "4", "--out", "x") == \
+        TrainConfig(cell="lstm", hidden_size=32, lr=0.01, eval_streams=4, out_dir="x")
+    assert given("--time-budget", "60") == TrainConfig(time_budget=60.0, max_steps=0)  # the budget is the limit
+    assert given("--time-budget", "60", "--max-steps", "5") == TrainConfig(time_budget=60.0, max_steps=5)
+    assert given("--resume", "r.pt", "--max-steps", "9", "--threads", "1", "--out", "y") == \
+        TrainConfig(max_steps=9, threads=1, out_dir="y")
+    assert calls[-1][1] == "r.pt"
+    refused = runner.invoke(cli, ["train", "--resume", "r.pt", "--lr", "0.1"])
+    assert refused.exit_code == 2 and "only --max-steps, --time-budget, --threads and --out" in refused.output
+    bad = runner.invoke(cli, ["train", "--cell", "transformer"])
+    assert bad.exit_code == 2 and "rnn" in bad.output
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
