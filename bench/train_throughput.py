@@ -71,7 +71,7 @@ class Ours:
     """textgen's model and the training loop's own pieces (begin_state, clip_grad_norm, torch SGD)."""
 
     def __init__(self, V: int):
-        self.model = CharRNN(ModelConfig(vocab_size=V, cell="rnn", hidden_size=H))
+        self.model = CharRNN(ModelConfig(vocab_size=V, cell="rnn", hidden_size=H, num_layers=1))
         self.opt = torch.optim.SGD(self.model.parameters(), lr=LR)
         self.state: torch.Tensor | None = None
 

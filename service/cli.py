@@ -66,33 +66,28 @@ def main() -> None:
 # ---------------------------------------------------------------------------------------------- training
 
 
+def _train_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """One option per :class:`TrainConfig` field, from its help and choices (keyword = field name).
+
+    Every default is None, so that ``train`` knows which options were given; help shows TrainConfig's default.
+    """
+    import dataclasses
+
+    from textgen.training.config import TrainConfig  # torch-free
+
+    types: dict[str, type] = {"int": int, "float": float, "str": str}
+    for f in reversed(dataclasses.fields(TrainConfig)):
+        choices = f.metadata.get("choices")
+        kind: Any = click.Choice(list(choices)) if choices else types[str(f.type)]
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        default = f"{f.default:g}" if isinstance(f.default, float) else f.default
+        func = click.option(flag, f.name, type=kind, default=None,
+                            help=f"{f.metadata['help']}  [default: {default}]")(func)
+    return func
+
+
 @main.command()
-@click.option("--corpus", default=None, help="A UTF-8 file, a folder of .txt files, or 'pydoc' (built in).")
-@click.option("--cell", type=click.Choice(["rnn", "gru", "lstm"]), default=None)
-@click.option("--hidden-size", type=int, default=None)
-@click.option("--num-layers", type=int, default=None)
-@click.option("--dropout", type=float, default=None)
-@click.option("--init", type=click.Choice(["uniform", "orthogonal"]), default=None,
-              help="Initial recurrent weights.")
-@click.option("--iterator", type=click.Choice(["sequential", "random"]), default=None,
-              help="sequential: carry the state across batches (truncated BPTT); random: fresh state.")
-@click.option("--bptt", type=int, default=None, help="Unroll length in characters.")
-@click.option("--batch-size", type=int, default=None)
-@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default=None)
-@click.option("--lr", type=float, default=None)
-@click.option("--weight-decay", type=float, default=None)
-@click.option("--beta2", type=float, default=None, help="AdamW's second-moment decay.")
-@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default=None)
-@click.option("--warmup-steps", type=int, default=None)
-@click.option("--clip", type=float, default=None, help="Gradient-norm clipping threshold theta (0 = off).")
-@click.option("--ema", type=float, default=None,
-              help="Evaluate and save a moving average of the weights with this decay per step (0 = off).")
-@click.option("--max-steps", type=int, default=None, help="Stop after this many steps (0 = no limit).")
-@click.option("--time-budget", type=float, default=None, help="Stop after this many seconds (0 = no limit).")
-@click.option("--eval-every", type=int, default=None)
-@click.option("--seed", type=int, default=None)
-@click.option("--threads", type=int, default=None, help="torch threads (0 = all cores).")
-@click.option("--out", "out_dir", default=None, help="Output folder for checkpoints, metrics and plot.")
+@_train_options
 @click.option("--resume", type=click.Path(), default=None, help="Continue the run saved in this checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors

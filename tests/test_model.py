@@ -135,16 +135,16 @@ def test_state_size_is_flat_whatever_the_cell() -> None:
 
 def test_rejects_unknown_cell() -> None:
     with pytest.raises(ValueError, match="cell must be one of"):
-        ModelConfig(vocab_size=V, cell="transformer")
+        ModelConfig(vocab_size=V, cell="transformer", hidden_size=H, num_layers=1)
 
 
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
 def test_orthogonal_init_makes_each_recurrent_gate_block_orthogonal(cell: str) -> None:
     torch.manual_seed(5)
-    cfg = ModelConfig(vocab_size=V, cell=cell, hidden_size=H, init="orthogonal")
+    cfg = ModelConfig(vocab_size=V, cell=cell, hidden_size=H, num_layers=1, init="orthogonal")
     W = CharRNN(cfg).layers[0].W_hh.detach()
     for g in range(W.shape[1] // H):
         block = W[:, g * H : (g + 1) * H]
         torch.testing.assert_close(block.T @ block, torch.eye(H), atol=1e-5, rtol=0)
-    uniform = CharRNN(ModelConfig(vocab_size=V, cell=cell, hidden_size=H)).layers[0].W_hh.detach()
+    uniform = CharRNN(ModelConfig(vocab_size=V, cell=cell, hidden_size=H, num_layers=1)).layers[0].W_hh.detach()
     assert uniform.abs().max() <= 1 / H**0.5  # PyTorch's default bound

@@ -60,7 +60,7 @@ def test_random_batches_are_disjoint_windows_and_change_with_epoch() -> None:
 
 def test_detached_state_stops_the_gradient_at_the_chunk_boundary() -> None:
     torch.manual_seed(0)
-    model = CharRNN(ModelConfig(vocab_size=6, cell="rnn", hidden_size=4))
+    model = CharRNN(ModelConfig(vocab_size=6, cell="rnn", hidden_size=4, num_layers=1))
     x1, x2 = torch.randint(0, 6, (2, 5)), torch.randint(0, 6, (2, 5))
     s0 = torch.zeros(2, 4, requires_grad=True)  # a leaf standing for "everything before chunk 1"
 
@@ -92,37 +92,42 @@ def _params_with_grads(scale: float) -> list[torch.nn.Parameter]:
     return params
 
 
-def _norm(params) -> float:
-    return math.sqrt(sum(float((p.grad**2).sum()) for p in params))
+def _grad(p: torch.nn.Parameter) -> torch.Tensor:
+    assert p.grad is not None
+    return p.grad
+
+
+def _norm(params: list[torch.nn.Parameter]) -> float:
+    return math.sqrt(sum(float((_grad(p) ** 2).sum()) for p in params))
 
 
 def test_clipping_above_theta_rescales_to_theta_and_keeps_direction() -> None:
     params = _params_with_grads(10.0)
-    before = [p.grad.clone() for p in params]
+    before = [_grad(p).clone() for p in params]
     norm = clip_grad_norm(params, theta=1.0)
     assert norm == pytest.approx(math.sqrt(sum(float((g**2).sum()) for g in before)), rel=1e-6)
     assert _norm(params) == pytest.approx(1.0, rel=1e-5)
     flat_before = torch.cat([g.flatten() for g in before])
-    flat_after = torch.cat([p.grad.flatten() for p in params])
+    flat_after = torch.cat([_grad(p).flatten() for p in params])
     assert torch.nn.functional.cosine_similarity(flat_before, flat_after, dim=0) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_clipping_below_theta_changes_nothing() -> None:
     params = _params_with_grads(0.01)
-    before = [p.grad.clone() for p in params]
+    before = [_grad(p).clone() for p in params]
     clip_grad_norm(params, theta=1.0)
     for p, g in zip(params, before, strict=True):
-        assert torch.equal(p.grad, g)
+        assert torch.equal(_grad(p), g)
 
 
 def test_clipping_equals_the_hand_written_formula() -> None:
     """The article's grad_clipping: if norm > theta, every gradient is multiplied by theta / norm."""
     ours, theirs = _params_with_grads(3.0), _params_with_grads(3.0)
     theta = 0.7
-    norm = torch.sqrt(sum(torch.sum(p.grad**2) for p in theirs))
+    norm = torch.sqrt(sum((torch.sum(_grad(p) ** 2) for p in theirs), torch.tensor(0.0)))
     if norm > theta:
         for p in theirs:
-            p.grad[:] *= theta / norm
+            _grad(p)[:] *= theta / norm
     clip_grad_norm(ours, theta)
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a.grad, b.grad)
@@ -132,7 +137,7 @@ def test_clipping_equals_the_hand_written_formula() -> None:
 
 
 def test_optimizer_follows_the_config() -> None:
-    model = CharRNN(ModelConfig(vocab_size=5, cell="rnn", hidden_size=3))
+    model = CharRNN(ModelConfig(vocab_size=5, cell="rnn", hidden_size=3, num_layers=1))
     adamw = make_optimizer(TrainConfig(lr=0.01, weight_decay=0.1, beta2=0.99), model)
     assert isinstance(adamw, torch.optim.AdamW)
     assert adamw.defaults["betas"] == (0.9, 0.99) and adamw.defaults["weight_decay"] == 0.1
@@ -178,7 +183,7 @@ def test_training_with_ema_evaluates_and_saves_the_average(tmp_path: Path) -> No
 
 
 def test_uniform_model_has_perplexity_equal_to_vocabulary_size() -> None:
-    model = CharRNN(ModelConfig(vocab_size=13, cell="gru", hidden_size=5))
+    model = CharRNN(ModelConfig(vocab_size=13, cell="gru", hidden_size=5, num_layers=1))
     with torch.no_grad():
         model.W_hq.zero_()
         model.b_q.zero_()
@@ -190,7 +195,7 @@ def test_uniform_model_has_perplexity_equal_to_vocabulary_size() -> None:
 
 def test_evaluate_with_one_stream_is_exact_whole_text_scoring() -> None:
     torch.manual_seed(4)
-    model = CharRNN(ModelConfig(vocab_size=9, cell="lstm", hidden_size=6))
+    model = CharRNN(ModelConfig(vocab_size=9, cell="lstm", hidden_size=6, num_layers=1))
     ids = torch.randint(0, 9, (123,))
     nll, n = evaluate(model, ids, streams=1, chunk=10)  # chunks carry the state: same as one pass
     logits, _ = model(ids[None, :-1])
@@ -300,6 +305,31 @@ def test_cli_reports_a_bad_corpus_in_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "no such file or folder" in lines[0] and "Traceback" not in result.output
+
+
+def test_cli_options_become_the_train_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[TrainConfig, str | None]] = []
+    monkeypatch.setattr("textgen.training.train.train",
+                        lambda cfg, resume_from=None, **_: calls.append((cfg, resume_from)))
+    runner = CliRunner()
+
+    def given(*args: str) -> TrainConfig:
+        result = runner.invoke(cli, ["train", *args, "--quiet"])
+        assert result.exit_code == 0, result.output
+        return calls[-1][0]
+
+    assert given() == TrainConfig()
+    assert given("--cell", "lstm", "--hidden-size", "32", "--lr", "0.01", "--eval-streams", "4", "--out", "x") == \
+        TrainConfig(cell="lstm", hidden_size=32, lr=0.01, eval_streams=4, out_dir="x")
+    assert given("--time-budget", "60") == TrainConfig(time_budget=60.0, max_steps=0)  # the budget is the limit
+    assert given("--time-budget", "60", "--max-steps", "5") == TrainConfig(time_budget=60.0, max_steps=5)
+    assert given("--resume", "r.pt", "--max-steps", "9", "--threads", "1", "--out", "y") == \
+        TrainConfig(max_steps=9, threads=1, out_dir="y")
+    assert calls[-1][1] == "r.pt"
+    refused = runner.invoke(cli, ["train", "--resume", "r.pt", "--lr", "0.1"])
+    assert refused.exit_code == 2 and "only --max-steps, --time-budget, --threads and --out" in refused.output
+    bad = runner.invoke(cli, ["train", "--cell", "transformer"])
+    assert bad.exit_code == 2 and "rnn" in bad.output
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

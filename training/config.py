@@ -1,48 +1,81 @@
 """The typed training configuration. It is saved inside every checkpoint, so a run can be resumed or
-inspected without the command line that started it. Defaults are the recipe documented in docs/training.md.
+inspected without the command line that started it. Defaults are the recipe documented in docs/training.md
+(which also keeps the runs that chose them).
+
+Every field carries its help text, and its choices where it has them, in ``metadata``: ``textgen train``
+builds one option per field from them, so a new field is a new option. This module does not import torch:
+the runtime install, which has no torch, imports it for ``textgen train --help``.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, TypeVar
 
-from .model import ModelConfig
+from textgen.service.bundle import CELLS  # the cells a bundle may hold (torch-free)
+
+if TYPE_CHECKING:
+    from .model import ModelConfig
+
+INITS = ("uniform", "orthogonal")
+ITERATORS = ("sequential", "random")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+
+_T = TypeVar("_T")
+
+
+def _option(default: _T, help: str, choices: tuple[str, ...] = (), flag: str = "") -> _T:
+    """A field with its command-line help, its choices (if any) and its flag (if not ``--field-name``)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
 
 
 @dataclass
 class TrainConfig:
     # data
-    corpus: str = "pydoc"  # a UTF-8 file, a folder of .txt files, or the built-in corpus "pydoc"
-    iterator: str = "sequential"  # "sequential": carry the state, detach at boundaries; "random": fresh state
-    bptt: int = 50  # unroll length T: characters per training window (and gradient horizon)
-    batch_size: int = 64  # B: parallel streams (sequential) or random windows per batch
+    corpus: str = _option("pydoc", "A UTF-8 file, a folder of .txt files, or 'pydoc' (built in).")
+    iterator: str = _option("sequential", "sequential: carry the state across batches, detached at each boundary "
+                            "(truncated BPTT); random: every batch starts from a fresh state.", ITERATORS)
+    bptt: int = _option(50, "Unroll length T: characters per training window, and the gradient's horizon.")
+    batch_size: int = _option(64, "B: parallel streams (sequential) or random windows (random) per batch.")
     # model
-    cell: str = "gru"  # rnn | gru | lstm
-    hidden_size: int = 384  # H per layer
-    num_layers: int = 2  # stacked layers (2 x 384 took the rnn from 1.580 to 1.512 against 1 x 512)
-    dropout: float = 0.0  # on each layer's outputs while training
-    init: str = "uniform"  # recurrent weights: "uniform" (PyTorch's default) or "orthogonal"
+    cell: str = _option("gru", "Recurrent cell.", CELLS)
+    hidden_size: int = _option(384, "H: units per layer.")
+    num_layers: int = _option(2, "Stacked recurrent layers.")
+    dropout: float = _option(0.0, "Dropout on each layer's outputs while training (0 = off).")
+    init: str = _option("uniform", "Initial recurrent weights: PyTorch's uniform, or orthogonal per gate block.",
+                        INITS)
     # optimisation
-    optimizer: str = "adamw"  # "adamw", or "sgd" (the article's recipe uses sgd with lr 1)
-    lr: float = 3e-3  # peak learning rate (the gru did a little better with 5e-3, the rnn much worse)
-    weight_decay: float = 0.1  # AdamW's decoupled weight decay (0 -> 0.1: rnn 1.621 -> 1.580; 0.3 was worse)
-    beta2: float = 0.999  # AdamW's second-moment decay (PyTorch's default); 0.99 helped the gru a little
-    schedule: str = "cosine"  # "cosine" decays to lr * min_lr_ratio at the end of the run; or "constant"
-    warmup_steps: int = 50  # linear warmup before the schedule
-    min_lr_ratio: float = 0.05  # floor of the cosine schedule, as a fraction of lr
-    clip: float = 1.0  # theta of gradient-norm clipping over all parameters (0 = off)
-    ema: float = 0.0  # decay of a moving average of the weights, evaluated and saved instead (0 = off)
+    optimizer: str = _option("adamw", "adamw, or sgd (the article's recipe: sgd with --lr 1, constant).",
+                             OPTIMIZERS)
+    lr: float = _option(3e-3, "Peak learning rate.")
+    weight_decay: float = _option(0.1, "AdamW's decoupled weight decay.")
+    beta2: float = _option(0.999, "AdamW's second-moment decay.")
+    schedule: str = _option("cosine", "After the warmup: cosine decays to lr x --min-lr-ratio at the end of the "
+                            "run; constant keeps lr.", SCHEDULES)
+    warmup_steps: int = _option(50, "Steps of linear warmup to the peak learning rate.")
+    min_lr_ratio: float = _option(0.05, "Floor of the cosine schedule, as a fraction of --lr.")
+    clip: float = _option(1.0, "Gradient-norm clipping threshold theta, over all parameters at once (0 = off).")
+    ema: float = _option(0.0, "Evaluate and save a moving average of the weights with this decay per step "
+                         "(0 = off).")
     # length of the run: whichever comes first; the schedule follows the fraction of either that has passed
-    max_steps: int = 2000  # optimiser steps (0 = no limit); the CLI drops it when only --time-budget is given
-    time_budget: float = 0.0  # seconds of wall-clock training, evaluation included (0 = no limit)
+    max_steps: int = _option(2000, "Stop after this many optimizer steps (0 = no limit; --time-budget alone "
+                             "sets it to 0).")
+    time_budget: float = _option(0.0, "Stop after this many seconds of training, evaluations included "
+                                 "(0 = no limit).")
     # evaluation and output
-    eval_every: int = 500  # steps between held-out evaluations (and checkpoints); they count in --time-budget
-    eval_streams: int = 16  # held-out text is scored as this many streams with the state carried in each
-    seed: int = 1337  # makes a run reproducible (data order, initial weights, dropout)
-    threads: int = 0  # torch intra-op threads (0 = torch's default: all cores)
-    out_dir: str = "runs/latest"  # checkpoints, metrics.jsonl and curves.png go here
+    eval_every: int = _option(500, "Steps between held-out evaluations and checkpoints (they count in "
+                              "--time-budget).")
+    eval_streams: int = _option(16, "Score the held-out text as this many side-by-side streams, the state "
+                                "carried in each.")
+    seed: int = _option(1337, "Seed of the data order, the initial weights and dropout: a run is reproducible.")
+    threads: int = _option(0, "torch intra-op threads (0 = torch's default: all cores).")
+    out_dir: str = _option("runs/latest", "Output folder for checkpoints, metrics.jsonl and curves.png.",
+                           flag="--out")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
+        from .model import ModelConfig  # torch: imported only where a model is built
+
         return ModelConfig(
             vocab_size=vocab_size,
             cell=self.cell,

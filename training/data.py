@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-ITERATORS = ("sequential", "random")
+from .config import ITERATORS
 
 
 def epoch_batches(

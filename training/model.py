@@ -26,19 +26,21 @@ from torch import Tensor, nn
 
 from textgen.service import bundle
 
+from .config import CELLS, INITS
 from .recurrence import GRUScan, RNNScan
 
-CELLS = bundle.CELLS  # the bundle contract's cells
-GATES = {"rnn": 1, "gru": 3, "lstm": 4}
-INITS = ("uniform", "orthogonal")  # how many H-sized blocks each input projection has
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}  # how many H-sized blocks each input projection has
 
 
 @dataclass
 class ModelConfig:
+    """The architecture. Cell, width and depth have no default here: a trained model takes them from
+    ``TrainConfig`` (whose defaults are the recipe), a test or benchmark says what it builds."""
+
     vocab_size: int  # characters + 1 for the unknown id; taken from the corpus
-    cell: str = "gru"  # rnn | gru | lstm
-    hidden_size: int = 512  # H, per layer
-    num_layers: int = 1  # stacked recurrent layers
+    cell: str  # rnn | gru | lstm
+    hidden_size: int  # H, per layer
+    num_layers: int  # stacked recurrent layers
     dropout: float = 0.0  # on the outputs of each layer during training (0 = off)
     init: str = "uniform"  # recurrent weights: "uniform" (PyTorch's +-1/sqrt(H)) or "orthogonal" per gate block
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -107,7 +107,7 @@ def moving_average(model: nn.Module, decay: float) -> AveragedModel:
         raise TrainingError(f"ema must be in [0, 1), not {decay}")
 
     @torch.no_grad()
-    def update(averaged: list[Tensor], current: list[Tensor], n: Tensor | int) -> None:
+    def update(averaged: Sequence[Tensor], current: Sequence[Tensor], n: Tensor | int) -> None:
         d = min(decay, (1 + int(n)) / (10 + int(n)))
         for a, w in zip(averaged, current, strict=True):
             a.lerp_(w, 1.0 - d)
@@ -141,29 +141,21 @@ class _Log:
             f.write(json.dumps(record) + "\n")
 
 
-def train(
-    cfg: TrainConfig,
-    resume_from: str | Path | None = None,
-    command: str = "",
-    show_progress: bool | None = None,
-    echo: Callable[[str], None] = print,
-) -> TrainResult:
-    """Train a model as ``cfg`` says (or continue the run saved in ``resume_from``)."""
-    resumed: Checkpoint | None = None
-    if resume_from is not None:
-        resumed = load_checkpoint(resume_from)
-        saved = resumed.train_config
-        # the run's identity comes from the checkpoint; only its length and output folder may change
-        cfg = TrainConfig.from_dict({**saved.to_dict(), "max_steps": cfg.max_steps,
-                                     "time_budget": cfg.time_budget, "out_dir": cfg.out_dir})
-        command = resumed.command or command
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
+@dataclass
+class _Data:
+    """The corpus as ids: the training part and the held-out last 10%, in the vocabulary of the run."""
 
-    corpus = load_corpus(cfg.corpus)
-    train_text, val_text = corpus.split()
-    vocab = resumed.vocab if resumed else Vocab.build(train_text)
+    vocab: Vocab
+    train_ids: Tensor  # (N,)
+    val_ids: Tensor  # (M,)
+    n_batches: int  # batches per epoch
+
+
+def load_data(cfg: TrainConfig, vocab: Vocab | None = None) -> _Data:
+    """Read and encode ``cfg.corpus`` with ``vocab`` (a resumed run's), or with one built from the training part."""
+    train_text, val_text = load_corpus(cfg.corpus).split()
+    if vocab is None:
+        vocab = Vocab.build(train_text)
     train_ids = torch.from_numpy(vocab.encode(train_text))
     val_ids = torch.from_numpy(vocab.encode(val_text))
     n_batches = batches_per_epoch(len(train_ids), cfg.batch_size, cfg.bptt, cfg.iterator)
@@ -172,138 +164,222 @@ def train(
                           f"batch_size {cfg.batch_size} x bptt {cfg.bptt}")
     if len(val_ids) < 2:
         raise CorpusError(f"{cfg.corpus}: held-out part is too short to evaluate")
+    return _Data(vocab, train_ids, val_ids, n_batches)
 
-    model = CharRNN(cfg.model_config(vocab.size))
-    optimizer = make_optimizer(cfg, model)
-    step, elapsed, best = 0, 0.0, float("inf")
-    carried: Tensor | None = None
-    if resumed is not None:
-        model.load_state_dict(resumed.train_state if resumed.train_state is not None else resumed.model_state)
-        if resumed.optimizer_state is not None:
-            optimizer.load_state_dict(resumed.optimizer_state)
-        step, elapsed, best, carried = resumed.step, resumed.elapsed, resumed.best_val_loss, resumed.carried_state
-        if resumed.rng_state is not None:
-            torch.set_rng_state(resumed.rng_state)
-    # with --ema the moving average is what gets evaluated and saved; the optimizer keeps stepping `model`
-    averaged = moving_average(model, cfg.ema) if cfg.ema else None
-    if averaged is not None and resumed is not None and resumed.train_state is not None:
-        averaged.module.load_state_dict(resumed.model_state)
-        averaged.n_averaged.fill_(resumed.ema_updates)
-    scored: CharRNN = averaged.module if averaged is not None else model  # type: ignore[assignment]
 
-    out = Path(cfg.out_dir)
-    log = _Log(out / "metrics.jsonl", resume_step=step if resumed else None)
-    B, T = cfg.batch_size, cfg.bptt
-    n_params = sum(p.numel() for p in model.parameters())
-    echo(f"{cfg.cell} x{cfg.num_layers} H={cfg.hidden_size}: {n_params:,} parameters, vocab {vocab.size}, "
-         f"{len(train_ids):,} training / {len(val_ids):,} held-out characters, {n_batches} batches per epoch")
+def _weights(m: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
-    def weights(m: nn.Module) -> dict[str, Tensor]:
-        return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
-    def snapshot(with_resume_state: bool, metrics: dict[str, float]) -> Checkpoint:
-        resume_ema = with_resume_state and averaged is not None
-        return Checkpoint(
-            model_config=model.config, train_config=cfg, vocab=vocab, model_state=weights(scored), step=step,
-            optimizer_state=optimizer.state_dict() if with_resume_state else None,
-            carried_state=carried.detach().clone() if with_resume_state and carried is not None else None,
-            rng_state=torch.get_rng_state() if with_resume_state else None,
-            elapsed=elapsed, best_val_loss=best, metrics=metrics, command=command,
-            train_state=weights(model) if resume_ema else None,
-            ema_updates=int(averaged.n_averaged) if resume_ema and averaged is not None else 0,
-        )
+@dataclass
+class _Run:
+    """A training run's state: what each step and evaluation changes, and what last.pt keeps to resume it."""
 
-    last_val: dict[str, float] = {}
-    best_val: dict[str, float] = {}
-    eval_seconds = 0.0
+    cfg: TrainConfig
+    vocab: Vocab
+    command: str  # the command line that started the run, saved in its checkpoints
+    model: CharRNN  # the weights the optimizer steps
+    optimizer: torch.optim.Optimizer
+    averaged: AveragedModel | None  # with --ema: their moving average, which is evaluated and saved instead
+    step: int = 0
+    elapsed: float = 0.0  # seconds of training and evaluation so far
+    best: float = math.inf  # the best held-out loss so far
+    carried: Tensor | None = None  # (B, S): the sequential iterator's state, handed from batch to batch
+    last_val: dict[str, float] = field(default_factory=dict)  # held-out figures of the latest evaluation
+    best_val: dict[str, float] = field(default_factory=dict)  # ... and of the best one
+    eval_seconds: float = 0.0  # how long the latest evaluation took
 
-    def run_eval() -> None:
-        nonlocal best, last_val, best_val, eval_seconds, elapsed
-        t0 = time.perf_counter()
-        last_val = figures(*evaluate(scored, val_ids, cfg.eval_streams))
-        eval_seconds = time.perf_counter() - t0
-        elapsed += eval_seconds
-        log.write({"step": step, "split": "val", **last_val, "elapsed": round(elapsed, 3)})
-        if last_val["loss"] < best:
-            best, best_val = last_val["loss"], dict(last_val)
-            save_checkpoint(snapshot(False, last_val), out / "best.pt")
-        save_checkpoint(snapshot(True, last_val), out / "last.pt")
+    @classmethod
+    def start(cls, cfg: TrainConfig, vocab: Vocab, command: str) -> _Run:
+        """A new model (its initial weights drawn from torch's RNG), its optimizer, and with --ema the average."""
+        model = CharRNN(cfg.model_config(vocab.size))
+        optimizer = make_optimizer(cfg, model)
+        averaged = moving_average(model, cfg.ema) if cfg.ema else None
+        return cls(cfg, vocab, command, model, optimizer, averaged)
 
-    def finished() -> bool:
-        if cfg.max_steps and step >= cfg.max_steps:
-            return True
-        # stop early enough that the final evaluation still fits in the budget
-        return bool(cfg.time_budget) and elapsed + eval_seconds >= cfg.time_budget
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Continue the run saved in ``ckpt``: weights, optimizer, average, counters, carried and RNG state."""
+        # with --ema, last.pt holds the average as model_state and the optimizer's own weights as train_state
+        self.model.load_state_dict(ckpt.train_state if ckpt.train_state is not None else ckpt.model_state)
+        if ckpt.optimizer_state is not None:
+            self.optimizer.load_state_dict(ckpt.optimizer_state)
+        if self.averaged is not None:
+            # the average goes on from the saved one; from a checkpoint without one (best.pt) it starts afresh
+            self.averaged.module.load_state_dict(ckpt.model_state)
+            self.averaged.n_averaged.fill_(ckpt.ema_updates if ckpt.train_state is not None else 0)
+        self.step, self.elapsed, self.carried = ckpt.step, ckpt.elapsed, ckpt.carried_state
+        self.best, self.best_val = ckpt.best_val_loss, {"loss": ckpt.best_val_loss}
+        if ckpt.rng_state is not None:
+            torch.set_rng_state(ckpt.rng_state)
 
-    def progress() -> float:
+    @property
+    def scored(self) -> CharRNN:
+        """The weights that are evaluated and saved: the moving average with --ema, else the model's own."""
+        return self.averaged.module if self.averaged is not None else self.model  # type: ignore[return-value]
+
+    def progress(self) -> float:
+        """The fraction of the run that has passed: of --max-steps or of --time-budget, whichever is further."""
         parts = []
-        if cfg.max_steps:
-            parts.append(step / cfg.max_steps)
-        if cfg.time_budget:
-            parts.append(elapsed / cfg.time_budget)
+        if self.cfg.max_steps:
+            parts.append(self.step / self.cfg.max_steps)
+        if self.cfg.time_budget:
+            parts.append(self.elapsed / self.cfg.time_budget)
         return max(parts) if parts else 0.0
 
+    def finished(self) -> bool:
+        if self.cfg.max_steps and self.step >= self.cfg.max_steps:
+            return True
+        # stop early enough that the final evaluation still fits in the budget
+        return bool(self.cfg.time_budget) and self.elapsed + self.eval_seconds >= self.cfg.time_budget
+
+    def batches(self, ids: Tensor, n_batches: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The (x, y) batches, each (B, T), from the current step on, epoch after epoch, until the run is finished.
+
+        A new epoch drops the carried state: its streams start at a new offset.
+        """
+        cfg = self.cfg
+        while not self.finished():
+            epoch, index = divmod(self.step, n_batches)
+            if index == 0:
+                self.carried = None
+            for x, y in islice(epoch_batches(ids, cfg.batch_size, cfg.bptt, cfg.iterator, cfg.seed, epoch), index,
+                               None):
+                if self.finished():
+                    return
+                yield x, y
+
+    def train_step(self, x: Tensor, y: Tensor, lr: float) -> tuple[Tensor, float]:
+        """One optimizer step on the batch x, y (B, T); returns the loss and the gradient norm before clipping."""
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        sequential = cfg.iterator == "sequential"
+        state = begin_state(self.model, self.carried if sequential else None, cfg.batch_size)  # (B, S)
+        logits, new_state = self.model(x, state)  # (B, T, V), (B, S)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = clip_grad_norm(self.model.parameters(), cfg.clip) if cfg.clip else float("nan")
+        self.optimizer.step()
+        if self.averaged is not None:
+            self.averaged.update_parameters(self.model)
+        self.carried = new_state.detach() if sequential else None
+        self.step += 1
+        return loss, grad_norm
+
+    def checkpoint(self, resumable: bool) -> Checkpoint:
+        """The evaluated weights and the figures; with ``resumable``, also everything --resume needs."""
+        averaged = self.averaged if resumable else None  # with --ema, last.pt also keeps the optimizer's weights
+        return Checkpoint(
+            model_config=self.model.config, train_config=self.cfg, vocab=self.vocab, model_state=_weights(self.scored),
+            step=self.step,
+            optimizer_state=self.optimizer.state_dict() if resumable else None,
+            carried_state=self.carried.detach().clone() if resumable and self.carried is not None else None,
+            rng_state=torch.get_rng_state() if resumable else None,
+            elapsed=self.elapsed, best_val_loss=self.best, metrics=self.last_val, command=self.command,
+            train_state=_weights(self.model) if averaged is not None else None,
+            ema_updates=int(averaged.n_averaged) if averaged is not None else 0,
+        )
+
+    def evaluate_and_save(self, val_ids: Tensor, log: _Log, out: Path) -> None:
+        """Score the held-out text, log the figures, save last.pt, and best.pt when they are the best so far."""
+        t0 = time.perf_counter()
+        self.last_val = figures(*evaluate(self.scored, val_ids, self.cfg.eval_streams))
+        self.eval_seconds = time.perf_counter() - t0
+        self.elapsed += self.eval_seconds  # evaluations count in the time budget
+        log.write({"step": self.step, "split": "val", **self.last_val, "elapsed": round(self.elapsed, 3)})
+        if self.last_val["loss"] < self.best:
+            self.best, self.best_val = self.last_val["loss"], dict(self.last_val)
+            save_checkpoint(self.checkpoint(resumable=False), out / "best.pt")
+        save_checkpoint(self.checkpoint(resumable=True), out / "last.pt")
+
+
+@dataclass
+class _Window:
+    """The steps since the last "train" record: summed loss, step and token counts, and when they began."""
+
+    loss: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    since: float = field(default_factory=time.perf_counter)
+
+
+def train(
+    cfg: TrainConfig,
+    resume_from: str | Path | None = None,
+    command: str = "",
+    show_progress: bool | None = None,
+    echo: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train a model as ``cfg`` says (or continue the run saved in ``resume_from``)."""
+    resumed = load_checkpoint(resume_from) if resume_from is not None else None
+    if resumed is not None:
+        # the run's identity comes from the checkpoint; only its length and output folder may change
+        cfg = TrainConfig.from_dict({**resumed.train_config.to_dict(), "max_steps": cfg.max_steps,
+                                     "time_budget": cfg.time_budget, "out_dir": cfg.out_dir})
+        command = resumed.command or command
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+
+    data = load_data(cfg, resumed.vocab if resumed is not None else None)
+    run = _Run.start(cfg, data.vocab, command)
+    if resumed is not None:
+        run.restore(resumed)
+    out = Path(cfg.out_dir)
+    log = _Log(out / "metrics.jsonl", resume_step=run.step if resumed is not None else None)
+    B, T = cfg.batch_size, cfg.bptt
+    n_params = sum(p.numel() for p in run.model.parameters())
+    echo(f"{cfg.cell} x{cfg.num_layers} H={cfg.hidden_size}: {n_params:,} parameters, vocab {data.vocab.size}, "
+         f"{len(data.train_ids):,} training / {len(data.val_ids):,} held-out characters, "
+         f"{data.n_batches} batches per epoch")
+
     if resumed is None:
-        run_eval()  # the curve's starting point, and a measure of how long an evaluation takes
-    else:
-        best_val = {"loss": best}
+        # the curve's starting point, and a measure of how long an evaluation takes
+        run.evaluate_and_save(data.val_ids, log, out)
     from tqdm import tqdm
 
     # disable=None: tqdm shows the bar on a terminal and stays quiet when output is piped
-    bar = tqdm(total=cfg.max_steps or None, initial=step, unit="step", dynamic_ncols=True,
+    bar = tqdm(total=cfg.max_steps or None, initial=run.step, unit="step", dynamic_ncols=True,
                disable=None if show_progress is None else not show_progress)
-    window_loss, window_steps, tokens_since, t_since = 0.0, 0, 0, time.perf_counter()
-    evaluated_at = step
-    model.train()
-    while not finished():
-        epoch, index = divmod(step, n_batches)
-        if index == 0:
-            carried = None  # a new epoch starts the streams at a new offset
-        for x, y in islice(epoch_batches(train_ids, B, T, cfg.iterator, cfg.seed, epoch), index, None):
-            if finished():
-                break
-            t0 = time.perf_counter()
-            lr = lr_at(cfg, step, progress())
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            state = begin_state(model, carried if cfg.iterator == "sequential" else None, B)
-            logits, new_state = model(x, state)  # (B, T, V), (B, S)
-            loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = clip_grad_norm(model.parameters(), cfg.clip) if cfg.clip else float("nan")
-            optimizer.step()
-            if averaged is not None:
-                averaged.update_parameters(model)
-            carried = new_state.detach() if cfg.iterator == "sequential" else None
-            step += 1
-            elapsed += time.perf_counter() - t0
-            window_loss += loss.item()
-            window_steps += 1
-            tokens_since += B * T
-            if window_steps == 10 or step % cfg.eval_every == 0:
-                now = time.perf_counter()
-                tps = tokens_since / max(now - t_since, 1e-9)
-                mean = window_loss / window_steps
-                log.write({"step": step, "split": "train", "loss": mean, "perplexity": math.exp(mean),
-                           "bpc": mean / LN2, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": round(tps, 1),
-                           "elapsed": round(elapsed, 3)})
-                bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{math.exp(mean):.2f}", tok_s=f"{tps:,.0f}",
-                                val=f"{last_val.get('loss', float('nan')):.3f}", refresh=False)
-                window_loss, window_steps, tokens_since, t_since = 0.0, 0, 0, now
-            bar.update(1)
-            if step % cfg.eval_every == 0:
-                run_eval()
-                evaluated_at = step
-                t_since = time.perf_counter()
+    window = _Window()
+    evaluated_at = run.step
+    run.model.train()
+    for x, y in run.batches(data.train_ids, data.n_batches):  # (B, T) each
+        t0 = time.perf_counter()
+        lr = lr_at(cfg, run.step, run.progress())
+        loss, grad_norm = run.train_step(x, y, lr)
+        run.elapsed += time.perf_counter() - t0
+
+        window.loss += loss.item()
+        window.steps += 1
+        window.tokens += B * T
+        if window.steps == 10 or run.step % cfg.eval_every == 0:
+            now = time.perf_counter()
+            tps = window.tokens / max(now - window.since, 1e-9)
+            mean = window.loss / window.steps
+            log.write({"step": run.step, "split": "train", "loss": mean, "perplexity": math.exp(mean),
+                       "bpc": mean / LN2, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": round(tps, 1),
+                       "elapsed": round(run.elapsed, 3)})
+            bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{math.exp(mean):.2f}", tok_s=f"{tps:,.0f}",
+                            val=f"{run.last_val.get('loss', float('nan')):.3f}", refresh=False)
+            window = _Window(since=now)
+        bar.update(1)
+
+        if run.step % cfg.eval_every == 0:
+            run.evaluate_and_save(data.val_ids, log, out)
+            evaluated_at = run.step
+            window.since = time.perf_counter()
     bar.close()
-    if evaluated_at != step:
-        run_eval()
-    tokens_per_s = step * B * T / max(elapsed, 1e-9) if not resumed else float("nan")
+    if evaluated_at != run.step:
+        run.evaluate_and_save(data.val_ids, log, out)  # the figures of the final weights
+
+    tokens_per_s = run.step * B * T / max(run.elapsed, 1e-9) if resumed is None else float("nan")
     plot_curves(out / "metrics.jsonl", out / "curves.png")
-    echo(f"step {step}: held-out loss {last_val['loss']:.4f} nats/char, perplexity {last_val['perplexity']:.3f}, "
-         f"{last_val['bpc']:.4f} bits/char; best {best:.4f}; {elapsed:.0f} s; checkpoints in {out}/")
-    return TrainResult(steps=step, elapsed=elapsed, best_val=best_val, last_val=last_val,
+    last = run.last_val
+    echo(f"step {run.step}: held-out loss {last['loss']:.4f} nats/char, perplexity {last['perplexity']:.3f}, "
+         f"{last['bpc']:.4f} bits/char; best {run.best:.4f}; {run.elapsed:.0f} s; checkpoints in {out}/")
+    return TrainResult(steps=run.step, elapsed=run.elapsed, best_val=run.best_val, last_val=run.last_val,
                        tokens_per_s=tokens_per_s, out_dir=out)
 
 
