@@ -1,4 +1,5 @@
-"""The typed training configuration. It is saved inside every checkpoint, so a run can be resumed or
+"""The typed configurations: ``ModelConfig`` (the architecture) and ``TrainConfig`` (a run). Both are saved
+inside every checkpoint, so a run can be resumed or
 inspected without the command line that started it. Defaults are the recipe documented in docs/training.md
 (which also keeps the runs that chose them).
 
@@ -10,12 +11,10 @@ the runtime install, which has no torch, imports it for ``textgen train --help``
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
+from textgen.service import bundle
 from textgen.service.bundle import CELLS  # the cells a bundle may hold (torch-free)
-
-if TYPE_CHECKING:
-    from .model import ModelConfig
 
 INITS = ("uniform", "orthogonal")
 ITERATORS = ("sequential", "random")
@@ -28,6 +27,38 @@ _T = TypeVar("_T")
 def _option(default: _T, help: str, choices: tuple[str, ...] = (), flag: str = "") -> _T:
     """A field with its command-line help, its choices (if any) and its flag (if not ``--field-name``)."""
     return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+@dataclass
+class ModelConfig:
+    """The architecture. Cell, width and depth have no default here: a trained model takes them from
+    ``TrainConfig`` (whose defaults are the recipe), a test or benchmark says what it builds."""
+
+    vocab_size: int  # characters + 1 for the unknown id; taken from the corpus
+    cell: str  # rnn | gru | lstm
+    hidden_size: int  # H, per layer
+    num_layers: int  # stacked recurrent layers
+    dropout: float = 0.0  # on the outputs of each layer during training (0 = off)
+    init: str = "uniform"  # recurrent weights: "uniform" (PyTorch's +-1/sqrt(H)) or "orthogonal" per gate block
+
+    def __post_init__(self) -> None:
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {', '.join(CELLS)}, not {self.cell!r}")
+        if self.hidden_size < 1 or self.num_layers < 1 or self.vocab_size < 2:
+            raise ValueError("hidden_size and num_layers must be >= 1 and vocab_size >= 2")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, not {self.init!r}")
+
+    @property
+    def state_per_layer(self) -> int:
+        return bundle.state_per_layer(self.cell, self.hidden_size)  # the bundle contract's rule, one copy
+
+    @property
+    def state_size(self) -> int:
+        return bundle.state_size(self.cell, self.hidden_size, self.num_layers)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -74,8 +105,6 @@ class TrainConfig:
                            flag="--out")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        from .model import ModelConfig  # torch: imported only where a model is built
-
         return ModelConfig(
             vocab_size=vocab_size,
             cell=self.cell,

@@ -19,49 +19,14 @@ the service only ever see this flat tensor.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 
-from textgen.service import bundle
-
-from .config import CELLS, INITS
+from .config import ModelConfig
 from .recurrence import GRUScan, RNNScan
 
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}  # how many H-sized blocks each input projection has
-
-
-@dataclass
-class ModelConfig:
-    """The architecture. Cell, width and depth have no default here: a trained model takes them from
-    ``TrainConfig`` (whose defaults are the recipe), a test or benchmark says what it builds."""
-
-    vocab_size: int  # characters + 1 for the unknown id; taken from the corpus
-    cell: str  # rnn | gru | lstm
-    hidden_size: int  # H, per layer
-    num_layers: int  # stacked recurrent layers
-    dropout: float = 0.0  # on the outputs of each layer during training (0 = off)
-    init: str = "uniform"  # recurrent weights: "uniform" (PyTorch's +-1/sqrt(H)) or "orthogonal" per gate block
-
-    def __post_init__(self) -> None:
-        if self.cell not in CELLS:
-            raise ValueError(f"cell must be one of {', '.join(CELLS)}, not {self.cell!r}")
-        if self.hidden_size < 1 or self.num_layers < 1 or self.vocab_size < 2:
-            raise ValueError("hidden_size and num_layers must be >= 1 and vocab_size >= 2")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {', '.join(INITS)}, not {self.init!r}")
-
-    @property
-    def state_per_layer(self) -> int:
-        return bundle.state_per_layer(self.cell, self.hidden_size)  # the bundle contract's rule, one copy
-
-    @property
-    def state_size(self) -> int:
-        return bundle.state_size(self.cell, self.hidden_size, self.num_layers)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class RecurrentLayer(nn.Module):
