@@ -141,6 +141,13 @@ def test_bad_tls_files_are_one_clear_error(pki: Pki, tmp_path: Path) -> None:
         ((pki.server_cert, pki.server_key, str(tmp_path / "nope.pem")), "cannot read --tls-client-ca"),
         ((pki.server_cert, pki.server_key, str(garbage)), "--tls-client-ca"),
     ]
+    from cryptography.hazmat.primitives import serialization  # trustme's own dependency
+
+    key = serialization.load_pem_private_key(Path(pki.server_key).read_bytes(), None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(b"passphrase")))
+    cases.append(((pki.server_cert, str(encrypted), None), "the private key is encrypted"))
     for args, message in cases:
         with pytest.raises(InputError, match=re.escape(message)):
             server_credentials(*args)
