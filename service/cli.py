@@ -228,6 +228,33 @@ def serve(**options: Any) -> None:
 _address_option = click.option("--address", envvar="TEXTGEN_ADDRESS", default="localhost:50051",
                                show_default=True, show_envvar=True, help="host:port of a running textgen serve.")
 
+# The client's TLS and token options (docs/api.md, Security). The certificate's variables are not
+# TEXTGEN_TLS_CERT/KEY: those are the server's own certificate, and a HEALTHCHECK next to the server must not
+# present it as a client certificate.
+CLIENT_ENV = {"tls": "TEXTGEN_TLS", "tls_ca": "TEXTGEN_TLS_CA", "tls_cert": "TEXTGEN_CLIENT_CERT",
+              "tls_key": "TEXTGEN_CLIENT_KEY", "tls_server_name": "TEXTGEN_TLS_SERVER_NAME", "token": "TEXTGEN_TOKEN"}
+
+
+def _client_security_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--tls", is_flag=True, envvar=CLIENT_ENV["tls"], show_envvar=True,
+                     help="Connect over TLS, trusting the system's CAs (implied by the other --tls-* options)."),
+        click.option("--tls-ca", envvar=CLIENT_ENV["tls_ca"], show_envvar=True,
+                     help="Connect over TLS, trusting this PEM CA certificate (e.g. a private CA)."),
+        click.option("--tls-cert", envvar=CLIENT_ENV["tls_cert"], show_envvar=True,
+                     help="Client certificate (PEM) for a server that requires one (mutual TLS)."),
+        click.option("--tls-key", envvar=CLIENT_ENV["tls_key"], show_envvar=True,
+                     help="Private key (PEM) of --tls-cert."),
+        click.option("--tls-server-name", envvar=CLIENT_ENV["tls_server_name"], show_envvar=True,
+                     help="Name to check the server's certificate against, when it differs from --address's host."),
+        click.option("--token", envvar=CLIENT_ENV["token"], show_envvar=True,
+                     help="Bearer token for a server with --auth-tokens-file (prefer the variable: "
+                          "arguments show in the process list)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
 
 @main.command()
 @click.argument("prompt")
@@ -242,14 +269,15 @@ _address_option = click.option("--address", envvar="TEXTGEN_ADDRESS", default="l
 @click.option("--timeout", type=float, default=None, help="Deadline of the call in seconds.")
 @click.option("--echo/--no-echo", default=True, show_default=True, help="Print the prompt before the text.")
 @click.option("-v", "--verbose", is_flag=True, help="Print the finish reason, usage and seed to stderr.")
+@_client_security_options
 @user_errors
 def generate(prompt: str, address: str, max_tokens: int, temperature: float, top_k: int, top_p: float,
              seed: int | None, stop: tuple[str, ...], session_id: str, timeout: float | None, echo: bool,
-             verbose: bool) -> None:
+             verbose: bool, **security: Any) -> None:
     """Stream text generated after PROMPT by a running server to the terminal."""
     from textgen.service.client import FINISH_NAMES, TextgenClient
 
-    with TextgenClient(address, timeout=timeout) as client:
+    with TextgenClient(address, timeout=timeout, **security) as client:
         stream = client.generate(prompt, session_id=session_id, max_tokens=max_tokens, temperature=temperature,
                                  top_k=top_k, top_p=top_p, seed=seed, stop=stop)
         if echo:
@@ -272,12 +300,13 @@ def generate(prompt: str, address: str, max_tokens: int, temperature: float, top
 @_address_option
 @click.option("--service", default="", help="Service name to check (default: the whole server).")
 @click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the answer.")
+@_client_security_options
 @user_errors
-def health(address: str, service: str, timeout: float) -> None:
+def health(address: str, service: str, timeout: float, **security: Any) -> None:
     """Exit 0 if the server at --address is SERVING, else print its status and exit 1."""
     from textgen.service.client import TextgenClient
 
-    with TextgenClient(address) as client:
+    with TextgenClient(address, **security) as client:
         status = client.health(service, timeout=timeout)
     click.echo(status)
     if status != "SERVING":

@@ -7,6 +7,13 @@
         print(c.generate_text("Hello", max_tokens=20).text)   # one-shot, nothing kept
 
 Every failed call raises :class:`~textgen.service.errors.RpcFailed` with the gRPC status in ``.code``.
+
+A server with TLS and tokens (docs/api.md, Security):
+
+    TextgenClient("textgen.example:50051", tls_ca="ca.pem", token=os.environ["TEXTGEN_TOKEN"])
+    TextgenClient(..., tls_ca="ca.pem", tls_cert="client.pem", tls_key="client.key")   # mutual TLS
+
+The token goes with every call as ``authorization: Bearer <token>`` metadata (not with health checks).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .errors import RpcFailed
+from .errors import InputError, RpcFailed
 from .proto import textgen_pb2 as pb
 from .proto import textgen_pb2_grpc as pb_grpc
 
@@ -32,6 +39,8 @@ def _failure(address: str, method: str, exc: grpc.RpcError) -> RpcFailed:
     details = (exc.details() if hasattr(exc, "details") else "") or ""
     if code == grpc.StatusCode.UNAVAILABLE:
         message = f"cannot reach the textgen server at {address}: {details}"
+    elif code == grpc.StatusCode.UNAUTHENTICATED:
+        message = f"{method} refused: UNAUTHENTICATED: {details} (--token / TEXTGEN_TOKEN)"
     else:
         message = f"{method} failed: {code.name}: {details}"
     return RpcFailed(message, code, details)
@@ -90,14 +99,32 @@ class GenerateStream:
 
 
 class TextgenClient:
+    """A channel to one server. TLS is on when ``tls`` is true or any of ``tls_ca`` (PEM CA to trust instead
+    of the system's roots), ``tls_cert``/``tls_key`` (client certificate for mutual TLS) is given;
+    ``tls_server_name`` overrides the name checked against the server's certificate. ``token`` is sent as
+    ``authorization: Bearer <token>`` with every call but health checks."""
+
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None,
-                 max_message_bytes: int = 64 * 1024 * 1024):
+                 max_message_bytes: int = 64 * 1024 * 1024, tls: bool = False, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None, tls_server_name: str | None = None,
+                 token: str | None = None):
+        from .security import channel_credentials
+
         self.address = address
         self.timeout = timeout  # default deadline of every call, in seconds (None = none)
-        self.channel = grpc.insecure_channel(address, options=[
+        if token is not None and (not token or not all("!" <= c <= "~" for c in token)):
+            raise InputError("the token must be printable ASCII without spaces (--token / TEXTGEN_TOKEN)")
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-        ])
+        ]
+        if tls or tls_ca or tls_cert or tls_key or tls_server_name:
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            self.channel = grpc.secure_channel(address, channel_credentials(tls_ca, tls_cert, tls_key), options)
+        else:
+            self.channel = grpc.insecure_channel(address, options)
         self.stub = pb_grpc.TextgenServiceStub(self.channel)
 
     def __enter__(self) -> TextgenClient:
@@ -111,7 +138,8 @@ class TextgenClient:
 
     def _call(self, method: str, request: Any, timeout: float | None) -> Any:
         try:
-            return getattr(self.stub, method)(request, timeout=self.timeout if timeout is None else timeout)
+            return getattr(self.stub, method)(request, timeout=self.timeout if timeout is None else timeout,
+                                              metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _failure(self.address, method, exc) from None
 
@@ -143,7 +171,8 @@ class TextgenClient:
             request.top_p = top_p
         if seed is not None:
             request.seed = seed
-        call = self.stub.Generate(request, timeout=self.timeout if timeout is None else timeout)
+        call = self.stub.Generate(request, timeout=self.timeout if timeout is None else timeout,
+                                  metadata=self._metadata)
         return GenerateStream(call, self.address)
 
     def generate_text(self, prompt: str = "", **kwargs: Any) -> GenerateResult:

@@ -8,6 +8,7 @@ renders it; a test keeps the page in step).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,14 @@ class ServerConfig:
     max_batch: int = 256
     prefill_chunk: int = 256
     stream_window: int = 4
+    # Security (docs/api.md, Security): TLS, client certificates, bearer tokens, where metrics listen.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    insecure: bool = False
+    auth_tokens_file: str | None = None
+    auth_reflection: bool = False
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -70,9 +79,34 @@ class ServerConfig:
         need(self.max_batch >= 1, "--max-batch must be >= 1")
         need(self.prefill_chunk >= 2, "--prefill-chunk must be >= 2")
         need(self.stream_window >= 1, "--stream-window must be >= 1")
+        need((self.tls_cert is None) == (self.tls_key is None),
+             "--tls-cert and --tls-key go together: give both (PEM certificate chain and its private key)")
+        need(self.tls_client_ca is None or self.tls_cert is not None,
+             "--tls-client-ca needs --tls-cert and --tls-key (client certificates are checked over TLS only)")
+        need(self.auth_tokens_file != "", "--auth-tokens-file must name a file")
+        need(not self.auth_reflection or self.auth_tokens_file is not None,
+             "--auth-reflection needs --auth-tokens-file")
+        need(self.tls or self.insecure or is_loopback(self.host),
+             f"refusing to serve plaintext on the non-loopback address {self.host}: give --tls-cert and "
+             "--tls-key, or --insecure (TEXTGEN_INSECURE=1) if the network is trusted or a proxy terminates TLS")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     def replace(self, **changes: Any) -> ServerConfig:
         return dataclasses.replace(self, **changes)
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1 (brackets allowed): addresses other machines cannot reach."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -95,14 +129,15 @@ class Setting:
 
     @property
     def type(self) -> type:
-        return {"int": int, "float": float, "str": str, "str | None": str}[
+        return {"int": int, "float": float, "str": str, "str | None": str, "bool": bool}[
             {f.name: f.type for f in dataclasses.fields(ServerConfig)}[self.field]]  # type: ignore[index]
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("host", "Address to listen on (0.0.0.0 or [::] for all interfaces, e.g. in a container)."),
+    Setting("host", "Address to listen on (0.0.0.0 or [::] for all interfaces, e.g. in a container; other "
+                    "addresses than loopback need TLS or --insecure)."),
     Setting("port", "gRPC port (0 = pick a free one; the bound port is printed)."),
-    Setting("metrics_port", "Prometheus /metrics HTTP port on the same host (0 = pick a free one, -1 = off)."),
+    Setting("metrics_port", "Prometheus /metrics HTTP port on --metrics-host (0 = pick a free one, -1 = off)."),
     Setting("model", "Bundle directory to serve (default: the bundle shipped in the package). `fake:fixed` "
                      "serves a no-op runtime that returns fixed logits instantly, for load tests of the service."),
     Setting("max_sessions", "Sessions kept at most; when full see --eviction."),
@@ -131,6 +166,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("stream_window", "Batching: tokens a Generate stream may be computed ahead of its connection. 1 = no "
                              "look-ahead, one token per message; above 1, tokens computed while the previous "
                              "message was being sent go out together in the next one."),
+    Setting("tls_cert", "TLS: PEM certificate chain of the server (with --tls-key); without it the port is "
+                        "plaintext."),
+    Setting("tls_key", "TLS: PEM private key of --tls-cert (unencrypted)."),
+    Setting("tls_client_ca", "Mutual TLS: PEM CA certificate(s); clients must present a certificate signed by "
+                             "one of them, or the handshake fails."),
+    Setting("insecure", "Allow plaintext on a non-loopback --host (a trusted network, or a proxy in front that "
+                        "terminates TLS). Without TLS the server refuses other addresses than 127.0.0.0/8, ::1 "
+                        "and localhost."),
+    Setting("auth_tokens_file", "Bearer tokens: a file of accepted tokens, one per line (blank lines and # "
+                                "comments ignored), re-read on SIGHUP. Calls must send the metadata "
+                                "`authorization: Bearer <token>`, else UNAUTHENTICATED; health checking stays "
+                                "open."),
+    Setting("auth_reflection", "With --auth-tokens-file: require the token for server reflection too (by "
+                               "default reflection stays open, like health)."),
+    Setting("metrics_host", "Address the /metrics endpoint listens on (plain HTTP, no authentication: keep it "
+                            "on loopback or a private network; 0.0.0.0 in the container image)."),
 )
 
 
@@ -139,6 +190,10 @@ def click_options(func: Callable[..., Any]) -> Callable[..., Any]:
     import click
 
     for s in reversed(SETTINGS):
+        if s.type is bool:  # a switch; its variable takes 1/0, true/false, yes/no
+            func = click.option(s.flag, s.field, is_flag=True, default=s.default, envvar=s.env, show_envvar=True,
+                                help=s.help)(func)
+            continue
         kind: Any = click.Choice(list(s.choices)) if s.choices else s.type
         func = click.option(s.flag, s.field, type=kind, default=s.default, envvar=s.env, show_envvar=True,
                             show_default=s.default is not None, help=s.help)(func)
@@ -149,7 +204,10 @@ def markdown_table() -> str:
     """The configuration table of docs/api.md."""
     rows = ["| Flag | Environment variable | Default | Meaning |", "|---|---|---|---|"]
     for s in SETTINGS:
-        default = "(packaged bundle)" if s.default is None else f"`{s.default}`"
+        if s.default is None:
+            default = "(packaged bundle)" if s.field == "model" else "(none)"
+        else:
+            default = "off" if s.default is False else f"`{s.default}`"
         meaning = s.help + (f" One of: {', '.join(s.choices)}." if s.choices else "")
         rows.append(f"| `{s.flag}` | `{s.env}` | {default} | {meaning} |")
     return "\n".join(rows)

@@ -9,6 +9,9 @@ print the bound ports, wait for SIGTERM/SIGINT, then shut down gracefully:
 3. shortly before the grace period ends, streams still generating finish early with FINISH_REASON_CANCELLED
    (a clean last message rather than a cut connection); whatever still runs at the deadline is cancelled;
 4. the process exits 0. A second signal ends the running streams at once (same CANCELLED finish).
+
+SIGHUP re-reads ``--auth-tokens-file`` (service/security.py); TLS and tokens are set up before the model loads,
+so a bad certificate or tokens file fails fast.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from . import logs
-from .config import ServerConfig
+from .config import ServerConfig, is_loopback
 from .core import TextgenCore
 from .engine import Engine
 from .errors import InputError
@@ -35,6 +38,7 @@ from .metrics import Metrics
 from .proto import textgen_pb2 as pb
 from .proto import textgen_pb2_grpc as pb_grpc
 from .scheduler import make_engine
+from .security import TokenAuthInterceptor, TokenStore, server_credentials
 from .servicer import TextgenServicer
 from .sessions import SessionStore, StoreEvents
 
@@ -68,9 +72,13 @@ class TextgenServer:
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopped = False
+        self.tokens: TokenStore | None = None
 
     async def start(self) -> None:
         cfg = self.config
+        credentials = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+        if cfg.auth_tokens_file is not None:
+            self.tokens = TokenStore(cfg.auth_tokens_file)
         if self.runtime is None and cfg.model in FAKE_MODELS:
             from .fake_runtime import FakeRuntime
 
@@ -90,7 +98,10 @@ class TextgenServer:
         self.engine = self._engine or make_engine(self.runtime, cfg, m)
         self.core = TextgenCore(self.runtime, self.engine, cfg, self.store, m)
 
-        self._server = server = grpc.aio.server(options=[
+        interceptors = [] if self.tokens is None else [TokenAuthInterceptor(
+            self.tokens, protect_reflection=cfg.auth_reflection,
+            count=lambda method, code: m.requests.labels(method, code).inc())]
+        self._server = server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),
@@ -103,7 +114,10 @@ class TextgenServer:
             server)
         address = f"{_grpc_host(cfg.host)}:{cfg.port}"
         try:
-            self.port = server.add_insecure_port(address)
+            if credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             raise InputError(f"cannot listen on {address} (--host/--port): {str(exc).split(';')[0]}") from exc
         if not self.port:
@@ -113,13 +127,30 @@ class TextgenServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if cfg.metrics_port >= 0:
             try:
-                self.metrics_port = m.serve_http(cfg.host.strip("[]"), cfg.metrics_port)
+                self.metrics_port = m.serve_http(cfg.metrics_host.strip("[]"), cfg.metrics_port)
             except OSError as exc:
-                raise InputError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port} (--metrics-port): "
-                                 f"{exc.strerror or exc}") from exc
+                raise InputError(f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port} "
+                                 f"(--metrics-host/--metrics-port): {exc.strerror or exc}") from exc
         self._tasks.append(asyncio.create_task(self._sweep_forever()))
+        if credentials is None and not is_loopback(cfg.host):
+            log.warning("serving plaintext gRPC on a non-loopback address (--insecure)",
+                        extra={"fields": {"host": cfg.host}})
         log.info("serving", extra={"fields": {"port": self.port, "metrics_port": self.metrics_port,
-                                              "model": cfg.model or "(packaged bundle)"}})
+                                              "model": cfg.model or "(packaged bundle)",
+                                              "security": self.security_summary()}})
+
+    def security_summary(self) -> str:
+        """What protects the port, in words: "plaintext", "TLS", "mutual TLS", each "+ tokens" if so."""
+        cfg = self.config
+        text = "mutual TLS" if cfg.tls_client_ca else "TLS" if cfg.tls else "plaintext"
+        return text + (" + tokens" if cfg.auth_tokens_file else "")
+
+    def reload_tokens(self) -> bool:
+        """SIGHUP: re-read --auth-tokens-file (a failed read keeps the old tokens and logs a warning)."""
+        if self.tokens is None:
+            log.info("SIGHUP ignored: no --auth-tokens-file to reload")
+            return False
+        return self.tokens.reload()
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -182,14 +213,18 @@ async def serve(config: ServerConfig, *, announce: Callable[[str], None] = _anno
     # Handlers first: a signal that arrives while the bundle loads still ends in a clean shutdown.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)
     try:
         await server.start()
         host = _grpc_host(config.host)
-        metrics = f"http://{host}:{server.metrics_port}/metrics" if server.metrics_port is not None else "off"
-        announce(f"textgen serve: gRPC listening on {host}:{server.port}, metrics {metrics}")
+        metrics_host = _grpc_host(config.metrics_host)
+        metrics = (f"http://{metrics_host}:{server.metrics_port}/metrics" if server.metrics_port is not None
+                   else "off")
+        announce(f"textgen serve: gRPC listening on {host}:{server.port}, metrics {metrics} "
+                 f"({server.security_summary()})")
         await stop.wait()
     finally:
         await server.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     return 0

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from textgen.service.config import SETTINGS
+from textgen.service.cli import CLIENT_ENV
+from textgen.service.config import SETTINGS, ServerConfig, click_options
 
 ROOT = Path(__file__).resolve().parent.parent
-KNOWN_ENV = {s.env for s in SETTINGS} | {"TEXTGEN_ADDRESS"}
+KNOWN_ENV = {s.env for s in SETTINGS} | {"TEXTGEN_ADDRESS"} | set(CLIENT_ENV.values())
 DOCKER_STOP_TIMEOUT = 10.0  # seconds `docker stop` waits before SIGKILL, by default
 
 
@@ -93,6 +94,24 @@ def test_image_environment_uses_known_settings_and_drains_before_docker_kills():
     textgen_vars = {k for k in env if k.startswith("TEXTGEN_")}
     assert textgen_vars <= KNOWN_ENV, f"unknown settings: {textgen_vars - KNOWN_ENV}"
     assert float(env["TEXTGEN_GRACE_SECONDS"]) < DOCKER_STOP_TIMEOUT
+
+
+def test_image_environment_is_a_valid_configuration_reachable_from_outside():
+    """`docker run -p` works: gRPC plaintext on all interfaces is allowed explicitly, metrics listen on all too."""
+    import click
+    from click.testing import CliRunner
+
+    seen: dict[str, ServerConfig] = {}
+
+    @click.command()
+    @click_options
+    def serve(**options: object) -> None:
+        seen["cfg"] = ServerConfig(**options)  # type: ignore[arg-type]
+
+    result = CliRunner().invoke(serve, [], env=runtime_env())
+    assert result.exit_code == 0, result.output
+    cfg = seen["cfg"]
+    assert cfg.insecure and not cfg.tls and cfg.metrics_host in ("0.0.0.0", "[::]")
 
 
 def test_dockerignore_keeps_the_context_small():
