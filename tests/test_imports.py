@@ -91,3 +91,20 @@ def test_the_import_graph_resolves_our_modules() -> None:
 def test_no_two_modules_import_each_other() -> None:
     pairs = mutual_pairs()
     assert not pairs, "modules that import each other:\n" + "\n".join(f"  {a} <-> {b}" for a, b in pairs)
+
+
+def test_nothing_under_service_but_the_cli_imports_training() -> None:
+    """The bundle contract (service/bundle.py, service/vocab.py) is imported one way: training writes bundles
+    to it; the service reads them without any of training's code. Only the command line dispatches to it."""
+    modules = module_names()
+    offenders = sorted(
+        (name, target)
+        for name, path in modules.items()
+        if name.startswith("textgen.service") and name != "textgen.service.cli"
+        for target in imports_of(name, path, modules)
+        if target.startswith("textgen.training")
+    )
+    assert not offenders, "service modules that import training:\n" + "\n".join(f"  {a} -> {b}" for a, b in offenders)
+    # ... and the check sees such an import where there is one: the CLI's lazy training imports are found.
+    cli = imports_of("textgen.service.cli", modules["textgen.service.cli"], modules)
+    assert {"textgen.training.train", "textgen.training.config"} <= cli
