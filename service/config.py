@@ -45,6 +45,15 @@ class ServerConfig:
     max_batch: int = 256
     prefill_chunk: int = 256
     stream_window: int = 4
+    # Clients that stall or flood (docs/api.md, Limits): nothing a client does holds a slot for ever.
+    stream_stall_timeout: float = 30.0
+    max_streams_per_connection: int = 32
+    max_concurrent_calls: int = 64
+    max_queued_chars: int = 4_000_000
+    keepalive_seconds: float = 60.0
+    max_connection_idle: float = 900.0
+    max_connection_age: float = 0.0
+    max_connection_age_grace: float = 30.0
     # Security (docs/api.md, Security): TLS, client certificates, bearer tokens, where metrics listen.
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -79,6 +88,15 @@ class ServerConfig:
         need(self.max_batch >= 1, "--max-batch must be >= 1")
         need(self.prefill_chunk >= 2, "--prefill-chunk must be >= 2")
         need(self.stream_window >= 1, "--stream-window must be >= 1")
+        need(self.stream_stall_timeout >= 0, "--stream-stall-timeout must be >= 0 seconds (0 = off)")
+        need(self.max_streams_per_connection >= 0, "--max-streams-per-connection must be >= 0 (0 = no cap)")
+        need(self.max_concurrent_calls >= 1, "--max-concurrent-calls must be >= 1")
+        need(self.max_queued_chars >= 1, "--max-queued-chars must be >= 1")
+        for flag, value in (("--keepalive-seconds", self.keepalive_seconds),
+                            ("--max-connection-idle", self.max_connection_idle),
+                            ("--max-connection-age", self.max_connection_age),
+                            ("--max-connection-age-grace", self.max_connection_age_grace)):
+            need(value >= 0, f"{flag} must be >= 0 seconds (0 = off)")
         need((self.tls_cert is None) == (self.tls_key is None),
              "--tls-cert and --tls-key go together: give both (PEM certificate chain and its private key)")
         need(self.tls_client_ca is None or self.tls_cert is not None,
@@ -166,6 +184,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("stream_window", "Batching: tokens a Generate stream may be computed ahead of its connection. 1 = no "
                              "look-ahead, one token per message; above 1, tokens computed while the previous "
                              "message was being sent go out together in the next one."),
+    Setting("stream_stall_timeout", "Seconds a Generate stream may wait for its client to take a message (HTTP/2 "
+                                    "flow control); then it ends with DEADLINE_EXCEEDED, frees its slot, and the "
+                                    "session keeps the text delivered before (0 = wait for ever)."),
+    Setting("max_streams_per_connection", "Generate streams one client connection may run at once; more get "
+                                          "RESOURCE_EXHAUSTED (0 = only --max-streams applies)."),
+    Setting("max_concurrent_calls", "CreateSession, Feed and Score calls running at once; more get "
+                                    "RESOURCE_EXHAUSTED."),
+    Setting("max_queued_chars", "Characters of CreateSession, Feed and Score texts in the server at once (being "
+                                "encoded, queued or run through the model); a call that would pass it gets "
+                                "RESOURCE_EXHAUSTED. Bounds the memory of a flood of large texts."),
+    Setting("keepalive_seconds", "Seconds between the server's HTTP/2 keepalive pings on an idle connection; a "
+                                 "client that does not answer within 20 s is disconnected (0 = gRPC's default, "
+                                 "2 hours)."),
+    Setting("max_connection_idle", "Seconds a connection with no call may stay open before the server closes it "
+                                   "gracefully (clients reconnect transparently; 0 = never)."),
+    Setting("max_connection_age", "Seconds after which the server asks a connection to close (GOAWAY), to spread "
+                                  "clients over replicas (0 = never)."),
+    Setting("max_connection_age_grace", "Seconds the calls of a connection closed by --max-connection-age get to "
+                                        "finish."),
     Setting("tls_cert", "TLS: PEM certificate chain of the server (with --tls-key); without it the port is "
                         "plaintext."),
     Setting("tls_key", "TLS: PEM private key of --tls-cert (unencrypted)."),

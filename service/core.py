@@ -19,7 +19,8 @@ import asyncio
 import math
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from .config import ServerConfig
 from .engine import Engine
-from .errors import InvalidRequest, LimitExceeded, SessionEmpty, ShuttingDown
+from .errors import InvalidRequest, LimitExceeded, SessionEmpty, ShuttingDown, StreamStalled
 from .metrics import Metrics
 from .sampling import RowSampler, SamplingParams
 from .sessions import Session, SessionInfo, SessionStore
@@ -120,6 +121,8 @@ class TextgenCore:
         self.store = store
         self.metrics = metrics
         self.streams = 0
+        self.calls = 0  # CreateSession, Feed and Score calls running (--max-concurrent-calls)
+        self.queued_chars = 0  # characters of their texts (--max-queued-chars)
         self.stopping = False  # set during shutdown: running streams finish with CANCELLED
         self._chars = [runtime.decode([i]) for i in range(runtime.vocab_size)]  # token id -> its text
 
@@ -156,10 +159,35 @@ class TextgenCore:
         if self.stopping:
             raise ShuttingDown("the server is shutting down")
 
+    @contextmanager
+    def _admit(self, text: str) -> Iterator[None]:
+        """Admission of a CreateSession, Feed or Score call: a bounded number of them, and a bounded number of
+        characters, are in the server at once (encoding, queued for the model or running); the rest are
+        refused at once with RESOURCE_EXHAUSTED instead of queueing without limit. A call alone is always
+        admitted (its size is bounded by --max-prompt-chars / --max-score-chars)."""
+        cfg = self.config
+        if self.calls >= cfg.max_concurrent_calls:
+            raise LimitExceeded(f"{self.calls} CreateSession/Feed/Score calls are running, the server's limit "
+                                "(--max-concurrent-calls); retry later", exhausted=True)
+        if self.calls and self.queued_chars + len(text) > cfg.max_queued_chars:
+            raise LimitExceeded(f"the texts of running calls hold {self.queued_chars:,} characters; "
+                                f"{len(text):,} more would pass the server's limit of {cfg.max_queued_chars:,} "
+                                "(--max-queued-chars); retry later", exhausted=True)
+        self.calls += 1
+        self.queued_chars += len(text)
+        try:
+            yield
+        finally:
+            self.calls -= 1
+            self.queued_chars -= len(text)
+
     # -- sessions
     async def create_session(self, prompt: str = "", ttl: float | None = None) -> tuple[SessionInfo, FeedResult]:
         self._check_open()
-        ttl = self._ttl(ttl)
+        with self._admit(prompt):
+            return await self._create_session(prompt, self._ttl(ttl))
+
+    async def _create_session(self, prompt: str, ttl: float) -> tuple[SessionInfo, FeedResult]:
         enc = await self._prompt(prompt, "prompt", allow_empty=True)
         ids = enc.ids
         s = self.store.create(ttl)
@@ -181,10 +209,11 @@ class TextgenCore:
 
     async def feed(self, session_id: str, text: str) -> FeedResult:
         self._check_open()
-        enc = await self._prompt(text, "text")
-        with self.store.acquire(session_id) as s:
-            await self._feed(s, enc.ids)
-            return FeedResult(len(enc.ids), enc.unknown_chars, s.tokens, enc.unknown_count)
+        with self._admit(text):
+            enc = await self._prompt(text, "text")
+            with self.store.acquire(session_id) as s:
+                await self._feed(s, enc.ids)
+                return FeedResult(len(enc.ids), enc.unknown_chars, s.tokens, enc.unknown_count)
 
     def get_session(self, session_id: str) -> SessionInfo:
         return self.store.info(self.store.get(session_id))
@@ -220,21 +249,21 @@ class TextgenCore:
         self.streams += 1
         self.metrics.streams_in_flight.inc()
         try:
-            if p.session_id:
-                with self.store.acquire(p.session_id) as s:
-                    async for ev in self._generate(s, ids, max_tokens, stops, sampler, p, start):
+            # one-shot: a private session nobody else can see
+            with self.store.acquire(p.session_id) if p.session_id else nullcontext(Session("", 0.0, 0.0, 0.0)) as s:
+                events = self._generate(s, ids, max_tokens, stops, sampler, p, start)
+                async for ev in events:
+                    try:
                         yield ev
-            else:
-                s = Session("", 0.0, 0.0, 0.0)  # one-shot: a private session nobody else can see
-                async for ev in self._generate(s, ids, max_tokens, stops, sampler, p, start):
-                    yield ev
+                    except StreamStalled as exc:
+                        await events.athrow(exc)  # to where the session is: it keeps the message, re-raises
         finally:
             self.streams -= 1
             self.metrics.streams_in_flight.dec()
 
     async def _generate(self, s: Session, ids: np.ndarray, max_tokens: int, stops: tuple[str, ...],
                         sampler: RowSampler, p: GenerateParams,
-                        start: float) -> AsyncIterator[TokenEvent | FinishEvent]:
+                        start: float) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
         if len(ids):
             await self._feed(s, ids)
         if s.pending is None:
@@ -281,7 +310,15 @@ class TextgenCore:
                 for _ in range(n - 1):  # tokens that travel in one message arrive together
                     m.inter_token_latency.observe(0.0)
                 last = now
-                yield event
+                try:
+                    yield event
+                except StreamStalled:
+                    # The consumer handed the message to gRPC, which still sends it after the stream's end:
+                    # the session takes its tokens, then the stream ends.
+                    s.commit(state, token, n)
+                    stream.delivered(n)
+                    m.generated_tokens.inc(n)
+                    raise
                 # Resumed: the consumer delivered the message. Only now does the session move past its tokens.
                 s.commit(state, token, n)
                 stream.delivered(n)
@@ -298,6 +335,10 @@ class TextgenCore:
         self._check_open()
         if update_session and not session_id:
             raise InvalidRequest("update_session needs a session_id")
+        with self._admit(text):
+            return await self._score(text, session_id, update_session)
+
+    async def _score(self, text: str, session_id: str, update_session: bool) -> ScoreResult:
         enc = await self._text(text, "text", self.config.max_score_chars, "--max-score-chars")
         ids = enc.ids
         if not session_id:

@@ -16,6 +16,7 @@
     │   ├── SessionNotFound      NOT_FOUND: unknown, expired, evicted or deleted session id
     │   ├── SessionBusy          FAILED_PRECONDITION: another call holds the session
     │   ├── SessionEmpty         FAILED_PRECONDITION: Generate on a session that has consumed no text yet
+    │   ├── StreamStalled        DEADLINE_EXCEEDED: the client took no message for --stream-stall-timeout
     │   └── ShuttingDown         UNAVAILABLE: the server is draining
     └── RpcFailed                the client side: a call to the server failed (.code is the grpc.StatusCode)
 
@@ -92,6 +93,10 @@ class SessionBusy(ServiceError):
 
 class SessionEmpty(ServiceError):
     code = "FAILED_PRECONDITION"
+
+
+class StreamStalled(ServiceError):
+    code = "DEADLINE_EXCEEDED"
 
 
 class ShuttingDown(ServiceError):

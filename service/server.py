@@ -56,6 +56,26 @@ def _grpc_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
+def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC core's channel arguments for the server: message sizes, and the connection limits that keep
+    clients that vanish or never close from holding connections (0 in a setting = gRPC's default)."""
+    ms = lambda seconds: int(seconds * 1000)  # noqa: E731
+    options = [
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    if cfg.keepalive_seconds:
+        options += [("grpc.keepalive_time_ms", ms(cfg.keepalive_seconds)), ("grpc.keepalive_timeout_ms", 20_000),
+                    ("grpc.http2.max_pings_without_data", 0)]
+    if cfg.max_connection_idle:
+        options.append(("grpc.max_connection_idle_ms", ms(cfg.max_connection_idle)))
+    if cfg.max_connection_age:
+        options += [("grpc.max_connection_age_ms", ms(cfg.max_connection_age)),
+                    ("grpc.max_connection_age_grace_ms", ms(cfg.max_connection_age_grace))]
+    return options
+
+
 class TextgenServer:
     def __init__(self, config: ServerConfig, runtime: ModelRuntime | None = None, *,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
@@ -101,11 +121,7 @@ class TextgenServer:
         interceptors = [] if self.tokens is None else [TokenAuthInterceptor(
             self.tokens, protect_reflection=cfg.auth_reflection,
             count=lambda method, code: m.requests.labels(method, code).inc())]
-        self._server = server = grpc.aio.server(interceptors=interceptors, options=[
-            ("grpc.max_receive_message_length", cfg.max_message_bytes),
-            ("grpc.max_send_message_length", cfg.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ])
+        self._server = server = grpc.aio.server(interceptors=interceptors, options=server_options(cfg))
         pb_grpc.add_TextgenServiceServicer_to_server(TextgenServicer(self.core, m), server)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import aclosing
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import aclosing, contextmanager
 from typing import Any
 
 import grpc
 
 from .core import FinishEvent, FinishReason, GenerateParams, TextgenCore, TokenEvent, new_seed
-from .errors import ServiceError
+from .errors import LimitExceeded, ServiceError, StreamStalled
 from .logs import log_request
 from .metrics import Metrics
 from .proto import textgen_pb2 as pb
@@ -74,10 +74,32 @@ def model_info_message(d: dict[str, Any]) -> pb.ModelInfo:
     return msg
 
 
+class ClientGone(Exception):
+    """The call ended under a write: the client disconnected or cancelled. Not a bug: CANCELLED, no traceback."""
+
+
 class TextgenServicer(pb_grpc.TextgenServiceServicer):
     def __init__(self, core: TextgenCore, metrics: Metrics):
         self.core = core
         self.metrics = metrics
+        self._streams_of: dict[str, int] = {}  # peer (one connection) -> its running Generate streams
+
+    @contextmanager
+    def _connection_slot(self, peer: str) -> Iterator[None]:
+        cap = self.core.config.max_streams_per_connection
+        n = self._streams_of.get(peer, 0)
+        if cap and n >= cap:
+            raise LimitExceeded(f"this connection runs {n} Generate streams, the server's limit per connection "
+                                "(--max-streams-per-connection); retry later or open another connection",
+                                exhausted=True)
+        self._streams_of[peer] = n + 1
+        try:
+            yield
+        finally:
+            if self._streams_of[peer] == 1:
+                del self._streams_of[peer]
+            else:
+                self._streams_of[peer] -= 1
 
     async def _call(self, method: str, context: grpc.aio.ServicerContext, session_id: str,
                     work: Callable[[dict[str, Any]], Awaitable[Any]]) -> Any:
@@ -89,6 +111,9 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
             result = await work(fields)
         except ServiceError as exc:
             code, message = exc.code, str(exc)
+        except ClientGone:
+            self._record(method, "CANCELLED", start, session_id, fields)
+            return None  # the call is over: there is nobody to send a status to
         except asyncio.CancelledError:
             remaining = context.time_remaining()
             code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
@@ -99,7 +124,12 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
             code, message = "INTERNAL", f"internal error in {method} (the server logged the traceback)"
         self._record(method, code, start, session_id, fields)
         if code != "OK":
-            await context.abort(getattr(grpc.StatusCode, code), message)
+            try:
+                await context.abort(getattr(grpc.StatusCode, code), message)
+            except grpc.aio.AbortError:
+                raise  # how abort ends a handler
+            except Exception:  # the status could not be sent: the client went away meanwhile
+                log.debug("%s: the client left before its status (%s) was sent", method, code)
         return result
 
     def _record(self, method: str, code: str, start: float, session_id: str, fields: dict[str, Any]) -> None:
@@ -138,21 +168,49 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
                                         top_p=request.top_p if request.HasField("top_p") else 1.0, seed=seed),
                 stop=tuple(request.stop), logprobs=request.logprobs)
             fields["generated"] = 0
-            async with aclosing(self.core.generate(params)) as events:
-                async for ev in events:
-                    if isinstance(ev, TokenEvent):
-                        msg = pb.GenerateResponse(text=ev.text)
-                        if ev.logprobs is not None:
-                            for char, tid, lp in zip(ev.text, ev.token_ids, ev.logprobs, strict=True):
-                                msg.logprobs.add(token=char, token_id=tid, logprob=lp)
+            stall = self.core.config.stream_stall_timeout or None
+
+            async def send(msg: pb.GenerateResponse) -> None:
+                try:
+                    # A client that stops reading blocks the write (HTTP/2 flow control): after `stall` seconds
+                    # the stream ends instead of holding its slot for ever.
+                    async with asyncio.timeout(stall):
                         await context.write(msg)
-                        fields["generated"] += len(ev.token_ids)
-                    elif isinstance(ev, FinishEvent):
-                        fields["finish"] = ev.reason
-                        await context.write(pb.GenerateResponse(
-                            finish_reason=FINISH[ev.reason], seed=ev.seed,
-                            usage=pb.Usage(prompt_tokens=ev.prompt_tokens, generated_tokens=ev.generated_tokens,
-                                           session_tokens=ev.session_tokens)))
+                except TimeoutError:
+                    raise
+                except Exception as exc:
+                    # grpc's ExecuteBatchError: the connection failed under the write (the client went away;
+                    # gRPC cancels the call a moment later). Not a bug: CANCELLED, no traceback.
+                    raise ClientGone(type(exc).__name__) from exc
+
+            with self._connection_slot(context.peer()):
+                async with aclosing(self.core.generate(params)) as events:
+                    async for ev in events:
+                        if isinstance(ev, TokenEvent):
+                            msg = pb.GenerateResponse(text=ev.text)
+                            if ev.logprobs is not None:
+                                for char, tid, lp in zip(ev.text, ev.token_ids, ev.logprobs, strict=True):
+                                    msg.logprobs.add(token=char, token_id=tid, logprob=lp)
+                            try:
+                                await send(msg)  # the session moves past these tokens once this returns (core)
+                            except TimeoutError:
+                                fields["finish"] = "stalled"
+                                # gRPC keeps the message it was given: the session takes its tokens too (core).
+                                await events.athrow(StreamStalled(
+                                    f"the client took no message for {stall:g} s (--stream-stall-timeout): the "
+                                    "stream is ended; its session keeps the text sent before"))
+                            fields["generated"] += len(ev.token_ids)
+                        elif isinstance(ev, FinishEvent):
+                            fields["finish"] = ev.reason
+                            try:
+                                await send(pb.GenerateResponse(
+                                    finish_reason=FINISH[ev.reason], seed=ev.seed,
+                                    usage=pb.Usage(prompt_tokens=ev.prompt_tokens,
+                                                   generated_tokens=ev.generated_tokens,
+                                                   session_tokens=ev.session_tokens)))
+                            except TimeoutError:
+                                raise StreamStalled(f"the client took no message for {stall:g} s "
+                                                    "(--stream-stall-timeout)") from None
 
         await self._call("Generate", context, request.session_id, work)
 

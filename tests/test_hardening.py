@@ -1,0 +1,185 @@
+"""Clients that stall, flood or vanish: each holds its own slot for a bounded time, never another client's.
+
+Real servers on 127.0.0.1 (port 0), real gRPC clients. A client that "never reads" is a channel whose HTTP/2
+receive window is tiny (``grpc.http2.lookahead_bytes``; BDP probing off, so it never grows): once the window is
+full the server's writes block, as they do for a reader that stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import grpc
+import pytest
+from servicekit import RunningServer, wait_until
+
+from textgen.service.config import ServerConfig
+from textgen.service.errors import InputError
+from textgen.service.fake_runtime import FakeRuntime
+from textgen.service.proto import textgen_pb2 as pb
+from textgen.service.proto import textgen_pb2_grpc as pb_grpc
+from textgen.service.server import server_options
+
+TINY_WINDOW = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+
+
+def stub(address: str, options: list[tuple[str, Any]] | None = None) -> tuple[grpc.Channel, Any]:
+    channel = grpc.insecure_channel(address, options=options or [])
+    return channel, pb_grpc.TextgenServiceStub(channel)
+
+
+def drain(call: Any) -> tuple[str, grpc.StatusCode]:
+    """Read a stream to its end: the text it delivered and its status."""
+    text = []
+    try:
+        for msg in call:
+            text.append(msg.text)
+    except grpc.RpcError as exc:
+        return "".join(text), exc.code()
+    return "".join(text), grpc.StatusCode.OK
+
+
+@pytest.mark.slow
+def test_a_client_that_stops_reading_loses_its_streams_after_the_stall_timeout() -> None:
+    srv = RunningServer(FakeRuntime("rnn"), max_tokens=1024, max_streams=8, stream_stall_timeout=1.0,
+                        max_streams_per_connection=0)
+    channel, slow = stub(srv.address, TINY_WINDOW)
+    try:
+        sids = [slow.CreateSession(pb.CreateSessionRequest(prompt="hello")).session.session_id for _ in range(8)]
+        calls = [slow.Generate(pb.GenerateRequest(session_id=sid, max_tokens=1024)) for sid in sids]
+        assert wait_until(lambda: srv.server.core.streams == 8, timeout=5)
+        other = srv.client()
+        with pytest.raises(Exception, match="RESOURCE_EXHAUSTED"):
+            other.generate_text("hello", max_tokens=5)
+        # Nobody reads: within the stall timeout (and a sweep) every slot is free again.
+        assert wait_until(lambda: srv.server.core.streams == 0, timeout=5)
+        assert len(other.generate_text("hello", max_tokens=5).text) == 5
+        for sid, call in zip(sids, calls, strict=True):
+            text, code = drain(call)
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert 0 < len(text) < 1024
+            # The session is exactly the text sent to the client before the stream ended.
+            assert other.get_session(sid).token_count == len("hello") + len(text)
+        assert srv.metric("textgen_requests_total", method="Generate", code="DEADLINE_EXCEEDED") == 8
+        assert srv.metric("textgen_requests_total", method="Generate", code="INTERNAL") == 0
+    finally:
+        channel.close()
+        srv.stop()
+
+
+@pytest.mark.slow
+def test_a_client_that_vanishes_mid_stream_is_cancelled_without_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    srv = RunningServer(FakeRuntime("rnn"), max_tokens=1024, stream_stall_timeout=0)
+    channel, slow = stub(srv.address, TINY_WINDOW)
+    try:
+        calls = [slow.Generate(pb.GenerateRequest(prompt="hello", max_tokens=1024)) for _ in range(8)]
+        assert wait_until(lambda: srv.server.core.streams == 8, timeout=5)
+        time.sleep(0.3)  # the windows fill up: the writes block
+        with caplog.at_level(logging.INFO, logger="textgen"):
+            channel.close()
+            assert wait_until(lambda: srv.server.core.streams == 0, timeout=5)
+            time.sleep(0.2)
+        assert len(calls) == 8
+        assert srv.metric("textgen_requests_total", method="Generate", code="INTERNAL") == 0
+        assert srv.metric("textgen_requests_total", method="Generate", code="CANCELLED") == 8
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    finally:
+        srv.stop()
+
+
+def test_streams_per_connection_are_capped() -> None:
+    srv = RunningServer(FakeRuntime("rnn"), max_tokens=1024, max_streams_per_connection=2,
+                        stream_stall_timeout=0)
+    channel, slow = stub(srv.address, TINY_WINDOW)
+    try:
+        calls = [slow.Generate(pb.GenerateRequest(prompt="hello", max_tokens=1024)) for _ in range(2)]
+        assert wait_until(lambda: srv.server.core.streams == 2, timeout=5)
+        _, code = drain(slow.Generate(pb.GenerateRequest(prompt="hello", max_tokens=3)))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert len(srv.client().generate_text("hello", max_tokens=3).text) == 3  # another connection is served
+        for c in calls:
+            c.cancel()
+        assert wait_until(lambda: srv.server.core.streams == 0, timeout=5)
+        text, code = drain(slow.Generate(pb.GenerateRequest(prompt="hello", max_tokens=3)))
+        assert (len(text), code) == (3, grpc.StatusCode.OK)
+    finally:
+        channel.close()
+        srv.stop()
+
+
+def test_feed_score_and_create_session_are_admitted_within_the_caps() -> None:
+    """A slow engine holds a Feed; meanwhile the caps refuse at once (RESOURCE_EXHAUSTED), and free up after."""
+    rt = FakeRuntime("rnn")
+    srv = RunningServer(rt, decode_delay=0.05, max_concurrent_calls=2, max_queued_chars=300)
+    try:
+        c = srv.client()
+        sid = c.create_session("hello").session.session_id
+        sid2 = c.create_session("hello").session.session_id
+        errors: list[BaseException] = []
+
+        def slow_feed(session: str, n: int) -> None:
+            try:
+                srv.client().feed(session, "a" * n)  # 16 tokens per engine job: ~n / 16 * 50 ms
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=slow_feed, args=(sid, 200))
+        t.start()
+        assert wait_until(lambda: srv.server.core.calls == 1, timeout=5)
+        with pytest.raises(Exception, match="RESOURCE_EXHAUSTED") as info:
+            c.score("b" * 150)  # 200 + 150 characters > --max-queued-chars 300
+        assert "--max-queued-chars" in str(info.value)
+        t2 = threading.Thread(target=slow_feed, args=(sid2, 50))
+        t2.start()
+        assert wait_until(lambda: srv.server.core.calls == 2, timeout=5)
+        with pytest.raises(Exception, match="RESOURCE_EXHAUSTED") as info:
+            c.create_session("hi")
+        assert "--max-concurrent-calls" in str(info.value)
+        t.join(30)
+        t2.join(30)
+        assert not errors
+        assert srv.server.core.calls == 0 and srv.server.core.queued_chars == 0
+        assert c.score("b" * 150).token_count == 150  # admitted again
+    finally:
+        srv.stop()
+
+
+def test_connection_limits_become_grpc_options() -> None:
+    opts = dict(server_options(ServerConfig(keepalive_seconds=30, max_connection_idle=120, max_connection_age=600,
+                                            max_connection_age_grace=5)))
+    assert opts["grpc.keepalive_time_ms"] == 30_000 and opts["grpc.max_connection_idle_ms"] == 120_000
+    assert opts["grpc.max_connection_age_ms"] == 600_000 and opts["grpc.max_connection_age_grace_ms"] == 5_000
+    off = dict(server_options(ServerConfig(keepalive_seconds=0, max_connection_idle=0, max_connection_age=0)))
+    assert not {"grpc.keepalive_time_ms", "grpc.max_connection_idle_ms", "grpc.max_connection_age_ms"} & set(off)
+    for bad in (dict(stream_stall_timeout=-1), dict(max_streams_per_connection=-1), dict(max_concurrent_calls=0),
+                dict(max_queued_chars=0), dict(max_connection_age=-5)):
+        with pytest.raises(InputError):
+            ServerConfig(**bad)
+
+
+def test_a_slow_reader_finds_the_session_ahead_by_at_most_its_receive_window() -> None:
+    """docs/api.md's bound: a token counts as delivered once gRPC accepted its message for the connection, so a
+    reader that falls behind and then gives up finds the session ahead of what it read by at most what its
+    HTTP/2 receive window held (here 1 KiB: at most 1024 / 7 messages of at most --stream-window tokens).
+    GetSession is the authority."""
+    srv = RunningServer(FakeRuntime("rnn"), max_tokens=1024, stream_window=4)
+    channel, slow = stub(srv.address, TINY_WINDOW)
+    try:
+        sid = slow.CreateSession(pb.CreateSessionRequest(prompt="hello")).session.session_id
+        call = slow.Generate(pb.GenerateRequest(session_id=sid, max_tokens=1024), timeout=0.5)
+        read = 0
+        with pytest.raises(grpc.RpcError) as info:
+            for msg in call:
+                read += len(msg.text)
+                time.sleep(0.05)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and read > 0
+        assert wait_until(lambda: srv.server.core.streams == 0, timeout=5)
+        generated = srv.client().get_session(sid).token_count - len("hello")
+        assert read <= generated <= read + (1024 // 7) * 4, (read, generated)
+        assert generated < 1024  # the window, not the whole stream, was ahead of the reader
+    finally:
+        channel.close()
+        srv.stop()
