@@ -109,6 +109,12 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
         code, message, result = "OK", "", None
         try:
             result = await work(fields)
+            limit = self.core.config.max_message_bytes
+            if result is not None and (size := result.ByteSize()) > limit:
+                # gRPC would fail to send it after we logged OK: refuse it here, with its size.
+                result = None
+                raise LimitExceeded(f"the reply would be {size:,} bytes, over the server's limit of {limit:,} "
+                                    "(--max-message-bytes)", exhausted=True)
         except ServiceError as exc:
             code, message = exc.code, str(exc)
         except ClientGone:

@@ -183,3 +183,22 @@ def test_a_slow_reader_finds_the_session_ahead_by_at_most_its_receive_window() -
     finally:
         channel.close()
         srv.stop()
+
+
+def test_a_reply_too_large_to_send_is_refused_and_counted_as_such() -> None:
+    """gRPC fails to send a reply over --max-message-bytes after the handler returned: the servicer checks the
+    size first, so the client learns why and the log and metrics never say OK for a reply that was not sent."""
+    from textgen.service.runtime import load_bundle
+
+    srv = RunningServer(load_bundle(None), max_message_bytes=1024)
+    channel, client = stub(srv.address, [("grpc.max_receive_message_length", 1 << 20)])
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            client.GetModelInfo(pb.GetModelInfoRequest())
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-message-bytes" in (info.value.details() or "")
+        assert srv.metric("textgen_requests_total", method="GetModelInfo", code="OK") == 0
+        assert srv.metric("textgen_requests_total", method="GetModelInfo", code="RESOURCE_EXHAUSTED") == 1
+    finally:
+        channel.close()
+        srv.stop()
