@@ -121,8 +121,9 @@ class TextgenCore:
         self.store = store
         self.metrics = metrics
         self.streams = 0
-        self.calls = 0  # CreateSession, Feed and Score calls running (--max-concurrent-calls)
-        self.queued_chars = 0  # characters of their texts (--max-queued-chars)
+        self.calls = 0  # CreateSession, Feed and Score calls in the server (--max-concurrent-calls)
+        self.texts = 0  # ... of them past their request, holding a text
+        self.queued_chars = 0  # characters of those texts (--max-queued-chars)
         self.stopping = False  # set during shutdown: running streams finish with CANCELLED
         self._chars = [runtime.decode([i]) for i in range(runtime.vocab_size)]  # token id -> its text
 
@@ -159,26 +160,35 @@ class TextgenCore:
         if self.stopping:
             raise ShuttingDown("the server is shutting down")
 
-    @contextmanager
-    def _admit(self, text: str) -> Iterator[None]:
-        """Admission of a CreateSession, Feed or Score call: a bounded number of them, and a bounded number of
-        characters, are in the server at once (encoding, queued for the model or running); the rest are
-        refused at once with RESOURCE_EXHAUSTED instead of queueing without limit. A call alone is always
-        admitted (its size is bounded by --max-prompt-chars / --max-score-chars)."""
-        cfg = self.config
-        if self.calls >= cfg.max_concurrent_calls:
+    def enter_call(self) -> None:
+        """Admission of a CreateSession, Feed or Score call, counted from before its request is read (by
+        :class:`~textgen.service.admission.AdmissionInterceptor`) until it ends: beyond --max-concurrent-calls
+        it is refused at once with RESOURCE_EXHAUSTED, so a flood of large requests is neither read nor queued."""
+        if self.calls >= self.config.max_concurrent_calls:
             raise LimitExceeded(f"{self.calls} CreateSession/Feed/Score calls are running, the server's limit "
                                 "(--max-concurrent-calls); retry later", exhausted=True)
-        if self.calls and self.queued_chars + len(text) > cfg.max_queued_chars:
-            raise LimitExceeded(f"the texts of running calls hold {self.queued_chars:,} characters; "
-                                f"{len(text):,} more would pass the server's limit of {cfg.max_queued_chars:,} "
-                                "(--max-queued-chars); retry later", exhausted=True)
         self.calls += 1
+
+    def leave_call(self) -> None:
+        self.calls -= 1
+
+    @contextmanager
+    def _admit(self, text: str) -> Iterator[None]:
+        """The characters of the texts in the server at once (encoding, queued for the model or running) are
+        bounded by --max-queued-chars; a call that would pass it is refused at once with RESOURCE_EXHAUSTED
+        instead of queueing. A text alone is always admitted (its size is bounded by --max-prompt-chars /
+        --max-score-chars)."""
+        limit = self.config.max_queued_chars
+        if self.texts and self.queued_chars + len(text) > limit:
+            raise LimitExceeded(f"the texts of running calls hold {self.queued_chars:,} characters; "
+                                f"{len(text):,} more would pass the server's limit of {limit:,} "
+                                "(--max-queued-chars); retry later", exhausted=True)
+        self.texts += 1
         self.queued_chars += len(text)
         try:
             yield
         finally:
-            self.calls -= 1
+            self.texts -= 1
             self.queued_chars -= len(text)
 
     # -- sessions

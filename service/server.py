@@ -30,6 +30,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from . import logs
+from .admission import AdmissionInterceptor
 from .config import ServerConfig, is_loopback
 from .core import TextgenCore
 from .engine import Engine
@@ -118,9 +119,12 @@ class TextgenServer:
         self.engine = self._engine or make_engine(self.runtime, cfg, m)
         self.core = TextgenCore(self.runtime, self.engine, cfg, self.store, m)
 
-        interceptors = [] if self.tokens is None else [TokenAuthInterceptor(
-            self.tokens, protect_reflection=cfg.auth_reflection,
-            count=lambda method, code: m.requests.labels(method, code).inc())]
+        def count(method: str, code: str) -> None:
+            m.requests.labels(method, code).inc()
+
+        interceptors: list[grpc.aio.ServerInterceptor] = [] if self.tokens is None else [TokenAuthInterceptor(
+            self.tokens, protect_reflection=cfg.auth_reflection, count=count)]
+        interceptors.append(AdmissionInterceptor(self.core, count=count))  # after auth: strangers are not counted
         self._server = server = grpc.aio.server(interceptors=interceptors, options=server_options(cfg))
         pb_grpc.add_TextgenServiceServicer_to_server(TextgenServicer(self.core, m), server)
         self.health = HealthServicer()

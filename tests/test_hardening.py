@@ -113,7 +113,7 @@ def test_streams_per_connection_are_capped() -> None:
 def test_feed_score_and_create_session_are_admitted_within_the_caps() -> None:
     """A slow engine holds a Feed; meanwhile the caps refuse at once (RESOURCE_EXHAUSTED), and free up after."""
     rt = FakeRuntime("rnn")
-    srv = RunningServer(rt, decode_delay=0.05, max_concurrent_calls=2, max_queued_chars=300)
+    srv = RunningServer(rt, decode_delay=0.05, max_concurrent_calls=2, max_queued_chars=300, max_message_bytes=2048)
     try:
         c = srv.client()
         sid = c.create_session("hello").session.session_id
@@ -138,11 +138,17 @@ def test_feed_score_and_create_session_are_admitted_within_the_caps() -> None:
         with pytest.raises(Exception, match="RESOURCE_EXHAUSTED") as info:
             c.create_session("hi")
         assert "--max-concurrent-calls" in str(info.value)
+        # Refused before its request is read: a message over --max-message-bytes would otherwise be refused by
+        # gRPC's size check ("Received message larger than max").
+        with pytest.raises(Exception, match="RESOURCE_EXHAUSTED") as info:
+            c.score("b" * 5000)
+        assert "--max-concurrent-calls" in str(info.value)
         t.join(30)
         t2.join(30)
         assert not errors
-        assert srv.server.core.calls == 0 and srv.server.core.queued_chars == 0
+        assert wait_until(lambda: srv.server.core.calls == 0, timeout=5) and srv.server.core.queued_chars == 0
         assert c.score("b" * 150).token_count == 150  # admitted again
+        assert srv.metric("textgen_requests_total", method="CreateSession", code="RESOURCE_EXHAUSTED") == 1
     finally:
         srv.stop()
 

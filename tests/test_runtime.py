@@ -498,11 +498,14 @@ def test_blocker_really_blocks_torch() -> None:
     assert proc.returncode == 1 and "torch is blocked in this test" in proc.stderr
 
 
-def test_vocab_scan_is_the_definition_on_every_kind_of_text() -> None:
+@pytest.mark.parametrize("chunk", [3, 1 << 16])
+def test_vocab_scan_is_the_definition_on_every_kind_of_text(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The vectorised encoder and unknown-character scan agree with a character-by-character reference,
-    also for characters beyond U+FFFF in the vocabulary or in the text."""
+    also for characters beyond U+FFFF in the vocabulary or in the text, and across its slices."""
+    from textgen.service import vocab as vocab_module
     from textgen.service.vocab import UNK_ID, Vocab
 
+    monkeypatch.setattr(vocab_module, "SCAN_CHUNK", chunk)
     for chars in ["ab c\n", "ab\U0001F600z\u00e9"]:
         v = Vocab(sorted(set(chars)))
         index = {c: i + 1 for i, c in enumerate(v.chars)}

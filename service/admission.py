@@ -1,0 +1,58 @@
+"""Admission of the calls that carry large texts, before their request is read.
+
+grpc.aio reads and parses a unary request before the servicer runs, so a limit checked in the servicer still
+lets a flood of 1,000,000-character Score calls into memory, only to refuse them. For CreateSession, Feed and
+Score this interceptor serves the method as request-streaming instead: its handler runs before anything is
+read, counts the call (:meth:`TextgenCore.enter_call`, refused beyond ``--max-concurrent-calls`` with
+RESOURCE_EXHAUSTED), reads the one request message, and then calls the servicer's own method. A refused call's
+message is never read: past HTTP/2's first window the client does not even send it. The count is released when
+the call ends, however it ends (``context.add_done_callback``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from .core import TextgenCore
+from .errors import LimitExceeded
+from .logs import log_request
+
+SERVICE = "/textgen.v1.TextgenService/"
+ADMITTED = frozenset(SERVICE + name for name in ("CreateSession", "Feed", "Score"))
+
+
+class AdmissionInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, core: TextgenCore, count: Callable[[str, str], None] | None = None):
+        self.core = core
+        self.count = count
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method not in ADMITTED or handler.unary_unary is None:
+            return handler
+        name = handler_call_details.method.rsplit("/", 1)[-1]
+        unary = handler.unary_unary
+
+        async def admitted(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                self.core.enter_call()
+            except LimitExceeded as exc:
+                log_request(name, exc.code, 0.0)
+                if self.count is not None:
+                    self.count(name, exc.code)
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            context.add_done_callback(lambda _: self.core.leave_call())
+            request = await context.read()
+            if request is grpc.aio.EOF:  # a client that half-closed without its message
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} needs a request message")
+            return await unary(request, context)
+
+        return grpc.stream_unary_rpc_method_handler(  # type: ignore[no-any-return]
+            admitted, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
