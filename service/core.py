@@ -29,6 +29,7 @@ import numpy as np
 from .config import ServerConfig
 from .engine import Engine
 from .errors import InvalidRequest, LimitExceeded, SessionEmpty, ShuttingDown, StreamStalled
+from .memory import LARGE_TEXT
 from .metrics import Metrics
 from .sampling import RowSampler, SamplingParams
 from .sessions import Session, SessionInfo, SessionStore
@@ -124,6 +125,7 @@ class TextgenCore:
         self.calls = 0  # CreateSession, Feed and Score calls in the server (--max-concurrent-calls)
         self.texts = 0  # ... of them past their request, holding a text
         self.queued_chars = 0  # characters of those texts (--max-queued-chars)
+        self.trim_pending = False  # a large text has come and gone: the server's sweep trims malloc's arenas
         self.stopping = False  # set during shutdown: running streams finish with CANCELLED
         self._chars = [runtime.decode([i]) for i in range(runtime.vocab_size)]  # token id -> its text
 
@@ -179,6 +181,8 @@ class TextgenCore:
         instead of queueing. A text alone is always admitted (its size is bounded by --max-prompt-chars /
         --max-score-chars)."""
         limit = self.config.max_queued_chars
+        if len(text) >= LARGE_TEXT:  # admitted or not, its request took memory: trim once the texts are gone
+            self.trim_pending = True
         if self.texts and self.queued_chars + len(text) > limit:
             raise LimitExceeded(f"the texts of running calls hold {self.queued_chars:,} characters; "
                                 f"{len(text):,} more would pass the server's limit of {limit:,} "

@@ -35,6 +35,7 @@ from .config import ServerConfig, is_loopback
 from .core import TextgenCore
 from .engine import Engine
 from .errors import InputError
+from .memory import release_free_memory
 from .metrics import Metrics
 from .proto import textgen_pb2 as pb
 from .proto import textgen_pb2_grpc as pb_grpc
@@ -176,6 +177,9 @@ class TextgenServer:
         while True:
             await asyncio.sleep(self.sweep_seconds)
             self.store.sweep()
+            if self.core.trim_pending and not self.core.texts:  # large texts came and went: give memory back
+                self.core.trim_pending = False
+                await asyncio.to_thread(release_free_memory)
 
     def end_streams(self) -> None:
         """Make running Generate streams finish now with FINISH_REASON_CANCELLED (and refuse new work)."""

@@ -208,3 +208,24 @@ def test_a_reply_too_large_to_send_is_refused_and_counted_as_such() -> None:
     finally:
         channel.close()
         srv.stop()
+
+
+def test_memory_is_given_back_after_a_large_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """glibc keeps what worker threads free; after a call with a large text the sweep trims malloc's arenas."""
+    from textgen.service import memory, server
+
+    assert memory.release_free_memory() is (memory._malloc_trim() is not None)
+    calls: list[int] = []
+    monkeypatch.setattr(server, "release_free_memory", lambda: calls.append(1) or True)
+    srv = RunningServer(FakeRuntime("fixed"), sweep_seconds=0.05)
+    try:
+        c = srv.client()
+        c.score("ab" * 1000)
+        time.sleep(0.3)
+        assert calls == []  # small texts: nothing to give back
+        c.score("ab" * (memory.LARGE_TEXT // 2))
+        assert wait_until(lambda: calls == [1], timeout=5)
+        time.sleep(0.3)
+        assert calls == [1]  # once per burst, not at every sweep
+    finally:
+        srv.stop()
