@@ -179,11 +179,14 @@ class TextgenCore:
         """The characters of the texts in the server at once (encoding, queued for the model or running) are
         bounded by --max-queued-chars; a call that would pass it is refused at once with RESOURCE_EXHAUSTED
         instead of queueing. A text alone is always admitted (its size is bounded by --max-prompt-chars /
-        --max-score-chars)."""
+        --max-score-chars), and so is a text within one call slot's share (--max-queued-chars /
+        --max-concurrent-calls characters): a flood of large texts never crowds out ordinary calls, and the
+        characters in the server stay under twice the limit."""
         limit = self.config.max_queued_chars
+        share = limit // self.config.max_concurrent_calls  # one call slot's share of the characters
         if len(text) >= LARGE_TEXT:  # admitted or not, its request took memory: trim once the texts are gone
             self.trim_pending = True
-        if self.texts and self.queued_chars + len(text) > limit:
+        if len(text) > share and self.texts and self.queued_chars + len(text) > limit:
             raise LimitExceeded(f"the texts of running calls hold {self.queued_chars:,} characters; "
                                 f"{len(text):,} more would pass the server's limit of {limit:,} "
                                 "(--max-queued-chars); retry later", exhausted=True)

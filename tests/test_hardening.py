@@ -113,7 +113,7 @@ def test_streams_per_connection_are_capped() -> None:
 def test_feed_score_and_create_session_are_admitted_within_the_caps() -> None:
     """A slow engine holds a Feed; meanwhile the caps refuse at once (RESOURCE_EXHAUSTED), and free up after."""
     rt = FakeRuntime("rnn")
-    srv = RunningServer(rt, decode_delay=0.05, max_concurrent_calls=2, max_queued_chars=300, max_message_bytes=2048)
+    srv = RunningServer(rt, decode_delay=0.05, max_concurrent_calls=2, max_queued_chars=600, max_message_bytes=2048)
     try:
         c = srv.client()
         sid = c.create_session("hello").session.session_id
@@ -126,12 +126,14 @@ def test_feed_score_and_create_session_are_admitted_within_the_caps() -> None:
             except BaseException as exc:
                 errors.append(exc)
 
-        t = threading.Thread(target=slow_feed, args=(sid, 200))
+        t = threading.Thread(target=slow_feed, args=(sid, 580))
         t.start()
         assert wait_until(lambda: srv.server.core.calls == 1, timeout=5)
         with pytest.raises(Exception, match="RESOURCE_EXHAUSTED") as info:
-            c.score("b" * 150)  # 200 + 150 characters > --max-queued-chars 300
+            c.score("b" * 350)  # 580 + 350 characters > --max-queued-chars 600, and 350 > its share
         assert "--max-queued-chars" in str(info.value)
+        # Within one call slot's share (600 / 2 characters) a text is admitted whatever the others hold.
+        assert c.score("b" * 250).token_count == 250
         t2 = threading.Thread(target=slow_feed, args=(sid2, 50))
         t2.start()
         assert wait_until(lambda: srv.server.core.calls == 2, timeout=5)
@@ -216,7 +218,11 @@ def test_memory_is_given_back_after_a_large_text(monkeypatch: pytest.MonkeyPatch
 
     assert memory.release_free_memory() is (memory._malloc_trim() is not None)
     calls: list[int] = []
-    monkeypatch.setattr(server, "release_free_memory", lambda: calls.append(1) or True)
+    def release() -> bool:
+        calls.append(1)
+        return True
+
+    monkeypatch.setattr(server, "release_free_memory", release)
     srv = RunningServer(FakeRuntime("fixed"), sweep_seconds=0.05)
     try:
         c = srv.client()
