@@ -204,7 +204,7 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
                                 # gRPC keeps the message it was given: the session takes its tokens too (core).
                                 await events.athrow(StreamStalled(
                                     f"the client took no message for {stall:g} s (--stream-stall-timeout): the "
-                                    "stream is ended; its session keeps the text sent before"))
+                                    "stream is ended; its session keeps the text sent so far (see GetSession)"))
                             fields["generated"] += len(ev.token_ids)
                         elif isinstance(ev, FinishEvent):
                             fields["finish"] = ev.reason

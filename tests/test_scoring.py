@@ -444,6 +444,10 @@ def test_an_output_that_is_the_input_is_refused_before_anything_is_written(tiny_
     with pytest.raises(InputError, match="inside the input folder"):
         job(tiny_bundle, folder, tmp_path / "ok.jsonl", errors=str(folder / "a.txt.errors.jsonl"))
 
+    # From standard input too, the errors file may not be the output.
+    with pytest.raises(InputError, match="is also the output"):
+        job(tiny_bundle, Path("-"), tmp_path / "piped.jsonl", errors=str(tmp_path / "piped.jsonl"))
+
     # The command line: one line, exit status 2, the input untouched.
     runner = CliRunner()
     r = runner.invoke(main, ["score", str(inp), "-o", str(inp), "--force", "--model", str(tiny_bundle),

@@ -276,16 +276,16 @@ def _check_options(job: ScoreJob) -> None:
 def check_outputs(input_path: str, kind: str, outputs: list[str], errors: str | None) -> None:
     """Refuse, before anything is opened for writing, an output (rows, summary, errors) that is the input, or
     that lies inside an input folder: ``-o in.jsonl --force`` must never truncate the user's file."""
-    if input_path == "-":
-        return
-    src = Path(os.path.realpath(input_path))
+    src = None if input_path == "-" else Path(os.path.realpath(input_path))  # standard input: no file to protect
     named = [("output", p) for p in outputs] + ([("errors file", errors)] if errors is not None else [])
     seen: dict[Path, str] = {}
     for what, path in named:
         dst = Path(os.path.realpath(path))
-        if dst == src or (dst.exists() and src.exists() and os.path.samefile(dst, src)):
+        if src is None:
+            pass
+        elif dst == src or (dst.exists() and src.exists() and os.path.samefile(dst, src)):
             raise UnsafeOutput(f"the {what} {path} is the input {input_path}: refusing to overwrite it")
-        if kind == "dir" and dst.is_relative_to(src):
+        elif kind == "dir" and dst.is_relative_to(src):
             raise UnsafeOutput(f"the {what} {path} is inside the input folder {input_path}: write it elsewhere")
         if dst in seen:
             raise UnsafeOutput(f"the {what} {path} is also the {seen[dst]}: give them different paths")
