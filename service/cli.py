@@ -94,15 +94,16 @@ def _train_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def train(resume: str | None, quiet: bool, **options: Any) -> None:
     """Train a model; writes best.pt, last.pt, metrics.jsonl and curves.png to --out."""
     require_torch()
-    from textgen.training.config import TrainConfig
+    from textgen.training.config import RESUME_OVERRIDES, TrainConfig
     from textgen.training.train import train as run
 
     given = {k: v for k, v in options.items() if v is not None}
     if resume is not None:
-        unknown = set(given) - {"max_steps", "time_budget", "out_dir", "threads"}
+        unknown = set(given) - set(RESUME_OVERRIDES)
         if unknown:
-            raise click.UsageError("--resume continues a run as it was configured; only --max-steps, "
-                                   "--time-budget, --threads and --out may be given with it")
+            allowed = ", ".join("--out" if k == "out_dir" else "--" + k.replace("_", "-") for k in RESUME_OVERRIDES)
+            raise click.UsageError(f"--resume continues a run as it was configured; only {allowed} may be given "
+                                   "with it")
     if "time_budget" in given and "max_steps" not in given:
         given["max_steps"] = 0  # a time budget alone limits the run; the default step limit does not apply
     cfg = TrainConfig(**given)

@@ -327,7 +327,7 @@ def test_cli_options_become_the_train_config(monkeypatch: pytest.MonkeyPatch) ->
         TrainConfig(max_steps=9, threads=1, out_dir="y")
     assert calls[-1][1] == "r.pt"
     refused = runner.invoke(cli, ["train", "--resume", "r.pt", "--lr", "0.1"])
-    assert refused.exit_code == 2 and "only --max-steps, --time-budget, --threads and --out" in refused.output
+    assert refused.exit_code == 2 and "only --max-steps, --time-budget, --out, --threads, --device" in refused.output
     bad = runner.invoke(cli, ["train", "--cell", "transformer"])
     assert bad.exit_code == 2 and "rnn" in bad.output
 

@@ -33,7 +33,8 @@ class Checkpoint:
     # resume-only fields
     optimizer_state: dict[str, Any] | None = None
     carried_state: torch.Tensor | None = None  # the sequential iterator's hidden state (B, S)
-    rng_state: torch.Tensor | None = None
+    rng_state: torch.Tensor | None = None  # torch's CPU generator (the data order, the initial weights, dropout)
+    cuda_rng_state: torch.Tensor | None = None  # a GPU run's dropout generator
     elapsed: float = 0.0  # training seconds so far
     best_val_loss: float = float("inf")
     metrics: dict[str, float] = field(default_factory=dict)  # last held-out figures
@@ -63,6 +64,7 @@ def save_checkpoint(ckpt: Checkpoint, path: Path) -> None:
         "optimizer_state": ckpt.optimizer_state,
         "carried_state": ckpt.carried_state,
         "rng_state": ckpt.rng_state,
+        "cuda_rng_state": ckpt.cuda_rng_state,
         "elapsed": ckpt.elapsed,
         "best_val_loss": ckpt.best_val_loss,
         "metrics": dict(ckpt.metrics),
@@ -81,6 +83,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
+        # map_location: a checkpoint written with tensors on a GPU (an older one, or another tool's) loads here too
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -98,6 +101,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             optimizer_state=payload.get("optimizer_state"),
             carried_state=payload.get("carried_state"),
             rng_state=payload.get("rng_state"),
+            cuda_rng_state=payload.get("cuda_rng_state"),
             elapsed=float(payload.get("elapsed", 0.0)),
             best_val_loss=float(payload.get("best_val_loss", float("inf"))),
             metrics=dict(payload.get("metrics") or {}),

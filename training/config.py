@@ -18,8 +18,12 @@ from textgen.service.bundle import CELLS  # the cells a bundle may hold (torch-f
 
 INITS = ("uniform", "orthogonal")
 ITERATORS = ("sequential", "random")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
+# what --resume may change: the run's length, where it writes, and the machine it runs on; the rest is its identity
+RESUME_OVERRIDES = ("max_steps", "time_budget", "out_dir", "threads", "device")
 
 _T = TypeVar("_T")
 
@@ -100,9 +104,20 @@ class TrainConfig:
     eval_streams: int = _option(16, "Score the held-out text as this many side-by-side streams, the state "
                                 "carried in each.")
     seed: int = _option(1337, "Seed of the data order, the initial weights and dropout: a run is reproducible.")
+    # hardware: where the run computes; a resumed run may move (a GPU run resumes on a CPU and back)
+    device: str = _option("auto", "Where the data, model, optimizer and evaluation live: auto is cuda when torch "
+                          "sees a GPU, else cpu. Checkpoints are saved device-independent.", DEVICES)
+    precision: str = _option("fp32", "bf16: autocast the input and output layers' matrix products to bfloat16 "
+                             "(GPUs that support it, or the CPU); the recurrence, the weights, the evaluation and "
+                             "the export stay float32.", PRECISIONS)
     threads: int = _option(0, "torch intra-op threads (0 = torch's default: all cores).")
     out_dir: str = _option("runs/latest", "Output folder for checkpoints, metrics.jsonl and curves.png.",
                            flag="--out")
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("device", DEVICES), ("precision", PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         return ModelConfig(
@@ -119,5 +134,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
+        """A config from a dict (a checkpoint's): unknown keys are ignored, missing ones (a checkpoint from before
+        a field existed) take the default."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})

@@ -69,11 +69,15 @@ class RecurrentLayer(nn.Module):
         the lstm, and every cell with ``fused`` off, runs the step functions below under autograd.
         """
         xw = self.project(x)  # (T, B, G*H)
-        if self.fused and self.cell == "rnn":
-            hs = RNNScan.apply(xw, state, self.W_hh)  # (T, B, H)
-            return hs, hs[-1]
-        if self.fused and self.cell == "gru":
-            hs = GRUScan.apply(xw, state, self.W_hh, self.b_hh)
+        if self.fused and self.cell in ("rnn", "gru"):
+            # the time loops run in the weights' precision (float32) even under bf16 autocast: the state is
+            # carried over hundreds of steps, and their in-place kernels write into buffers of one dtype
+            with torch.autocast(xw.device.type, enabled=False):
+                xw, state = xw.to(self.W_hh.dtype), state.to(self.W_hh.dtype)
+                if self.cell == "rnn":
+                    hs = RNNScan.apply(xw, state, self.W_hh)  # (T, B, H)
+                else:
+                    hs = GRUScan.apply(xw, state, self.W_hh, self.b_hh)
             return hs, hs[-1]
         step = {"rnn": self.rnn_step, "gru": self.gru_step, "lstm": self.lstm_step}[self.cell]
         outputs = []
@@ -133,8 +137,9 @@ class CharRNN(nn.Module):
         self.b_q = nn.Parameter(torch.zeros(config.vocab_size))
         self.drop = nn.Dropout(config.dropout)
 
-    def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> Tensor:
-        return torch.zeros(batch_size, self.config.state_size, device=device)  # (B, S)
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> Tensor:
+        """Zeros (B, S), on the model's device unless ``device`` says otherwise."""
+        return torch.zeros(batch_size, self.config.state_size, device=device or self.W_hq.device)  # (B, S)
 
     def forward(self, tokens: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """tokens (B, T) int64, state (B, S) -> logits (B, T, V), state (B, S)."""

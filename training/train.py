@@ -17,13 +17,52 @@ from torch.optim.swa_utils import AveragedModel
 from textgen.service.vocab import Vocab
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import RESUME_OVERRIDES, TrainConfig
 from .corpus import load_corpus
 from .data import batches_per_epoch, epoch_batches
 from .errors import CorpusError, TrainingError
 from .model import CharRNN
 
 LN2 = math.log(2.0)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: auto is cuda when torch sees a GPU, else cpu; cuda without one is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "torch sees no CUDA GPU"
+        raise TrainingError(f"--device cuda: {why} (torch {torch.__version__}); use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise TrainingError(f"device must be auto, cpu or cuda, not {name!r}")
+    return torch.device(name)
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """bf16 needs a GPU that computes in it (Ampere or later) or the CPU, whose autocast supports it."""
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainingError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; "
+                            "use --precision fp32")
+
+
+def describe_device(device: torch.device) -> str:
+    """``cpu (2 threads)`` or ``cuda:0 (NVIDIA H200)``: for the first line of a run and its metrics."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def to_cpu(obj: object) -> object:
+    """A copy of ``obj`` (tensors, or dicts/lists/tuples of them, like an optimizer's state_dict) on the CPU, so
+    that a checkpoint written on a GPU loads, resumes and exports on a machine without one."""
+    if isinstance(obj, Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def clip_grad_norm(params: Iterable[nn.Parameter], theta: float) -> float:
@@ -57,19 +96,20 @@ def evaluate(model: CharRNN, ids: Tensor, streams: int = 1, chunk: int = 256) ->
     """
     was_training = model.training
     model.eval()
+    ids = ids.to(model.W_hq.device)
     n = (len(ids) - 1) // streams
     if n < 1:
         streams, n = 1, len(ids) - 1
     xs = ids[: n * streams].view(streams, n)  # (S, n)
     ys = ids[1 : n * streams + 1].view(streams, n)
     state = model.initial_state(streams)
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=ids.device)  # summed on the device: one sync at the end
     for start in range(0, n, chunk):
         logits, state = model(xs[:, start : start + chunk], state)  # (S, t, V)
-        total += float(nn.functional.cross_entropy(logits.flatten(0, 1), ys[:, start : start + chunk].flatten(),
-                                                   reduction="sum"))
+        total += nn.functional.cross_entropy(logits.flatten(0, 1), ys[:, start : start + chunk].flatten(),
+                                             reduction="sum")
     model.train(was_training)
-    return total, n * streams
+    return float(total), n * streams
 
 
 def begin_state(model: CharRNN, carried: Tensor | None, batch_size: int) -> Tensor:
@@ -168,7 +208,7 @@ def load_data(cfg: TrainConfig, vocab: Vocab | None = None) -> _Data:
 
 
 def _weights(m: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()}
 
 
 @dataclass
@@ -178,6 +218,7 @@ class _Run:
     cfg: TrainConfig
     vocab: Vocab
     command: str  # the command line that started the run, saved in its checkpoints
+    device: torch.device  # where the model, the optimizer's state, the batches and the evaluation live
     model: CharRNN  # the weights the optimizer steps
     optimizer: torch.optim.Optimizer
     averaged: AveragedModel | None  # with --ema: their moving average, which is evaluated and saved instead
@@ -190,12 +231,13 @@ class _Run:
     eval_seconds: float = 0.0  # how long the latest evaluation took
 
     @classmethod
-    def start(cls, cfg: TrainConfig, vocab: Vocab, command: str) -> _Run:
-        """A new model (its initial weights drawn from torch's RNG), its optimizer, and with --ema the average."""
-        model = CharRNN(cfg.model_config(vocab.size))
+    def start(cls, cfg: TrainConfig, vocab: Vocab, command: str, device: torch.device) -> _Run:
+        """A new model (its initial weights drawn from torch's CPU RNG, so the same on every device), moved to
+        ``device``, its optimizer, and with --ema the average."""
+        model = CharRNN(cfg.model_config(vocab.size)).to(device)
         optimizer = make_optimizer(cfg, model)
         averaged = moving_average(model, cfg.ema) if cfg.ema else None
-        return cls(cfg, vocab, command, model, optimizer, averaged)
+        return cls(cfg, vocab, command, device, model, optimizer, averaged)
 
     def restore(self, ckpt: Checkpoint) -> None:
         """Continue the run saved in ``ckpt``: weights, optimizer, average, counters, carried and RNG state."""
@@ -207,10 +249,13 @@ class _Run:
             # the average goes on from the saved one; from a checkpoint without one (best.pt) it starts afresh
             self.averaged.module.load_state_dict(ckpt.model_state)
             self.averaged.n_averaged.fill_(ckpt.ema_updates if ckpt.train_state is not None else 0)
-        self.step, self.elapsed, self.carried = ckpt.step, ckpt.elapsed, ckpt.carried_state
+        self.step, self.elapsed = ckpt.step, ckpt.elapsed
+        self.carried = ckpt.carried_state.to(self.device) if ckpt.carried_state is not None else None
         self.best, self.best_val = ckpt.best_val_loss, {"loss": ckpt.best_val_loss}
         if ckpt.rng_state is not None:
             torch.set_rng_state(ckpt.rng_state)
+        if ckpt.cuda_rng_state is not None and self.device.type == "cuda":  # dropout's generator on the GPU
+            torch.cuda.set_rng_state(ckpt.cuda_rng_state, self.device)
 
     @property
     def scored(self) -> CharRNN:
@@ -249,14 +294,21 @@ class _Run:
                 yield x, y
 
     def train_step(self, x: Tensor, y: Tensor, lr: float) -> tuple[Tensor, float]:
-        """One optimizer step on the batch x, y (B, T); returns the loss and the gradient norm before clipping."""
+        """One optimizer step on the batch x, y (B, T); returns the loss and the gradient norm before clipping.
+
+        With --precision bf16 the forward pass runs under autocast: the deeper layers' input projections and the
+        output layer compute in bfloat16; the recurrence (kept out of autocast in ``model.py``), the loss, the
+        gradients and the weights are float32.
+        """
         cfg = self.cfg
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         sequential = cfg.iterator == "sequential"
         state = begin_state(self.model, self.carried if sequential else None, cfg.batch_size)  # (B, S)
-        logits, new_state = self.model(x, state)  # (B, T, V), (B, S)
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            logits, new_state = self.model(x, state)  # (B, T, V), (B, S)
+        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = clip_grad_norm(self.model.parameters(), cfg.clip) if cfg.clip else float("nan")
@@ -273,9 +325,12 @@ class _Run:
         return Checkpoint(
             model_config=self.model.config, train_config=self.cfg, vocab=self.vocab, model_state=_weights(self.scored),
             step=self.step,
-            optimizer_state=self.optimizer.state_dict() if resumable else None,
-            carried_state=self.carried.detach().clone() if resumable and self.carried is not None else None,
+            optimizer_state=to_cpu(self.optimizer.state_dict()) if resumable else None,  # type: ignore[arg-type]
+            carried_state=self.carried.detach().to("cpu", copy=True) if resumable and self.carried is not None
+            else None,
             rng_state=torch.get_rng_state() if resumable else None,
+            cuda_rng_state=torch.cuda.get_rng_state(self.device) if resumable and self.device.type == "cuda"
+            else None,
             elapsed=self.elapsed, best_val_loss=self.best, metrics=self.last_val, command=self.command,
             train_state=_weights(self.model) if averaged is not None else None,
             ema_updates=int(averaged.n_averaged) if averaged is not None else 0,
@@ -298,7 +353,7 @@ class _Run:
 class _Window:
     """The steps since the last "train" record: summed loss, step and token counts, and when they began."""
 
-    loss: float = 0.0
+    loss: Tensor | float = 0.0  # summed on the device, read once per record (no host sync per step)
     steps: int = 0
     tokens: int = 0
     since: float = field(default_factory=time.perf_counter)
@@ -315,24 +370,28 @@ def train(
     resumed = load_checkpoint(resume_from) if resume_from is not None else None
     if resumed is not None:
         # the run's identity comes from the checkpoint; only its length and output folder may change
-        cfg = TrainConfig.from_dict({**resumed.train_config.to_dict(), "max_steps": cfg.max_steps,
-                                     "time_budget": cfg.time_budget, "out_dir": cfg.out_dir})
+        # the run's identity comes from the checkpoint; its length, output folder and machine may change
+        cfg = TrainConfig.from_dict({**resumed.train_config.to_dict(),
+                                     **{k: getattr(cfg, k) for k in RESUME_OVERRIDES}})
         command = resumed.command or command
+    device = resolve_device(cfg.device)
+    check_precision(cfg.precision, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
 
     data = load_data(cfg, resumed.vocab if resumed is not None else None)
-    run = _Run.start(cfg, data.vocab, command)
+    run = _Run.start(cfg, data.vocab, command, device)
     if resumed is not None:
         run.restore(resumed)
     out = Path(cfg.out_dir)
     log = _Log(out / "metrics.jsonl", resume_step=run.step if resumed is not None else None)
     B, T = cfg.batch_size, cfg.bptt
     n_params = sum(p.numel() for p in run.model.parameters())
+    where = describe_device(device)
     echo(f"{cfg.cell} x{cfg.num_layers} H={cfg.hidden_size}: {n_params:,} parameters, vocab {data.vocab.size}, "
          f"{len(data.train_ids):,} training / {len(data.val_ids):,} held-out characters, "
-         f"{data.n_batches} batches per epoch")
+         f"{data.n_batches} batches per epoch; on {where}, {cfg.precision}")
 
     if resumed is None:
         # the curve's starting point, and a measure of how long an evaluation takes
@@ -340,7 +399,7 @@ def train(
     from tqdm import tqdm
 
     # disable=None: tqdm shows the bar on a terminal and stays quiet when output is piped
-    bar = tqdm(total=cfg.max_steps or None, initial=run.step, unit="step", dynamic_ncols=True,
+    bar = tqdm(total=cfg.max_steps or None, initial=run.step, unit="step", dynamic_ncols=True, desc=device.type,
                disable=None if show_progress is None else not show_progress)
     window = _Window()
     evaluated_at = run.step
@@ -351,16 +410,16 @@ def train(
         loss, grad_norm = run.train_step(x, y, lr)
         run.elapsed += time.perf_counter() - t0
 
-        window.loss += loss.item()
+        window.loss += loss.detach()
         window.steps += 1
         window.tokens += B * T
         if window.steps == 10 or run.step % cfg.eval_every == 0:
             now = time.perf_counter()
             tps = window.tokens / max(now - window.since, 1e-9)
-            mean = window.loss / window.steps
+            mean = float(window.loss) / window.steps
             log.write({"step": run.step, "split": "train", "loss": mean, "perplexity": math.exp(mean),
                        "bpc": mean / LN2, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": round(tps, 1),
-                       "elapsed": round(run.elapsed, 3)})
+                       "elapsed": round(run.elapsed, 3), "device": where, "precision": cfg.precision})
             bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{math.exp(mean):.2f}", tok_s=f"{tps:,.0f}",
                             val=f"{run.last_val.get('loss', float('nan')):.3f}", refresh=False)
             window = _Window(since=now)
