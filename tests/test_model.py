@@ -104,7 +104,7 @@ def test_gradcheck_float64(cell: str, fused: bool) -> None:
     assert torch.autograd.gradcheck(f, (state0, *params), eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("cell", ["rnn", "gru"])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
 def test_hand_written_backward_equals_autograd_through_the_steps(cell: str) -> None:
     """The fused time loops (recurrence.py) give the reference's outputs and the gradients of every
     parameter and of the initial state, with gradients arriving both from the logits and from the final state."""
@@ -112,11 +112,12 @@ def test_hand_written_backward_equals_autograd_through_the_steps(cell: str) -> N
     fused = CharRNN(ModelConfig(vocab_size=V, cell=cell, hidden_size=H, num_layers=2)).double()
     reference = copy.deepcopy(fused)
     reference.set_fused(False)
+    S = fused.config.state_size
     ids = torch.randint(0, V, (4, 17))
-    w_logits, w_state = torch.randn(4, 17, V, dtype=torch.float64), torch.randn(4, 2 * H, dtype=torch.float64)
+    w_logits, w_state = torch.randn(4, 17, V, dtype=torch.float64), torch.randn(4, S, dtype=torch.float64)
     grads = []
     for model in (fused, reference):
-        state0 = (torch.randn(4, 2 * H, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 0.5)
+        state0 = (torch.randn(4, S, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 0.5)
         state0.requires_grad_(True)
         logits, state = model(ids, state0)
         ((logits * w_logits).sum() + (state * w_state).sum()).backward()
@@ -124,6 +125,35 @@ def test_hand_written_backward_equals_autograd_through_the_steps(cell: str) -> N
     for ours, ref in zip(*grads, strict=True):
         torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-10)
     assert any(p.grad.abs().sum() > 0 for p in fused.layers[0].parameters())  # the comparison is not vacuous
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_lstm_gradient_from_the_final_cell_alone(num_layers: int) -> None:
+    """A loss on the c part of the final state only (no logits, no h): the hand-written lstm backward must
+    start its loop from that gradient and carry it back through every step, to the weights and to the initial
+    state, exactly as autograd does through the steps."""
+    torch.manual_seed(6)
+    fused = CharRNN(ModelConfig(vocab_size=V, cell="lstm", hidden_size=H, num_layers=num_layers)).double()
+    reference = copy.deepcopy(fused)
+    reference.set_fused(False)
+    S = fused.config.state_size
+    ids = torch.randint(0, V, (3, 11))
+    c_part = torch.zeros(S, dtype=torch.float64)
+    for layer in range(num_layers):
+        c_part[(2 * layer + 1) * H : (2 * layer + 2) * H] = 1.0  # layer l's slice is [h, c]
+    w_state = torch.randn(3, S, dtype=torch.float64) * c_part
+    grads = []
+    for model in (fused, reference):
+        state0 = (torch.randn(3, S, dtype=torch.float64, generator=torch.Generator().manual_seed(7)) * 0.5)
+        state0.requires_grad_(True)
+        _, state = model(ids, state0)
+        (state * w_state).sum().backward()
+        grads.append([state0.grad] + [p.grad for p in model.parameters()])
+    for ours, ref in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-10)
+    assert grads[0][0][:, H : 2 * H].abs().sum() > 0  # reaches the first layer's initial c ...
+    assert fused.layers[0].W_hh.grad.abs().sum() > 0  # ... and the recurrent weights
+    assert fused.W_hq.grad is None  # only the state was in the loss
 
 
 def test_state_size_is_flat_whatever_the_cell() -> None:

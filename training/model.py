@@ -24,13 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .recurrence import GRUScan, RNNScan
+from .recurrence import GRUScan, LSTMScan, RNNScan
 
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}  # how many H-sized blocks each input projection has
 
 
 class RecurrentLayer(nn.Module):
-    """One layer: input projection for every step at once, then the recurrence in a Python time loop.
+    """One layer: input projection for every step at once, then the recurrence in a Python time loop
+    (:mod:`.recurrence`'s hand-written one, or the step functions below under autograd).
 
     Parameters (G = 1 for rnn, 3 for gru, 4 for lstm):
         W_xh (I, G*H)  input weights; in the first layer I is the vocabulary and this is the embedding
@@ -50,7 +51,7 @@ class RecurrentLayer(nn.Module):
         self.b_h = nn.Parameter(torch.empty(G * H).uniform_(-bound, bound))
         if cell == "gru":
             self.b_hh = nn.Parameter(torch.empty(G * H).uniform_(-bound, bound))
-        self.fused = True  # run rnn/gru through the hand-written time loops (False: autograd reference)
+        self.fused = True  # run the hand-written time loops of recurrence.py (False: the autograd reference)
         if init == "orthogonal":  # spectral radius 1 per gate: the state neither vanishes nor explodes at first
             with torch.no_grad():
                 for g in range(G):
@@ -65,8 +66,9 @@ class RecurrentLayer(nn.Module):
     def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """Time-major: x ids (T, B) or features (T, B, I); state (B, per_layer) -> outputs (T, B, H), new state.
 
-        The rnn and gru time loops run in :mod:`.recurrence` (hand-written backward) unless ``fused`` is off;
-        the lstm, and every cell with ``fused`` off, runs the step functions below under autograd.
+        Every cell's time loop runs in :mod:`.recurrence` (hand-written backward) unless ``fused`` is off; with
+        ``fused`` off it runs the step functions below under autograd, the reference the tests check it against.
+        For the lstm the state slice is [h, c] (B, 2H) and so is the new state.
         """
         xw = self.project(x)  # (T, B, G*H)
         if self.fused and self.cell in ("rnn", "gru"):
@@ -79,6 +81,10 @@ class RecurrentLayer(nn.Module):
                 else:
                     hs = GRUScan.apply(xw, state, self.W_hh, self.b_hh)
             return hs, hs[-1]
+        if self.fused and self.cell == "lstm":
+            H = self.hidden_size
+            hs, c = LSTMScan.apply(xw, state[:, :H], state[:, H:], self.W_hh)  # (T, B, H), (B, H)
+            return hs, torch.cat([hs[-1], c], dim=1)
         step = {"rnn": self.rnn_step, "gru": self.gru_step, "lstm": self.lstm_step}[self.cell]
         outputs = []
         for xw_t in xw.unbind(0):  # unbind, not xw[t]: its backward is one stack, not T full-size copies
@@ -156,7 +162,7 @@ class CharRNN(nn.Module):
         return logits, torch.cat(new_states, dim=1)
 
     def set_fused(self, fused: bool) -> None:
-        """Use the hand-written rnn/gru time loops (the default) or the step-by-step autograd reference."""
+        """Use the hand-written time loops of every cell (the default) or the step-by-step autograd reference."""
         for layer in self.layers:
             assert isinstance(layer, RecurrentLayer)
             layer.fused = fused
