@@ -33,10 +33,12 @@ after ``--settle`` seconds the server gets SIGTERM and must exit 0. The server's
 per client kind and method (client side, and from the server's request log lines), ERROR-level and non-JSON
 lines of the server's stderr (with an example), RSS start/peak/end, and the checks: normal ITL p99 <= 50 ms,
 no INTERNAL anywhere, no ERROR log line, RSS peak - start <= ``--rss-limit-mb`` (200), RSS end - start <=
-``--rss-end-mb`` (50), exit status 0.
+``--rss-end-mb`` (50), exit status 0. With ``--rounds N`` the whole load runs N times on the same server and
+the RSS after each round is reported: growth from round 1 to round N over ``--rss-growth-mb`` (20) is a leak.
 
     python bench/soak.py                          # 60 s of load, about 80 s in all
     python bench/soak.py --seconds 20 --flood 16 --flood-calls 16
+    python bench/soak.py --rounds 3              # the same load 3 times: does RSS keep growing?
     python bench/soak.py --server-args "--max-connection-age 30" --json soak.json
 
 Needs no extra: only the default bundle and grpcio.
@@ -449,19 +451,13 @@ def main_bench(a: argparse.Namespace) -> int:
     for name in ("seconds", "stalled", "stalled_every", "stalled_calls", "flood", "flood_calls", "flood_chars",
                  "flood_timeout", "burst_size", "burst_every", "burst_rounds", "normal", "tokens", "call_timeout"):
         gen_args.append(f"--{name.replace('_', '-')}={getattr(a, name)}")
-    result: dict[str, Any] | None = None
-    try:
-        out = subprocess.run(gen_args, capture_output=True, text=True, check=False, timeout=a.seconds + 90)
-        if out.stderr.strip():
-            print("# load generator stderr (tail):\n" + out.stderr.strip()[-1500:], file=sys.stderr)
-        if out.returncode == 0:
-            result = json.loads(out.stdout.strip().splitlines()[-1])
-        else:
-            print(f"load generator failed ({out.returncode})", file=sys.stderr)
-    except subprocess.TimeoutExpired:
-        print("load generator overran its time and was killed", file=sys.stderr)
-    time.sleep(a.settle)
-    rss_end = server.rss_kb() or 0
+    results: list[dict[str, Any] | None] = []
+    rss_ends: list[int] = []  # after each round's settle
+    for _ in range(a.rounds):
+        results.append(run_load(gen_args, a.seconds))
+        time.sleep(a.settle)
+        rss_ends.append(server.rss_kb() or 0)
+    rss_end = rss_ends[-1]
     exit_code = server.stop()
     sampler.halt.set()
     sampler.join()
@@ -469,9 +465,11 @@ def main_bench(a: argparse.Namespace) -> int:
     rss = [kb for _, kb in sampler.samples]
     rss_peak = max(rss, default=0)
 
-    if result is None:
+    if any(r is None for r in results):
         print("no results from the load generator")
         return 1
+    rounds: list[dict[str, Any]] = [r for r in results if r is not None]
+    result = rounds[-1]  # the tables show the last round; the checks cover every round
     print("\n# stall probe: one 800-token stream that nobody reads, per channel option set")
     print("| channel options | stalled the server's writes | tokens sent when checked |")
     print("|---|---|---|")
@@ -503,18 +501,30 @@ def main_bench(a: argparse.Namespace) -> int:
     print(f"RSS: start {rss_start / 1024:.0f} MB, peak {rss_peak / 1024:.0f} MB, end {rss_end / 1024:.0f} MB "
           f"({len(rss)} samples); server exit status after SIGTERM: {exit_code}")
 
-    internal = sum(n for k, n in result["counts"].items() if k.endswith((" INTERNAL", " UNKNOWN")))
+    if len(rounds) > 1:
+        print(f"\n# {len(rounds)} rounds of the same load on the same server")
+        print("| round | normal ITL p99 | normal TTFT p99 | RSS after the round's settle |")
+        print("|---|---|---|---|")
+        for i, (r, kb) in enumerate(zip(rounds, rss_ends, strict=True), 1):
+            print(f"| {i} | {r['itl_p99'] * 1e3:.1f} ms | {r['ttft_p99'] * 1e3:.0f} ms | {kb / 1024:.0f} MB |")
+
+    internal = sum(n for r in rounds for k, n in r["counts"].items() if k.endswith((" INTERNAL", " UNKNOWN")))
     internal += sum(n for k, n in log["codes"].items() if k.endswith((" INTERNAL", " UNKNOWN")))
+    itl_p99 = max(r["itl_p99"] for r in rounds)
     checks = [
-        (f"normal ITL p99 <= 50 ms: {result['itl_p99'] * 1e3:.1f} ms", result["itl_p99"] <= 0.050),
+        (f"normal ITL p99 <= 50 ms (worst round): {itl_p99 * 1e3:.1f} ms", itl_p99 <= 0.050),
         (f"no INTERNAL/UNKNOWN status (clients + server log): {internal}", internal == 0),
         (f"no ERROR-level server log line: {log['error_lines']}", log["error_lines"] == 0),
         (f"RSS peak - start <= {a.rss_limit_mb} MB: {(rss_peak - rss_start) / 1024:.0f} MB",
          rss_peak - rss_start <= a.rss_limit_mb * 1024),
         (f"RSS end - start <= {a.rss_end_mb} MB: {(rss_end - rss_start) / 1024:.0f} MB",
          rss_end - rss_start <= a.rss_end_mb * 1024),
-        (f"normal clients completed generations: {result['counts'].get('normal Generate OK', 0)}",
-         result["counts"].get("normal Generate OK", 0) > 0),
+        *([(f"RSS growth from round 1 to round {len(rounds)} (no leak) <= {a.rss_growth_mb} MB: "
+            f"{(rss_ends[-1] - rss_ends[0]) / 1024:.0f} MB", rss_ends[-1] - rss_ends[0] <= a.rss_growth_mb * 1024)]
+          if len(rounds) > 1 else []),
+        (f"normal clients completed generations in every round: "
+         f"{[r['counts'].get('normal Generate OK', 0) for r in rounds]}",
+         all(r["counts"].get("normal Generate OK", 0) > 0 for r in rounds)),
         (f"server exit status 0 after SIGTERM: {exit_code}", exit_code == 0),
     ]
     print("\n# checks")
@@ -525,8 +535,24 @@ def main_bench(a: argparse.Namespace) -> int:
                                             "protections": protection_lines, "result": result, "server_log": log,
                                             "rss_kb": sampler.samples, "rss_start_kb": rss_start,
                                             "rss_end_kb": rss_end, "exit_code": exit_code,
+                                            "rss_round_ends_kb": rss_ends, "rounds": rounds,
                                             "checks": [[c, ok] for c, ok in checks]}, indent=1))
     return 0 if all(ok for _, ok in checks) else 2
+
+
+def run_load(gen_args: list[str], seconds: float) -> dict[str, Any] | None:
+    """One round of load: the load-generator process against the running server; its JSON summary."""
+    try:
+        out = subprocess.run(gen_args, capture_output=True, text=True, check=False, timeout=seconds + 90)
+    except subprocess.TimeoutExpired:
+        print("load generator overran its time and was killed", file=sys.stderr)
+        return None
+    if out.stderr.strip():
+        print("# load generator stderr (tail):\n" + out.stderr.strip()[-1500:], file=sys.stderr)
+    if out.returncode != 0:
+        print(f"load generator failed ({out.returncode})", file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def add_load_args(p: argparse.ArgumentParser) -> None:
@@ -564,6 +590,10 @@ def main() -> None:
     p.add_argument("--settle", type=float, default=5.0, help="seconds between the end of the load and SIGTERM")
     p.add_argument("--rss-limit-mb", type=float, default=200.0)
     p.add_argument("--rss-end-mb", type=float, default=50.0)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole load this many times on the same server (RSS read after each round)")
+    p.add_argument("--rss-growth-mb", type=float, default=20.0,
+                   help="with --rounds > 1: the most RSS may grow from the end of round 1 to the end of the last")
     p.add_argument("--server-args", default="", help="extra `textgen serve` flags")
     p.add_argument("--log", default=None, help="where the server's stderr goes (default: a temporary file)")
     p.add_argument("--json", default=None)

@@ -7,10 +7,18 @@ read, counts the call (:meth:`TextgenCore.enter_call`, refused beyond ``--max-co
 RESOURCE_EXHAUSTED), reads the one request message, and then calls the servicer's own method. A refused call's
 message is never read: past HTTP/2's first window the client does not even send it. The count is released when
 the call ends, however it ends (``context.add_done_callback``).
+
+Admitted calls read their message :data:`READS_AT_ONCE` at a time. Until a request is parsed nobody knows how
+long its text is, and the limit on characters in the server (``--max-queued-chars``) can only be checked
+after that; without this bound, 48 admitted 1,000,000-character Scores were all read and parsed at once
+(about 8 MB each: the message, its string, the parser's copies) only for most of them to be refused,
+and the server's RSS went up by over 400 MB (bench/soak.py). A call waiting for its turn to read holds its
+call slot; its bytes wait in HTTP/2 flow control, not in the server.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,12 +30,14 @@ from .logs import log_request
 
 SERVICE = "/textgen.v1.TextgenService/"
 ADMITTED = frozenset(SERVICE + name for name in ("CreateSession", "Feed", "Score"))
+READS_AT_ONCE = 4  # admitted requests being received and parsed at once (each up to --max-message-bytes)
 
 
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, core: TextgenCore, count: Callable[[str, str], None] | None = None):
         self.core = core
         self.count = count
+        self._reads: asyncio.Semaphore | None = None  # made on the server's event loop, at the first call
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -48,7 +58,10 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                     self.count(name, exc.code)
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             context.add_done_callback(lambda _: self.core.leave_call())
-            request = await context.read()
+            if self._reads is None:
+                self._reads = asyncio.Semaphore(READS_AT_ONCE)
+            async with self._reads:  # released once parsed: the servicer checks the text's length right away
+                request = await context.read()
             if request is grpc.aio.EOF:  # a client that half-closed without its message
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} needs a request message")
             return await unary(request, context)

@@ -71,20 +71,20 @@ class RecurrentLayer(nn.Module):
         For the lstm the state slice is [h, c] (B, 2H) and so is the new state.
         """
         xw = self.project(x)  # (T, B, G*H)
-        if self.fused and self.cell in ("rnn", "gru"):
+        if self.fused:
             # the time loops run in the weights' precision (float32) even under bf16 autocast: the state is
             # carried over hundreds of steps, and their in-place kernels write into buffers of one dtype
             with torch.autocast(xw.device.type, enabled=False):
                 xw, state = xw.to(self.W_hh.dtype), state.to(self.W_hh.dtype)
                 if self.cell == "rnn":
                     hs = RNNScan.apply(xw, state, self.W_hh)  # (T, B, H)
-                else:
+                    return hs, hs[-1]
+                if self.cell == "gru":
                     hs = GRUScan.apply(xw, state, self.W_hh, self.b_hh)
-            return hs, hs[-1]
-        if self.fused and self.cell == "lstm":
-            H = self.hidden_size
-            hs, c = LSTMScan.apply(xw, state[:, :H], state[:, H:], self.W_hh)  # (T, B, H), (B, H)
-            return hs, torch.cat([hs[-1], c], dim=1)
+                    return hs, hs[-1]
+                H = self.hidden_size
+                hs, c = LSTMScan.apply(xw, state[:, :H], state[:, H:], self.W_hh)  # (T, B, H), (B, H)
+                return hs, torch.cat([hs[-1], c], dim=1)
         step = {"rnn": self.rnn_step, "gru": self.gru_step, "lstm": self.lstm_step}[self.cell]
         outputs = []
         for xw_t in xw.unbind(0):  # unbind, not xw[t]: its backward is one stack, not T full-size copies
