@@ -48,10 +48,11 @@ from _common import export_random
 
 TEXT = ("The quick brown fox jumps over the lazy dog. def main(args):\n    return sum(x * x for x in args)\n"
         "Batching shares one model step between many streams; continuous batching lets them join and leave. ")
-# The load generator multiplexes 64 streams per connection: no per-connection cap.
+# The load generator multiplexes 64 streams per connection: no per-connection cap; N clients create their
+# sessions at once, so the cap on concurrent CreateSession/Feed/Score calls is raised like --max-streams.
 SERVER_FLAGS = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--max-streams", "512",
-                "--max-streams-per-connection", "0", "--max-sessions", "4096", "--log-level", "warning",
-                "--grace-seconds", "1"]
+                "--max-concurrent-calls", "512", "--max-streams-per-connection", "0", "--max-sessions", "4096",
+                "--log-level", "warning", "--grace-seconds", "1"]
 
 
 def prompt(i: int, n: int) -> str:

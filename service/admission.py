@@ -10,10 +10,11 @@ the call ends, however it ends (``context.add_done_callback``).
 
 Admitted calls read their message :data:`READS_AT_ONCE` at a time. Until a request is parsed nobody knows how
 long its text is, and the limit on characters in the server (``--max-queued-chars``) can only be checked
-after that; without this bound, 48 admitted 1,000,000-character Scores were all read and parsed at once
-(about 8 MB each: the message, its string, the parser's copies) only for most of them to be refused,
-and the server's RSS went up by over 400 MB (bench/soak.py). A call waiting for its turn to read holds its
-call slot; its bytes wait in HTTP/2 flow control, not in the server.
+after that; without this bound, all admitted calls (up to ``--max-concurrent-calls``) may hold a message of
+up to ``--max-message-bytes`` and its parsed string at once, only for most of them to be refused. A call
+waiting for its turn to read holds its call slot; its bytes wait in HTTP/2 flow control, not in the server.
+(bench/soak.py's RSS peak under 48 concurrent 1,000,000-character Scores went from +438 MB to +359 MB with it,
+one run each: this is not all of that peak; see docs/serving-performance.md, Hardening.)
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ class ServerConfig:
     max_batch: int = 256
     prefill_chunk: int = 256
     stream_window: int = 4
+    stream_interval_ms: float = 0.0
     # Clients that stall or flood (docs/api.md, Limits): nothing a client does holds a slot for ever.
     stream_stall_timeout: float = 30.0
     max_streams_per_connection: int = 32
@@ -88,6 +89,7 @@ class ServerConfig:
         need(self.max_batch >= 1, "--max-batch must be >= 1")
         need(self.prefill_chunk >= 2, "--prefill-chunk must be >= 2")
         need(self.stream_window >= 1, "--stream-window must be >= 1")
+        need(0 <= self.stream_interval_ms <= 1000, "--stream-interval-ms must be in [0, 1000]")
         need(self.stream_stall_timeout >= 0, "--stream-stall-timeout must be >= 0 seconds (0 = off)")
         need(self.max_streams_per_connection >= 0, "--max-streams-per-connection must be >= 0 (0 = no cap)")
         need(self.max_concurrent_calls >= 1, "--max-concurrent-calls must be >= 1")
@@ -184,6 +186,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("stream_window", "Batching: tokens a Generate stream may be computed ahead of its connection. 1 = no "
                              "look-ahead, one token per message; above 1, tokens computed while the previous "
                              "message was being sent go out together in the next one."),
+    Setting("stream_interval_ms", "Least time between two messages of a Generate stream, in milliseconds; the "
+                                  "tokens computed meanwhile go out together (up to --stream-window of them "
+                                  "ahead). 0 = every message as soon as it is ready."),
     Setting("stream_stall_timeout", "Seconds a Generate stream may wait for its client to take a message (HTTP/2 "
                                     "flow control); then it ends with DEADLINE_EXCEEDED, frees its slot, and the "
                                     "session keeps the text delivered before (0 = wait for ever)."),

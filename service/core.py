@@ -43,6 +43,18 @@ ENCODE_INLINE_CHARS = 16_384  # longer texts are encoded off the event loop
 MAX_STOP_CHARS = 64
 
 
+
+# How much a stream's least gap between messages grows per running stream, up to --stream-interval-ms.
+GAP_PER_STREAM = 0.0002
+
+
+def message_gap(interval: float, streams: int) -> float:
+    """The least time between two messages of one stream: ``--stream-interval-ms`` (``interval``, seconds) once
+    enough streams run to need it, and ``streams`` x :data:`GAP_PER_STREAM` before. So all streams together
+    send at most about 5,000 messages a second (each costs the event loop ~0.1 ms: half of its time), and a
+    lone stream is held back by 0.2 ms at most, less than one decode step."""
+    return min(interval, streams * GAP_PER_STREAM)
+
 class FinishReason:
     LENGTH = "length"
     STOP = "stop"
@@ -294,11 +306,16 @@ class TextgenCore:
         generated = 0
         last = None
         stream = self.engine.open_stream(s.state, s.pending, sampler, max_tokens, p.logprobs)
+        interval = self.config.stream_interval_ms / 1000.0
         try:
             while generated < max_tokens:
                 if self.stopping:
                     reason = FinishReason.CANCELLED
                     break
+                if interval and last is not None:  # --stream-interval-ms: let this message gather more tokens
+                    wait = last + message_gap(interval, self.streams) - time.perf_counter()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                 items = await stream.next()
                 if self.stopping:
                     reason = FinishReason.CANCELLED

@@ -57,7 +57,7 @@ def test_auto_is_the_cpu_without_a_gpu() -> None:
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error on a machine without a GPU")
 def test_cuda_without_a_gpu_is_one_clear_line(tmp_path: Path) -> None:
-    with pytest.raises(TrainingError, match="--device cuda: .*use --device cpu or auto"):
+    with pytest.raises(TrainingError, match=r"--device cuda: .*use --device cpu or auto"):
         resolve_device("cuda")
     cfg = _tiny(tmp_path, "run")
     result = CliRunner().invoke(cli, ["train", "--corpus", cfg.corpus, "--device", "cuda", "--out",

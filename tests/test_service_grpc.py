@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import time
@@ -590,3 +591,38 @@ def test_streams_still_running_at_the_end_of_the_grace_period_finish_cancelled(r
     assert result.finish_reason == "cancelled" and 0 < result.usage.generated_tokens < 10_000
     stopper.join(10)
     assert time.monotonic() - t0 < 3
+
+
+# ---------------------------------------------------------------------------------- --stream-interval-ms
+
+
+def test_message_gap_grows_with_the_streams_up_to_the_interval() -> None:
+    from textgen.service.core import GAP_PER_STREAM, message_gap
+
+    assert message_gap(0.0, 500) == 0.0  # the default: every message as soon as it is ready
+    assert message_gap(0.025, 1) == pytest.approx(GAP_PER_STREAM)  # a lone stream is hardly held back
+    assert message_gap(0.025, 64) == pytest.approx(64 * GAP_PER_STREAM)
+    assert 64 * GAP_PER_STREAM < 0.025  # 64 streams: below the interval
+    assert message_gap(0.025, 1000) == 0.025
+
+
+def test_stream_interval_spaces_messages_and_keeps_the_text_exact(rt: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from textgen.service import core
+
+    monkeypatch.setattr(core, "GAP_PER_STREAM", 1.0)  # so that one stream already gets the whole interval
+    srv = RunningServer(rt, stream_interval_ms=40, stream_window=8)
+    try:
+        c = srv.client()
+        sid = c.create_session(PROMPT).session.session_id
+        arrivals: list[tuple[float, str]] = []
+        for m in c.generate(session_id=sid, max_tokens=30).messages():
+            arrivals.append((time.monotonic(), m.text))
+        texts = [t for _, t in arrivals[:-1]]
+        gaps = [b - a for (a, _), (b, _) in itertools.pairwise(arrivals[:-1])]
+        assert len(texts) < 30 and max(len(t) for t in texts) > 1  # the tokens went out in fewer messages
+        assert all(len(t) <= 8 for t in texts)  # never more than the window ahead
+        assert gaps and min(gaps) >= 0.030  # spaced by the interval (a busy machine only makes gaps longer)
+        assert "".join(texts) == reference_greedy(rt, PROMPT, 30)  # the same text as without the interval
+        assert c.get_session(sid).token_count == len(PROMPT) + 30  # and the session is exactly that text
+    finally:
+        srv.stop()
