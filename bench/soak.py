@@ -91,11 +91,11 @@ def unknown_text(n: int) -> str:
 # --------------------------------------------------------------------------------------------- server
 
 
-def with_flags(base: list[str], values: dict[str, str]) -> list[str]:
-    """``base`` (flag/value pairs) with the values of ``values`` replaced or added."""
-    pairs = dict(zip(base[::2], base[1::2], strict=True))
+def with_flags(base: list[str], values: dict[str, str | None]) -> list[str]:
+    """``base`` (flag/value pairs) with the values of ``values`` replaced or added (None: the flag removed)."""
+    pairs: dict[str, str | None] = dict(zip(base[::2], base[1::2], strict=True))
     pairs.update(values)
-    return [x for kv in pairs.items() for x in kv]
+    return [x for k, v in pairs.items() if v is not None for x in (k, v)]
 
 
 def serve_options() -> dict[str, str | None]:
@@ -435,7 +435,9 @@ def main_bench(a: argparse.Namespace) -> int:
     options = serve_options()
     flags, protection_lines = protection_flags(options, a.stall_timeout, a.per_connection)
     log_path = Path(a.log or tempfile.mkstemp(prefix="textgen-soak-", suffix=".log")[1])
+    # serve_load's flags open the limits for throughput; the soak keeps the server's own cap on concurrent calls
     server_flags = with_flags(SERVER_FLAGS, {"--max-streams": "64", "--max-sessions": "1024", "--log-level": "info",
+                                             "--max-concurrent-calls": None,
                                              **dict(zip(flags[::2], flags[1::2], strict=True))})
     server_flags += a.server_args.split()
     print("# soak: textgen serve " + " ".join(server_flags))
