@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -29,13 +29,16 @@ from .core import TextgenCore
 from .errors import LimitExceeded
 from .logs import log_request
 
+if TYPE_CHECKING:
+    from .remote import RemoteCore
+
 SERVICE = "/textgen.v1.TextgenService/"
 ADMITTED = frozenset(SERVICE + name for name in ("CreateSession", "Feed", "Score"))
 READS_AT_ONCE = 4  # admitted requests being received and parsed at once (each up to --max-message-bytes)
 
 
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, core: TextgenCore, count: Callable[[str, str], None] | None = None):
+    def __init__(self, core: TextgenCore | RemoteCore, count: Callable[[str, str], None] | None = None):
         self.core = core
         self.count = count
         self._reads: asyncio.Semaphore | None = None  # made on the server's event loop, at the first call

@@ -221,9 +221,13 @@ def serve(**options: Any) -> None:
     import asyncio
 
     from textgen.service.config import ServerConfig
-    from textgen.service.server import serve as run
 
-    sys.exit(asyncio.run(run(ServerConfig(**options))))
+    config = ServerConfig(**options)
+    if config.workers > 1 or config.shards > 1:
+        from textgen.service.processes import serve_processes as run
+    else:
+        from textgen.service.server import serve as run
+    sys.exit(asyncio.run(run(config)))
 
 
 _address_option = click.option("--address", envvar="TEXTGEN_ADDRESS", default="localhost:50051",

@@ -118,6 +118,9 @@ class TextgenClient:
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            # its own connection: gRPC would otherwise share one among the clients of a process, and the
+            # front ends of a server (--workers) are spread by connection
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         if tls or tls_ca or tls_cert or tls_key or tls_server_name:
             if tls_server_name:

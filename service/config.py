@@ -42,6 +42,8 @@ class ServerConfig:
     intra_op_threads: int = 1
     inter_op_threads: int = 1
     batching: str = "on"
+    workers: int = 1
+    shards: int = 1
     max_batch: int = 256
     prefill_chunk: int = 256
     stream_window: int = 4
@@ -89,6 +91,8 @@ class ServerConfig:
         need(self.max_batch >= 1, "--max-batch must be >= 1")
         need(self.prefill_chunk >= 2, "--prefill-chunk must be >= 2")
         need(self.stream_window >= 1, "--stream-window must be >= 1")
+        need(1 <= self.workers <= 64, "--workers must be in [1, 64]")
+        need(1 <= self.shards <= 16, "--shards must be in [1, 16]")
         need(0 <= self.stream_interval_ms <= 1000, "--stream-interval-ms must be in [0, 1000]")
         need(self.stream_stall_timeout >= 0, "--stream-stall-timeout must be >= 0 seconds (0 = off)")
         need(self.max_streams_per_connection >= 0, "--max-streams-per-connection must be >= 0 (0 = no cap)")
@@ -178,6 +182,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("batching", "on = continuous batching: one scheduler thread runs the decode steps of all Generate "
                         "streams as one batched model step and interleaves prompt chunks with them; off = every "
                         "model call runs on its own (for comparison).", BATCHING),
+    Setting("workers", "gRPC front-end processes sharing the port (SO_REUSEPORT). With --workers 1 --shards 1 "
+                       "the server is one process; otherwise front ends and engine shards are separate processes "
+                       "(docs/serving-performance.md, Processes)."),
+    Setting("shards", "Engine shard processes: each owns a model runtime, a batching scheduler and its sessions "
+                      "(a session id names its shard)."),
     Setting("max_batch", "Batching: streams advanced by one decode step at most (the others take the next "
                          "step), and Feed prompts run together at most."),
     Setting("prefill_chunk", "Tokens per prompt chunk at most (Feed, CreateSession and Generate prompts, Score); "

@@ -19,7 +19,7 @@ import asyncio
 import math
 import secrets
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -28,7 +28,7 @@ import numpy as np
 
 from .config import ServerConfig
 from .engine import Engine
-from .errors import InvalidRequest, LimitExceeded, SessionEmpty, ShuttingDown, StreamStalled
+from .errors import InvalidRequest, LimitExceeded, MessageGiven, SessionEmpty, ShuttingDown, StreamStalled
 from .memory import LARGE_TEXT
 from .metrics import Metrics
 from .sampling import RowSampler, SamplingParams
@@ -244,10 +244,10 @@ class TextgenCore:
                 await self._feed(s, enc.ids)
                 return FeedResult(len(enc.ids), enc.unknown_chars, s.tokens, enc.unknown_count)
 
-    def get_session(self, session_id: str) -> SessionInfo:
+    async def get_session(self, session_id: str) -> SessionInfo:
         return self.store.info(self.store.get(session_id))
 
-    def delete_session(self, session_id: str) -> None:
+    async def delete_session(self, session_id: str) -> None:
         self.store.delete(session_id)
 
     # -- generation
@@ -266,7 +266,10 @@ class TextgenCore:
             raise InvalidRequest("one-shot Generate (no session_id) needs a prompt")
         return p.max_tokens or self.config.max_tokens, p.stop
 
-    async def generate(self, p: GenerateParams) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
+    async def generate(self, p: GenerateParams,
+                       ended: Callable[[], bool] | None = None) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
+        """The stream's events (see the module's docstring); it finishes early with CANCELLED when the server
+        stops or ``ended()`` becomes true (a front end that is shutting down, for an engine shard)."""
         start = time.perf_counter()
         self._check_open()
         max_tokens, stops = self._generate_checks(p)
@@ -280,19 +283,19 @@ class TextgenCore:
         try:
             # one-shot: a private session nobody else can see
             with self.store.acquire(p.session_id) if p.session_id else nullcontext(Session("", 0.0, 0.0, 0.0)) as s:
-                events = self._generate(s, ids, max_tokens, stops, sampler, p, start)
+                events = self._generate(s, ids, max_tokens, stops, sampler, p, start, ended)
                 async for ev in events:
                     try:
                         yield ev
-                    except StreamStalled as exc:
+                    except (StreamStalled, MessageGiven) as exc:
                         await events.athrow(exc)  # to where the session is: it keeps the message, re-raises
         finally:
             self.streams -= 1
             self.metrics.streams_in_flight.dec()
 
     async def _generate(self, s: Session, ids: np.ndarray, max_tokens: int, stops: tuple[str, ...],
-                        sampler: RowSampler, p: GenerateParams,
-                        start: float) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
+                        sampler: RowSampler, p: GenerateParams, start: float,
+                        ended: Callable[[], bool] | None = None) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
         if len(ids):
             await self._feed(s, ids)
         if s.pending is None:
@@ -309,7 +312,7 @@ class TextgenCore:
         interval = self.config.stream_interval_ms / 1000.0
         try:
             while generated < max_tokens:
-                if self.stopping:
+                if self.stopping or (ended is not None and ended()):
                     reason = FinishReason.CANCELLED
                     break
                 if interval and last is not None:  # --stream-interval-ms: let this message gather more tokens
@@ -317,7 +320,7 @@ class TextgenCore:
                     if wait > 0:
                         await asyncio.sleep(wait)
                 items = await stream.next()
-                if self.stopping:
+                if self.stopping or (ended is not None and ended()):
                     reason = FinishReason.CANCELLED
                     break
                 if len(items) > max_tokens - generated:
@@ -346,7 +349,7 @@ class TextgenCore:
                 last = now
                 try:
                     yield event
-                except StreamStalled:
+                except (StreamStalled, MessageGiven):
                     # The consumer handed the message to gRPC, which still sends it after the stream's end:
                     # the session takes its tokens, then the stream ends.
                     s.commit(state, token, n)

@@ -99,6 +99,11 @@ class StreamStalled(ServiceError):
     code = "DEADLINE_EXCEEDED"
 
 
+class MessageGiven(Exception):
+    """Thrown into a Generate stream whose call ended while its last message was being written: gRPC was given
+    the message, so the client may have read it; the session takes its tokens (never less than was read)."""
+
+
 class ShuttingDown(ServiceError):
     code = "UNAVAILABLE"
 

@@ -14,6 +14,9 @@ import time
 from typing import Any
 
 REQUEST_LOGGER = "textgen.requests"
+# Fields every line of this process carries: with --workers/--shards, which process wrote it
+# ({"frontend": 1} or {"shard": 0}); empty in a one-process server.
+PROCESS_FIELDS: dict[str, Any] = {}
 
 
 class JsonFormatter(logging.Formatter):
@@ -24,6 +27,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        out.update(PROCESS_FIELDS)
         out.update(getattr(record, "fields", {}) or {})
         if record.exc_info:
             out["traceback"] = self.formatException(record.exc_info)
@@ -32,7 +36,7 @@ class JsonFormatter(logging.Formatter):
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields = getattr(record, "fields", {}) or {}
+        fields = {**PROCESS_FIELDS, **(getattr(record, "fields", {}) or {})}
         head = f"{self.formatTime(record)} {record.levelname.lower():7s} {record.name}: {record.getMessage()}"
         line = " ".join([head, *(f"{k}={v}" for k, v in fields.items())])
         if record.exc_info:
@@ -40,8 +44,11 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure(level: str = "info", fmt: str = "json") -> None:
-    """Send the ``textgen`` loggers to stderr in the chosen format (idempotent)."""
+def configure(level: str = "info", fmt: str = "json", **process: Any) -> None:
+    """Send the ``textgen`` loggers to stderr in the chosen format (idempotent); ``process`` fields go on
+    every line (see :data:`PROCESS_FIELDS`)."""
+    PROCESS_FIELDS.clear()
+    PROCESS_FIELDS.update(process)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger("textgen")

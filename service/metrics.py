@@ -67,13 +67,16 @@ class Metrics:
                                      "Tokens consumed from clients' text (CreateSession, Feed, Generate prompts, "
                                      "Score with update_session).", registry=r)
         self.scored_tokens = Counter("textgen_scored_tokens", "Tokens scored by Score.", registry=r)
-        self.sessions_active = Gauge("textgen_sessions_active", "Sessions held in memory now.", registry=r)
+        # livesum: with several processes (--workers/--shards) /metrics shows the sum over the live ones
+        self.sessions_active = Gauge("textgen_sessions_active", "Sessions held in memory now.", registry=r,
+                                     multiprocess_mode="livesum")
         self.sessions = Counter("textgen_sessions", "Sessions created.", registry=r)
         self.evictions = Counter("textgen_session_evictions",
                                  "Idle sessions evicted (least recently used) to make room at the cap.", registry=r)
         self.expirations = Counter("textgen_session_expirations", "Sessions that expired after their TTL.",
                                    registry=r)
-        self.streams_in_flight = Gauge("textgen_streams_in_flight", "Generate streams running now.", registry=r)
+        self.streams_in_flight = Gauge("textgen_streams_in_flight", "Generate streams running now.", registry=r,
+                                       multiprocess_mode="livesum")
         # The batching scheduler's (--batching on); they stay empty with --batching off.
         self.batch_size = Histogram("textgen_batch_size", "Streams advanced by one batched decode step.",
                                     buckets=BATCH_BUCKETS, registry=r)

@@ -39,6 +39,7 @@ from .memory import release_free_memory
 from .metrics import Metrics
 from .proto import textgen_pb2 as pb
 from .proto import textgen_pb2_grpc as pb_grpc
+from .remote import RemoteCore
 from .scheduler import make_engine
 from .security import TokenAuthInterceptor, TokenStore, server_credentials
 from .servicer import TextgenServicer
@@ -58,14 +59,15 @@ def _grpc_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
+def server_options(cfg: ServerConfig, reuse_port: bool = False) -> list[tuple[str, int]]:
     """gRPC core's channel arguments for the server: message sizes, and the connection limits that keep
-    clients that vanish or never close from holding connections (0 in a setting = gRPC's default)."""
+    clients that vanish or never close from holding connections (0 in a setting = gRPC's default). Front ends
+    (``reuse_port``) share their port with SO_REUSEPORT; a one-process server refuses a port in use."""
     ms = lambda seconds: int(seconds * 1000)  # noqa: E731
     options = [
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     if cfg.keepalive_seconds:
         options += [("grpc.keepalive_time_ms", ms(cfg.keepalive_seconds)), ("grpc.keepalive_timeout_ms", 20_000),
@@ -78,12 +80,34 @@ def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
     return options
 
 
+def load_model(cfg: ServerConfig) -> ModelRuntime:
+    """The runtime --model names: a bundle (the packaged one by default) or a fake model for load tests."""
+    if cfg.model in FAKE_MODELS:
+        from .fake_runtime import FakeRuntime
+
+        return FakeRuntime(cfg.model.split(":", 1)[1])
+    from .runtime import load_bundle
+
+    return load_bundle(cfg.model, intra_op_threads=cfg.intra_op_threads, inter_op_threads=cfg.inter_op_threads)
+
+
+def make_core(cfg: ServerConfig, runtime: ModelRuntime, m: Metrics, engine: Engine | None = None, *,
+              clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
+              id_prefix: str = "") -> TextgenCore:
+    """Sessions, the engine and the request logic around one runtime: what a server (or an engine shard) runs."""
+    store = SessionStore(cfg.max_sessions, eviction=cfg.eviction, clock=clock, wall_clock=wall_clock,
+                         events=StoreEvents(created=m.sessions.inc, evicted=m.evictions.inc,
+                                            expired=m.expirations.inc), id_prefix=id_prefix)
+    return TextgenCore(runtime, engine or make_engine(runtime, cfg, m), cfg, store, m)
+
+
 class TextgenServer:
     def __init__(self, config: ServerConfig, runtime: ModelRuntime | None = None, *,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
                  engine: Engine | None = None,
-                 sweep_seconds: float = SWEEP_SECONDS):
+                 sweep_seconds: float = SWEEP_SECONDS, shard_addresses: list[str] | None = None):
         self.config = config
+        self.shard_addresses = shard_addresses  # a front end: the model runs in these engine shards
         self.runtime = runtime
         self.clock = clock
         self.wall_clock = wall_clock
@@ -101,24 +125,19 @@ class TextgenServer:
         credentials = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
         if cfg.auth_tokens_file is not None:
             self.tokens = TokenStore(cfg.auth_tokens_file)
-        if self.runtime is None and cfg.model in FAKE_MODELS:
-            from .fake_runtime import FakeRuntime
-
-            self.runtime = FakeRuntime(cfg.model.split(":", 1)[1])
-        if self.runtime is None:
-            from .runtime import load_bundle
-
-            self.runtime = load_bundle(cfg.model, intra_op_threads=cfg.intra_op_threads,
-                                       inter_op_threads=cfg.inter_op_threads)
         self.metrics = m = Metrics()
-        m.set_model(self.runtime.manifest.to_public_dict())
-        self.store = SessionStore(cfg.max_sessions, eviction=cfg.eviction, clock=self.clock,
-                                  wall_clock=self.wall_clock,
-                                  events=StoreEvents(created=m.sessions.inc, evicted=m.evictions.inc,
-                                                     expired=m.expirations.inc))
-        m.track_sessions(lambda: len(self.store))
-        self.engine = self._engine or make_engine(self.runtime, cfg, m)
-        self.core = TextgenCore(self.runtime, self.engine, cfg, self.store, m)
+        self.core: TextgenCore | RemoteCore
+        if self.shard_addresses is not None:
+            self.core = RemoteCore(cfg, self.shard_addresses, m, on_health=self._shards_health)
+            await self.core.start()
+            self.store, self.engine = None, None
+        else:
+            self.runtime = self.runtime or load_model(cfg)
+            m.set_model(self.runtime.manifest.to_public_dict())
+            self.core = make_core(cfg, self.runtime, m, self._engine, clock=self.clock, wall_clock=self.wall_clock)
+            self.store, self.engine = self.core.store, self.core.engine
+            store = self.store
+            m.track_sessions(lambda: len(store))
 
         def count(method: str, code: str) -> None:
             m.requests.labels(method, code).inc()
@@ -126,7 +145,8 @@ class TextgenServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [] if self.tokens is None else [TokenAuthInterceptor(
             self.tokens, protect_reflection=cfg.auth_reflection, count=count)]
         interceptors.append(AdmissionInterceptor(self.core, count=count))  # after auth: strangers are not counted
-        self._server = server = grpc.aio.server(interceptors=interceptors, options=server_options(cfg))
+        options = server_options(cfg, reuse_port=self.shard_addresses is not None)
+        self._server = server = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_TextgenServiceServicer_to_server(TextgenServicer(self.core, m), server)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -173,9 +193,19 @@ class TextgenServer:
             return False
         return self.tokens.reload()
 
+    def _shards_health(self, healthy: bool) -> None:
+        """A front end: NOT_SERVING while one of its engine shards is away."""
+        if self._stopped:
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            self._tasks.append(asyncio.create_task(self.health.set(name, status)))
+
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(self.sweep_seconds)
+            if not isinstance(self.core, TextgenCore) or self.store is None:
+                continue  # a front end: the shards sweep their sessions
             self.store.sweep()
             if self.core.trim_pending and not self.core.texts:  # large texts came and went: give memory back
                 self.core.trim_pending = False
@@ -205,7 +235,10 @@ class TextgenServer:
             for t in self._tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
-            self.engine.close()
+            if self.engine is not None:
+                self.engine.close()
+            if isinstance(self.core, RemoteCore):
+                self.core.close()
             self.metrics.close()
         log.info("stopped")
 

@@ -9,22 +9,26 @@ traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import aclosing, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from .core import FinishEvent, FinishReason, GenerateParams, TextgenCore, TokenEvent, new_seed
-from .errors import LimitExceeded, ServiceError, StreamStalled
+from .errors import LimitExceeded, MessageGiven, ServiceError, StreamStalled
 from .logs import log_request
 from .metrics import Metrics
 from .proto import textgen_pb2 as pb
 from .proto import textgen_pb2_grpc as pb_grpc
 from .sampling import SamplingParams
 from .sessions import SessionInfo, short_id
+
+if TYPE_CHECKING:
+    from .remote import RemoteCore
 
 log = logging.getLogger("textgen.server")
 
@@ -79,7 +83,7 @@ class ClientGone(Exception):
 
 
 class TextgenServicer(pb_grpc.TextgenServiceServicer):
-    def __init__(self, core: TextgenCore, metrics: Metrics):
+    def __init__(self, core: TextgenCore | RemoteCore, metrics: Metrics):
         self.core = core
         self.metrics = metrics
         self._streams_of: dict[str, int] = {}  # peer (one connection) -> its running Generate streams
@@ -199,6 +203,12 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
                                     msg.logprobs.add(token=char, token_id=tid, logprob=lp)
                             try:
                                 await send(msg)  # the session moves past these tokens once this returns (core)
+                            except (ClientGone, asyncio.CancelledError):
+                                # The call ended during the write, but gRPC had the message and the client may
+                                # have read it: the session takes it too, so it is never behind the text read.
+                                with contextlib.suppress(MessageGiven):
+                                    await events.athrow(MessageGiven())
+                                raise
                             except TimeoutError:
                                 fields["finish"] = "stalled"
                                 # gRPC keeps the message it was given: the session takes its tokens too (core).
@@ -222,13 +232,13 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
 
     async def GetSession(self, request: pb.GetSessionRequest, context: Any) -> pb.Session:
         async def work(fields: dict[str, Any]) -> pb.Session:
-            return session_message(self.core.get_session(request.session_id))
+            return session_message(await self.core.get_session(request.session_id))
 
         return await self._call("GetSession", context, request.session_id, work)
 
     async def DeleteSession(self, request: pb.DeleteSessionRequest, context: Any) -> pb.DeleteSessionResponse:
         async def work(fields: dict[str, Any]) -> pb.DeleteSessionResponse:
-            self.core.delete_session(request.session_id)
+            await self.core.delete_session(request.session_id)
             return pb.DeleteSessionResponse()
 
         return await self._call("DeleteSession", context, request.session_id, work)

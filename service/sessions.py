@@ -73,7 +73,8 @@ class StoreEvents:
 
 class SessionStore:
     def __init__(self, max_sessions: int, *, eviction: str = "lru", clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time, events: StoreEvents | None = None):
+                 wall_clock: Callable[[], float] = time.time, events: StoreEvents | None = None,
+                 id_prefix: str = ""):
         if eviction not in ("lru", "reject"):
             raise ValueError("eviction must be 'lru' or 'reject'")
         self.max_sessions = max_sessions
@@ -81,6 +82,7 @@ class SessionStore:
         self.clock = clock
         self.wall_clock = wall_clock
         self.events = events or StoreEvents()
+        self.id_prefix = id_prefix  # an engine shard's "<index>.": the id names its shard (service/ipc.py)
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._last_sweep = -float("inf")
 
@@ -95,7 +97,7 @@ class SessionStore:
                 self.sweep()
             if len(self._sessions) >= self.max_sessions:
                 self._make_room()
-        sid = secrets.token_urlsafe(ID_BYTES)
+        sid = self.id_prefix + secrets.token_urlsafe(ID_BYTES)
         s = Session(sid, ttl, self.clock(), self.wall_clock())
         self._sessions[sid] = s
         self.events.created(1)

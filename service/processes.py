@@ -1,0 +1,260 @@
+"""``textgen serve --workers N --shards M``: gRPC front ends and engine shards in separate processes.
+
+The parent process holds no gRPC object and no model. It starts M engine shards (service/shard.py), each
+listening on an ``ipc://`` socket in a private folder, then N front ends (a :class:`TextgenServer` whose core is
+a :class:`~textgen.service.remote.RemoteCore`) that all listen on the same port with SO_REUSEPORT, so the kernel
+spreads connections over them. Children are *spawned* (fresh interpreters): nothing of the parent's state,
+gRPC's above all, is copied into them. The parent then serves ``/metrics`` for all of them (prometheus-client's
+multiprocess mode: every child writes its samples to files in the private folder, the parent's collector sums
+them), and supervises:
+
+* a shard that dies is logged at ERROR and started again at the same address; meanwhile the front ends fail
+  the calls waiting on it with UNAVAILABLE and report NOT_SERVING, and its sessions are lost (NOT_FOUND);
+  a front end that dies is started again too (its clients reconnect);
+* SIGTERM or SIGINT: the front ends drain as a one-process server does (NOT_SERVING, running calls get
+  ``--grace-seconds``), then the shards stop; the exit status is 0 when every front end exited 0. A second
+  signal is passed on (the front ends end their streams at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import logs
+from .config import ServerConfig
+from .errors import InputError
+
+log = logging.getLogger("textgen.server")
+
+START_TIMEOUT = 120.0  # seconds a child may take to load the model and report ready
+RESTARTS = 5  # a child that dies this many times within RESTART_WINDOW stops the server
+RESTART_WINDOW = 60.0
+
+
+def frontend_main(config: ServerConfig, index: int, addresses: list[str], ready: Any) -> None:
+    """A front end's entry point: a gRPC server whose core forwards to the shards."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logs.configure(config.log_level, config.log_format, frontend=index)
+    asyncio.run(_run_frontend(config, index, addresses, ready))
+
+
+async def _run_frontend(config: ServerConfig, index: int, addresses: list[str], ready: Any) -> None:
+    from .server import TextgenServer
+
+    server = TextgenServer(config, shard_addresses=addresses)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_term() -> None:
+        if stop.is_set():
+            server.end_streams()  # the second signal: do not wait for the streams
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)
+    try:
+        await server.start()
+        ready.send(("ready", os.getpid()))
+        ready.close()
+        await stop.wait()
+    finally:
+        await server.stop()
+        # drained: a late signal (the parent passes a second one on) must not turn exit 0 into "killed"
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@dataclass
+class _Child:
+    kind: str  # "shard" | "front end"
+    index: int
+    start: Callable[[], multiprocessing.process.BaseProcess]
+    process: multiprocessing.process.BaseProcess
+    deaths: list[float]
+
+
+class Processes:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.folder = Path(tempfile.mkdtemp(prefix="textgen-serve-"))
+        self.metrics_dir = self.folder / "metrics"
+        self.metrics_dir.mkdir()
+        self.ctx = multiprocessing.get_context("spawn")
+        self.addresses = [f"ipc://{self.folder}/shard-{k}.sock" for k in range(config.shards)]
+        self.children: list[_Child] = []
+        self.port = config.port
+        self.metrics_port: int | None = None
+        self._hold: socket.socket | None = None
+        self._http: Any = None
+
+    def _spawn(self, kind: str, index: int, target: Callable[..., None], *args: Any) -> _Child:
+        def start() -> multiprocessing.process.BaseProcess:
+            parent, child = self.ctx.Pipe(duplex=False)
+            process = self.ctx.Process(target=target, args=(*args, child), name=f"textgen-{kind}-{index}")
+            process.start()
+            child.close()
+            deadline = time.monotonic() + START_TIMEOUT
+            while not parent.poll(0.05):
+                if not process.is_alive() or time.monotonic() > deadline:
+                    process.kill()
+                    raise InputError(f"the {kind} process {index} failed to start (see its log above)")
+            parent.recv()
+            parent.close()
+            return process
+
+        child = _Child(kind, index, start, start(), [])
+        self.children.append(child)
+        return child
+
+    def _reserve_port(self) -> None:
+        """With --port 0, pick the port once for every front end: bind (not listen) a SO_REUSEPORT socket."""
+        host = self.config.host.strip("[]")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            s.bind((host, self.config.port))
+        except OSError as exc:
+            s.close()
+            raise InputError(f"cannot listen on {host}:{self.config.port} (--host/--port): {exc.strerror}") from exc
+        self.port = s.getsockname()[1]
+        self._hold = s  # kept until the front ends listen, so that nobody else takes the port meanwhile
+
+    def start(self) -> None:
+        from .shard import shard_main
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)  # inherited by the spawned children
+        self._reserve_port()
+        for k, address in enumerate(self.addresses):
+            self._spawn("shard", k, shard_main, self.config, k, address)
+        fe_config = self.config.replace(port=self.port, metrics_port=-1)
+        for i in range(self.config.workers):
+            self._spawn("front end", i, frontend_main, fe_config, i, self.addresses)
+        if self._hold is not None:
+            self._hold.close()
+            self._hold = None
+        if self.config.metrics_port >= 0:
+            self._serve_metrics()
+        log.info("serving", extra={"fields": {"port": self.port, "metrics_port": self.metrics_port,
+                                              "workers": self.config.workers, "shards": self.config.shards}})
+
+    def _serve_metrics(self) -> None:
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(self.metrics_dir))
+        host = self.config.metrics_host.strip("[]")
+        try:
+            server, _ = start_http_server(self.config.metrics_port, addr=host, registry=registry)
+        except OSError as exc:
+            raise InputError(f"cannot serve metrics on {host}:{self.config.metrics_port} "
+                             f"(--metrics-host/--metrics-port): {exc.strerror or exc}") from exc
+        self._http = server
+        self.metrics_port = int(server.server_port)
+
+    def check(self) -> None:
+        """Start again any child that died; too many deaths of one child in a row stop the server."""
+        from prometheus_client import multiprocess
+
+        for child in self.children:
+            if child.process.is_alive():
+                continue
+            pid, code = child.process.pid, child.process.exitcode
+            multiprocess.mark_process_dead(pid, str(self.metrics_dir))
+            now = time.monotonic()
+            child.deaths = [t for t in child.deaths if now - t < RESTART_WINDOW] + [now]
+            log.error("%s process %d died (exit %s); starting it again", child.kind, child.index, code,
+                      extra={"fields": {"pid": pid}})
+            if len(child.deaths) >= RESTARTS:
+                raise InputError(f"the {child.kind} process {child.index} died {RESTARTS} times in "
+                                 f"{RESTART_WINDOW:g} s")
+            child.process = child.start()
+
+    def signal_all(self, kind: str, sig: int) -> None:
+        for child in self.children:
+            if child.kind == kind and child.process.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.process.pid, sig)  # type: ignore[arg-type]
+
+    async def stop(self) -> int:
+        """Front ends first (they drain their calls), then the shards; 0 when every front end exited 0."""
+        grace = self.config.grace_seconds
+        self.signal_all("front end", signal.SIGTERM)
+        codes = await asyncio.to_thread(self._join, "front end", grace + 15)
+        self.signal_all("shard", signal.SIGTERM)
+        await asyncio.to_thread(self._join, "shard", 15)
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return 0 if all(c == 0 for c in codes) else 1
+
+    def _join(self, kind: str, timeout: float) -> list[int | None]:
+        deadline = time.monotonic() + timeout
+        codes = []
+        for child in self.children:
+            if child.kind != kind:
+                continue
+            child.process.join(max(0.0, deadline - time.monotonic()))
+            if child.process.is_alive():
+                log.error("%s process %d did not stop in time; killed", kind, child.index)
+                child.process.kill()
+                child.process.join(5)
+            codes.append(child.process.exitcode)
+        return codes
+
+
+def _announce(line: str) -> None:
+    print(line, flush=True)
+
+
+async def serve_processes(config: ServerConfig, *, announce: Callable[[str], None] = _announce) -> int:
+    """``textgen serve`` with --workers or --shards above 1: run until SIGTERM or SIGINT; the exit code."""
+    from .server import _grpc_host
+
+    logs.configure(config.log_level, config.log_format)
+    procs = Processes(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second signal: ending running streams now")
+            procs.signal_all("front end", signal.SIGTERM)
+        else:
+            log.info("signal received", extra={"fields": {"signal": signal.Signals(signum).name}})
+            stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, procs.signal_all, "front end", signal.SIGHUP)  # tokens reload
+    try:
+        await asyncio.to_thread(procs.start)
+        metrics = (f"http://{_grpc_host(config.metrics_host)}:{procs.metrics_port}/metrics"
+                   if procs.metrics_port is not None else "off")
+        announce(f"textgen serve: gRPC listening on {_grpc_host(config.host)}:{procs.port}, metrics {metrics} "
+                 f"({config.workers} front ends, {config.shards} engine shards)")
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.2)
+            if not stop.is_set():
+                await asyncio.to_thread(procs.check)
+    finally:
+        status = await procs.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    return status

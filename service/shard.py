@@ -1,0 +1,233 @@
+"""An engine shard: a process that owns a model runtime, the batching scheduler and its sessions, and speaks
+to the front ends over ZeroMQ (service/ipc.py), never gRPC.
+
+Inside, a shard runs the same :class:`~textgen.service.core.TextgenCore` as the one-process server, so every
+rule of the service (limits, sessions, exact delivery) is the same code. A Generate stream's consumer is the
+front end: the shard forwards each message of the stream and resumes the core's generator (which commits the
+session past those tokens) only when the front end acknowledges that gRPC took the message, so "the session
+is the text delivered" holds across processes. Records for a front end are gathered during one turn of the
+shard's event loop and sent as one message: with the batching scheduler handing every token of a decode step
+to the loop at once, that is one message per step per front end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+from contextlib import aclosing
+from dataclasses import asdict
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from . import ipc, logs
+from .config import ServerConfig
+from .core import FinishEvent, GenerateParams, TextgenCore, TokenEvent
+from .errors import ServiceError, StreamStalled
+from .memory import release_free_memory
+from .sampling import SamplingParams
+
+log = logging.getLogger("textgen.shard")
+
+SWEEP_SECONDS = 1.0
+
+
+class ShardServer:
+    """Serves one :class:`TextgenCore` to the front ends connected to ``address`` (a ZeroMQ ROUTER)."""
+
+    def __init__(self, core: TextgenCore, address: str, on_sweep: Callable[[], None] | None = None):
+        self.core = core
+        self.address = address
+        self.on_sweep = on_sweep
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 0)  # bounded by the streams and their windows, never dropped
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.bind(address)
+        self._out: dict[bytes, list[ipc.Record]] = {}
+        self._flush_soon = False
+        self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
+        self._control: dict[tuple[bytes, int], asyncio.Queue[tuple[str, Any]]] = {}
+        self._awaiting: set[tuple[bytes, int]] = set()  # streams waiting for the front end's acknowledgement
+        self._stopping: set[bytes] = set()  # front ends shutting down: their streams finish now
+
+    # -- sending: one message per front end per turn of the loop
+    def _send(self, peer: bytes, record: ipc.Record) -> None:
+        self._out.setdefault(peer, []).append(record)
+        if not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_soon = False
+        out, self._out = self._out, {}
+        for peer, records in out.items():
+            self.sock.send_multipart([peer, ipc.pack(records)])
+
+    # -- receiving
+    async def serve(self) -> None:
+        sweeper = asyncio.create_task(self._sweep_forever())
+        try:
+            while True:
+                frames = await self.sock.recv_multipart()
+                if len(frames) != 2:
+                    continue
+                peer, data = frames
+                try:
+                    records = ipc.unpack(data)
+                except Exception:  # only front ends of this server connect; a bad message is a bug there
+                    log.warning("unreadable message from a front end")
+                    continue
+                for call, kind, body in records:
+                    self._receive(peer, call, kind, body)
+        finally:
+            sweeper.cancel()
+            for t in list(self._tasks.values()):
+                t.cancel()
+
+    def _receive(self, peer: bytes, call: int, kind: str, body: Any) -> None:
+        key = (peer, call)
+        if kind == ipc.STOP:
+            self._stopping.add(peer)
+        elif kind == ipc.CALL:
+            method, args = body
+            self._start(key, self._unary(peer, call, method, args))
+        elif kind == ipc.GENERATE:
+            self._control[key] = asyncio.Queue()
+            self._start(key, self._generate(peer, call, body, self._control[key]))
+        elif kind in (ipc.ACK, ipc.STALL):
+            queue = self._control.get(key)
+            if queue is not None:
+                queue.put_nowait((kind, body))
+        elif kind == ipc.CANCEL:
+            if key in self._awaiting:
+                # after the acknowledgements before it (same order as sent): the message the front end
+                # delivered just before its client left must still be committed
+                self._control[key].put_nowait((kind, body))
+                return
+            task = self._tasks.get(key)
+            if task is not None:
+                task.cancel()
+
+    def _start(self, key: tuple[bytes, int], coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks[key] = task
+        task.add_done_callback(lambda _: (self._tasks.pop(key, None), self._control.pop(key, None)))
+
+    async def _unary(self, peer: bytes, call: int, method: str, args: list[Any]) -> None:
+        try:
+            result = await self._dispatch(method, args)
+        except ServiceError as exc:
+            self._send(peer, [call, ipc.ERR, [exc.code, str(exc)]])
+        except asyncio.CancelledError:
+            pass  # the front end gave up on the call (its client left): nobody waits for the reply
+        except Exception:
+            log.exception("bug in %s", method)
+            self._send(peer, [call, ipc.ERR, ["INTERNAL", f"internal error in {method} (the shard logged it)"]])
+        else:
+            self._send(peer, [call, ipc.OK, result])
+
+    async def _dispatch(self, method: str, args: list[Any]) -> Any:
+        core = self.core
+        if method == "create":
+            info, fed = await core.create_session(*args)
+            return [asdict(info), asdict(fed)]
+        if method == "feed":
+            return asdict(await core.feed(*args))
+        if method == "score":
+            return asdict(await core.score(*args))
+        if method == "get":
+            return asdict(await core.get_session(*args))
+        if method == "delete":
+            await core.delete_session(*args)
+            return None
+        if method == "info":
+            return core.model_info()
+        raise ValueError(f"unknown method {method!r}")
+
+    async def _generate(self, peer: bytes, call: int, body: dict[str, Any],
+                        control: asyncio.Queue[tuple[str, Any]]) -> None:
+        params = GenerateParams(session_id=body["session_id"], prompt=body["prompt"], max_tokens=body["max_tokens"],
+                                sampling=SamplingParams(**body["sampling"]), stop=tuple(body["stop"]),
+                                logprobs=body["logprobs"])
+        try:
+            async with aclosing(self.core.generate(params, ended=lambda: peer in self._stopping)) as events:
+                async for ev in events:
+                    if isinstance(ev, TokenEvent):
+                        lps = list(ev.logprobs) if ev.logprobs is not None else None
+                        self._send(peer, [call, ipc.TOK, [ev.text, list(ev.token_ids), lps]])
+                        self._awaiting.add((peer, call))
+                        try:
+                            kind, detail = await control.get()  # the front end handed it to gRPC (or not)
+                        finally:
+                            self._awaiting.discard((peer, call))
+                        if kind == ipc.CANCEL:
+                            return  # closing the generator leaves the session after the last acknowledged one
+                        if kind == ipc.STALL:
+                            await events.athrow(StreamStalled(detail))  # commits the message, re-raises
+                    elif isinstance(ev, FinishEvent):
+                        self._send(peer, [call, ipc.FIN, [ev.reason, ev.prompt_tokens, ev.generated_tokens,
+                                                          ev.session_tokens, ev.seed]])
+        except StreamStalled:
+            pass  # the front end ended the call itself
+        except ServiceError as exc:
+            self._send(peer, [call, ipc.ERR, [exc.code, str(exc)]])
+        except asyncio.CancelledError:
+            pass  # closing the generator left the session after the last acknowledged message
+        except Exception:
+            log.exception("bug in Generate")
+            self._send(peer, [call, ipc.ERR, ["INTERNAL", "internal error in Generate (the shard logged it)"]])
+
+    async def _sweep_forever(self) -> None:
+        core = self.core
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            core.store.sweep()
+            if self.on_sweep is not None:
+                self.on_sweep()
+            if core.trim_pending and not core.texts:
+                core.trim_pending = False
+                await asyncio.to_thread(release_free_memory)
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def shard_main(config: ServerConfig, index: int, address: str, ready: Any) -> None:
+    """A shard process's entry point (spawned by :mod:`textgen.service.processes`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C and tells us when to stop
+    logs.configure(config.log_level, config.log_format, shard=index)
+    asyncio.run(_run_shard(config, index, address, ready))
+
+
+async def _run_shard(config: ServerConfig, index: int, address: str, ready: Any) -> None:
+    from .metrics import Metrics
+    from .server import load_model, make_core
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    runtime = load_model(config)
+    metrics = Metrics()
+    core = make_core(config, runtime, metrics, id_prefix=f"{index}.")
+    server = ShardServer(core, address, on_sweep=lambda: metrics.sessions_active.set(len(core.store)))
+    ready.send(("ready", os.getpid()))
+    ready.close()
+    log.info("shard serving", extra={"fields": {"pid": os.getpid()}})
+    serving = asyncio.create_task(server.serve())
+    try:
+        await stop.wait()
+    finally:
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+        core.engine.close()
+        server.close()
+        log.info("shard stopped")

@@ -1,0 +1,241 @@
+"""``textgen serve --workers 2 --shards 2``: front ends and engine shards in separate processes.
+
+Each test starts the real command (the packaged model) on 127.0.0.1 with a port of the kernel's choice and
+talks to it with the real client. Which process served what is read from the server's JSON log lines, which
+carry ``frontend`` or ``shard`` in that mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from servicekit import reference_greedy, wait_until
+
+from textgen.service.client import TextgenClient
+from textgen.service.errors import RpcFailed
+from textgen.service.proto import textgen_pb2 as pb
+from textgen.service.runtime import load_bundle
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "def main(args):\n    "
+
+
+class Server:
+    """``textgen serve`` in a subprocess; stderr (JSON lines) collected in a file."""
+
+    def __init__(self, tmp: Path, *flags: str):
+        self.log_path = tmp / f"serve-{time.monotonic_ns()}.log"
+        self.err = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from textgen.service.cli import main; main()", "serve", "--host", "127.0.0.1",
+             "--port", "0", "--metrics-port", "0", "--log-level", "info", "--grace-seconds", "5", *flags],
+            stdout=subprocess.PIPE, stderr=self.err, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        m = re.search(r"listening on 127\.0\.0\.1:(\d+), metrics (\S+)", line)
+        assert m, f"no announce line: {line!r}\n{self.log_path.read_text()[-3000:]}"
+        self.address = f"127.0.0.1:{m.group(1)}"
+        self.clients: list[TextgenClient] = []
+        self.signalled = False
+
+    def terminate(self) -> None:
+        self.signalled = True
+        self.proc.send_signal(signal.SIGTERM)
+
+    def client(self) -> TextgenClient:
+        c = TextgenClient(self.address)
+        self.clients.append(c)
+        return c
+
+    def lines(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                out.append({"message": line, "level": "?"})
+        return out
+
+    def shard_pids(self) -> dict[int, int]:
+        return {r["shard"]: r["pid"] for r in self.lines() if r.get("message") == "shard serving"}
+
+    def stop(self) -> int:
+        for c in self.clients:
+            c.close()
+        if self.proc.poll() is None and not self.signalled:
+            self.terminate()
+        try:
+            return self.proc.wait(60)
+        finally:
+            self.err.close()
+
+
+@pytest.fixture(scope="module")
+def rt() -> Any:
+    return load_bundle()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = Server(tmp_path_factory.mktemp("mp"), "--workers", "2", "--shards", "2")
+    yield srv
+    assert srv.stop() == 0
+
+
+def test_concurrent_equals_alone_and_the_one_process_reference(server: Server, rt: Any) -> None:
+    prompts = [PROMPT + str(i) for i in range(8)]
+    greedy = [reference_greedy(rt, p, 40) for p in prompts]
+    alone_seeded = [server.client().generate_text(p, max_tokens=40, temperature=0.9, seed=i).text
+                    for i, p in enumerate(prompts)]
+    results: dict[int, tuple[str, str]] = {}
+
+    def run(i: int) -> None:
+        c = server.client()  # its own connection: the kernel spreads them over the front ends
+        results[i] = (c.generate_text(prompts[i], max_tokens=40, temperature=0).text,
+                      c.generate_text(prompts[i], max_tokens=40, temperature=0.9, seed=i).text)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [results[i][0] for i in range(8)] == greedy  # what the runtime computes alone, in this process
+    assert [results[i][1] for i in range(8)] == alone_seeded  # seeded streams: the same together as alone
+    c = server.client()
+    shards = {c.create_session("").session.session_id.split(".")[0] for _ in range(4)}
+    assert shards == {"0", "1"}  # new work goes to the shards in turn
+
+
+def test_a_session_goes_on_through_any_front_end(server: Server, rt: Any) -> None:
+    clients = [server.client() for _ in range(12)]  # 12 connections: both front ends, all but surely
+    sid = clients[0].create_session(PROMPT).session.session_id
+    assert re.match(r"^[01]\.", sid)  # the id names its shard
+    text = PROMPT
+    for i, c in enumerate(clients[1:]):
+        piece = f"x{i} = {i}\n    "
+        assert c.feed(sid, piece).session_tokens == len(text + piece)
+        text += piece
+    got = clients[-1].generate_text(session_id=sid, max_tokens=30, temperature=0).text
+    assert got == reference_greedy(rt, text, 30)
+    feeds = [r for r in server.lines() if r.get("method") == "Feed" and r.get("code") == "OK"]
+    assert {r["frontend"] for r in feeds} == {0, 1}, "the Feeds came through both front ends"
+
+
+def test_unknown_and_malformed_session_ids_are_not_found(server: Server) -> None:
+    c = server.client()
+    for sid in ("nonsense", "7.abc", "1.doesnotexist"):
+        with pytest.raises(RpcFailed) as info:
+            c.feed(sid, "x")
+        assert info.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_cancel_mid_stream_leaves_the_session_after_the_delivered_text(server: Server) -> None:
+    c = server.client()
+    kw: dict[str, Any] = dict(temperature=1.0, seed=11)
+    reference = c.generate_text(PROMPT, max_tokens=400, **kw).text
+    sid = c.create_session(PROMPT).session.session_id
+    stream = c.generate(session_id=sid, max_tokens=400, **kw)
+    received = ""
+    for chunk in stream:
+        received += chunk
+        if len(received) >= 5:
+            stream.cancel()
+            break
+    assert received == reference[:len(received)]
+    assert wait_until(lambda: not c.get_session(sid).busy)
+    delivered = c.get_session(sid).token_count - len(PROMPT)
+    assert len(received) <= delivered < 400
+    twin = c.create_session(PROMPT + reference[:delivered]).session.session_id
+    probe = "abc, def! ghi"
+    # equal up to float32 rounding: one was stepped token by token, the other fed as one prompt
+    assert c.score(probe, session_id=sid).nll == pytest.approx(c.score(probe, session_id=twin).nll, rel=1e-6)
+    # a wrong length by one token would differ by far more: the check is not vacuous
+    off = c.create_session(PROMPT + reference[:delivered + 1]).session.session_id
+    assert c.score(probe, session_id=off).nll != pytest.approx(c.score(probe, session_id=sid).nll, rel=1e-6)
+
+
+def test_sigterm_during_50_streams_ends_each_stream_cleanly_and_exits_0(tmp_path: Path) -> None:
+    srv = Server(tmp_path, "--workers", "2", "--shards", "1", "--max-tokens", "100000")
+    finishes: list[Any] = []
+    errors: list[BaseException] = []
+    started = threading.Barrier(51)
+
+    def run() -> None:
+        c = srv.client()
+        try:
+            msgs = c.generate(PROMPT, max_tokens=100_000, temperature=1.0, seed=1).messages()
+            first = next(msgs)
+            started.wait(30)
+            final = first
+            for msg in msgs:
+                final = msg
+            finishes.append(final.finish_reason)
+        except BaseException as exc:  # collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(50)]
+    for t in threads:
+        t.start()
+    started.wait(60)
+    srv.terminate()
+    for t in threads:
+        t.join(60)
+    assert srv.stop() == 0
+    assert not errors, errors[:3]
+    assert finishes == [pb.FINISH_REASON_CANCELLED] * 50  # each ended with its final message, none was cut
+    levels = {r.get("level") for r in srv.lines()}
+    assert "error" not in levels
+
+
+def test_a_dead_shard_fails_its_own_calls_with_unavailable_and_no_others(tmp_path: Path) -> None:
+    srv = Server(tmp_path, "--workers", "2", "--shards", "2", "--max-tokens", "100000")
+    try:
+        c = srv.client()
+        sids: dict[int, str] = {}
+        while len(sids) < 2:
+            sid = c.create_session(PROMPT).session.session_id
+            sids.setdefault(int(sid.split(".")[0]), sid)
+        stream = c.generate(session_id=sids[0], max_tokens=100_000, temperature=1.0, seed=2)
+        chunks = iter(stream)
+        next(chunks)
+        os.kill(srv.shard_pids()[0], signal.SIGKILL)
+        with pytest.raises(RpcFailed) as info:
+            for _ in chunks:
+                pass
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE  # the stream on the dead shard
+        # the other shard's session works on, through every front end
+        other = [srv.client() for _ in range(6)]
+        for oc in other:
+            assert oc.feed(sids[1], "more").tokens_consumed == 4
+        assert len(other[0].generate_text(session_id=sids[1], max_tokens=10).text) == 10
+        # the dead shard is started again: its sessions are gone (NOT_FOUND), new ones work
+        assert wait_until(lambda: len(srv.shard_pids()) == 2 and _lines_with(srv, "shard serving") >= 3, 60)
+
+        def recovered() -> bool:
+            try:
+                c.get_session(sids[0])
+            except RpcFailed as exc:
+                return exc.code == grpc.StatusCode.NOT_FOUND
+            return False
+
+        assert wait_until(recovered, 30)
+        assert "died" in " ".join(r.get("message", "") for r in srv.lines() if r.get("level") == "error")
+    finally:
+        assert srv.stop() == 0
+
+
+def _lines_with(srv: Server, message: str) -> int:
+    return sum(1 for r in srv.lines() if r.get("message") == message)
