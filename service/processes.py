@@ -65,12 +65,16 @@ async def _run_frontend(config: ServerConfig, index: int, addresses: list[str], 
 
     loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)
+    from .shard import watch_parent
+
+    orphaned = asyncio.create_task(watch_parent(stop.set))
     try:
         await server.start()
         ready.send(("ready", os.getpid()))
         ready.close()
         await stop.wait()
     finally:
+        orphaned.cancel()
         await server.stop()
         # drained: a late signal (the parent passes a second one on) must not turn exit 0 into "killed"
         loop.remove_signal_handler(signal.SIGTERM)

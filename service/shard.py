@@ -200,6 +200,16 @@ class ShardServer:
         self.ctx.term()
 
 
+async def watch_parent(on_gone: Callable[[], None], every: float = 1.0) -> None:
+    """Call ``on_gone`` once the parent process is gone (killed without passing a signal on): a child never
+    outlives its server."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(every)
+    log.error("the parent process is gone: stopping")
+    on_gone()
+
+
 def shard_main(config: ServerConfig, index: int, address: str, ready: Any) -> None:
     """A shard process's entry point (spawned by :mod:`textgen.service.processes`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C and tells us when to stop
@@ -214,6 +224,7 @@ async def _run_shard(config: ServerConfig, index: int, address: str, ready: Any)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    orphaned = asyncio.create_task(watch_parent(stop.set))
     runtime = load_model(config)
     metrics = Metrics()
     core = make_core(config, runtime, metrics, id_prefix=f"{index}.")
@@ -226,6 +237,7 @@ async def _run_shard(config: ServerConfig, index: int, address: str, ready: Any)
         await stop.wait()
     finally:
         serving.cancel()
+        orphaned.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await serving
         core.engine.close()

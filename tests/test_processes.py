@@ -187,13 +187,16 @@ def test_sigterm_during_50_streams_ends_each_stream_cleanly_and_exits_0(tmp_path
             errors.append(exc)
 
     threads = [threading.Thread(target=run) for _ in range(50)]
-    for t in threads:
-        t.start()
-    started.wait(60)
-    srv.terminate()
-    for t in threads:
-        t.join(60)
-    assert srv.stop() == 0
+    try:
+        for t in threads:
+            t.start()
+        started.wait(60)
+        srv.terminate()
+        for t in threads:
+            t.join(60)
+    finally:
+        code = srv.stop()
+    assert code == 0
     assert not errors, errors[:3]
     assert finishes == [pb.FINISH_REASON_CANCELLED] * 50  # each ended with its final message, none was cut
     levels = {r.get("level") for r in srv.lines()}
