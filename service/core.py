@@ -19,8 +19,8 @@ import asyncio
 import math
 import secrets
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -123,6 +123,86 @@ class ScoreResult:
     @property
     def bits_per_char(self) -> float:
         return self.loss / math.log(2)
+
+
+class Generation:
+    """One Generate stream's rules, free of how its messages travel: :meth:`cut` turns the tokens the engine
+    computed into the next message (at most the tokens left, up to a stop string), :meth:`delivered` moves
+    the session past that message once it was handed to gRPC, :meth:`finish` is the final event."""
+
+    def __init__(self, core: TextgenCore, s: Session, prompt_tokens: int, max_tokens: int, stops: tuple[str, ...],
+                 sampler: RowSampler, p: GenerateParams, start: float, ended: Callable[[], bool] | None):
+        self.core = core
+        self.session = s
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.stops = stops
+        self.keep = max((len(x) for x in stops), default=0)
+        self.logprobs = p.logprobs
+        self.seed = p.sampling.seed
+        self.start = start
+        self.ended = ended
+        self.tail = ""
+        self.reason = FinishReason.LENGTH
+        self.generated = 0
+        self.last: float | None = None  # when the previous message was cut
+        self.done = False  # the stream has nothing more to send but its finish
+        self._message: tuple[np.ndarray, int, int] | None = None  # state, last token, tokens of the message out
+        assert s.pending is not None  # checked by the caller (SessionEmpty)
+        self.stream = core.engine.open_stream(s.state, s.pending, sampler, max_tokens, p.logprobs)
+
+    def stopped(self) -> bool:
+        """The server (or this stream's front end) is shutting down: the stream finishes now, CANCELLED."""
+        if self.core.stopping or (self.ended is not None and self.ended()):
+            self.reason = FinishReason.CANCELLED
+            self.done = True
+        return self.done and self.reason == FinishReason.CANCELLED
+
+    def cut(self, items: list[Any]) -> TokenEvent:
+        """The next message from the computed ``items`` (token, state, logprob) (at least one)."""
+        chars = self.core._chars
+        if len(items) > self.max_tokens - self.generated:
+            items = items[:self.max_tokens - self.generated]
+        if self.keep:
+            for i, (token, _, _) in enumerate(items):
+                self.tail = (self.tail + chars[token])[-self.keep:]
+                if any(self.tail.endswith(x) for x in self.stops):
+                    self.reason = FinishReason.STOP
+                    items = items[:i + 1]
+                    break
+        n = len(items)
+        token, state, _ = items[-1]
+        lps = tuple(float(lp) for _, _, lp in items if lp is not None) if self.logprobs else None
+        if n == 1:
+            event = TokenEvent(chars[token], (token,), lps)
+        else:
+            event = TokenEvent("".join([chars[t] for t, _, _ in items]), tuple(t for t, _, _ in items), lps)
+        m = self.core.metrics
+        now = time.perf_counter()
+        if self.last is None:
+            m.time_to_first_token.observe(now - self.start)
+        else:
+            m.inter_token_latency.observe(now - self.last)
+        for _ in range(n - 1):  # tokens that travel in one message arrive together
+            m.inter_token_latency.observe(0.0)
+        self.last = now
+        self._message = (state, token, n)
+        return event
+
+    def delivered(self) -> None:
+        """The message from the last :meth:`cut` was handed to gRPC: the session moves past its tokens."""
+        assert self._message is not None
+        state, token, n = self._message
+        self._message = None
+        self.session.commit(state, token, n)
+        self.stream.delivered(n)
+        self.generated += n
+        self.core.metrics.generated_tokens.inc(n)
+        if self.reason == FinishReason.STOP or self.generated >= self.max_tokens:
+            self.done = True
+
+    def finish(self) -> FinishEvent:
+        return FinishEvent(self.reason, self.prompt_tokens, self.generated, self.session.tokens, self.seed)
 
 
 class TextgenCore:
@@ -266,10 +346,12 @@ class TextgenCore:
             raise InvalidRequest("one-shot Generate (no session_id) needs a prompt")
         return p.max_tokens or self.config.max_tokens, p.stop
 
-    async def generate(self, p: GenerateParams,
-                       ended: Callable[[], bool] | None = None) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
-        """The stream's events (see the module's docstring); it finishes early with CANCELLED when the server
-        stops or ``ended()`` becomes true (a front end that is shutting down, for an engine shard)."""
+    @asynccontextmanager
+    async def generation(self, p: GenerateParams,
+                         ended: Callable[[], bool] | None = None) -> AsyncIterator[Generation]:
+        """Open a Generate stream: check the request, feed its prompt, hold its session (busy) and its engine
+        stream for as long as the block runs. How the messages travel is the caller's: :meth:`generate`
+        yields them; an engine shard sends them to its front end (service/shard.py)."""
         start = time.perf_counter()
         self._check_open()
         max_tokens, stops = self._generate_checks(p)
@@ -283,89 +365,48 @@ class TextgenCore:
         try:
             # one-shot: a private session nobody else can see
             with self.store.acquire(p.session_id) if p.session_id else nullcontext(Session("", 0.0, 0.0, 0.0)) as s:
-                events = self._generate(s, ids, max_tokens, stops, sampler, p, start, ended)
-                async for ev in events:
-                    try:
-                        yield ev
-                    except (StreamStalled, MessageGiven) as exc:
-                        await events.athrow(exc)  # to where the session is: it keeps the message, re-raises
+                if len(ids):
+                    await self._feed(s, ids)
+                if s.pending is None:
+                    raise SessionEmpty("the session has consumed no text yet: feed a prompt first "
+                                       "(CreateSession with a prompt, Feed, or Generate with a prompt)")
+                gen = Generation(self, s, len(ids), max_tokens, stops, sampler, p, start, ended)
+                try:
+                    yield gen
+                finally:
+                    gen.stream.close()
         finally:
             self.streams -= 1
             self.metrics.streams_in_flight.dec()
 
-    async def _generate(self, s: Session, ids: np.ndarray, max_tokens: int, stops: tuple[str, ...],
-                        sampler: RowSampler, p: GenerateParams, start: float,
-                        ended: Callable[[], bool] | None = None) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
-        if len(ids):
-            await self._feed(s, ids)
-        if s.pending is None:
-            raise SessionEmpty("the session has consumed no text yet: feed a prompt first "
-                               "(CreateSession with a prompt, Feed, or Generate with a prompt)")
-        chars = self._chars
-        m = self.metrics
-        tail = ""
-        keep = max((len(x) for x in stops), default=0)
-        reason = FinishReason.LENGTH
-        generated = 0
-        last = None
-        stream = self.engine.open_stream(s.state, s.pending, sampler, max_tokens, p.logprobs)
-        interval = self.config.stream_interval_ms / 1000.0
-        try:
-            while generated < max_tokens:
-                if self.stopping or (ended is not None and ended()):
-                    reason = FinishReason.CANCELLED
+    async def generate(self, p: GenerateParams,
+                       ended: Callable[[], bool] | None = None) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
+        """The stream's events (see the module's docstring); it finishes early with CANCELLED when the server
+        stops or ``ended()`` becomes true (a front end that is shutting down, for an engine shard)."""
+        async with self.generation(p, ended) as gen:
+            interval = self.config.stream_interval_ms / 1000.0
+            while not gen.done:
+                if gen.stopped():
                     break
-                if interval and last is not None:  # --stream-interval-ms: let this message gather more tokens
-                    wait = last + message_gap(interval, self.streams) - time.perf_counter()
+                if interval and gen.last is not None:  # --stream-interval-ms: let this message gather more
+                    wait = gen.last + message_gap(interval, self.streams) - time.perf_counter()
                     if wait > 0:
                         await asyncio.sleep(wait)
-                items = await stream.next()
-                if self.stopping or (ended is not None and ended()):
-                    reason = FinishReason.CANCELLED
+                items = await gen.stream.next()
+                if gen.stopped():
                     break
-                if len(items) > max_tokens - generated:
-                    items = items[:max_tokens - generated]
-                if keep:
-                    for i, (token, _, _) in enumerate(items):
-                        tail = (tail + chars[token])[-keep:]
-                        if any(tail.endswith(x) for x in stops):
-                            reason = FinishReason.STOP
-                            items = items[:i + 1]
-                            break
-                n = len(items)
-                token, state, _ = items[-1]
-                lps = tuple(float(lp) for _, _, lp in items if lp is not None) if p.logprobs else None
-                if n == 1:
-                    event = TokenEvent(chars[token], (token,), lps)
-                else:
-                    event = TokenEvent("".join([chars[t] for t, _, _ in items]), tuple(t for t, _, _ in items), lps)
-                now = time.perf_counter()
-                if last is None:
-                    m.time_to_first_token.observe(now - start)
-                else:
-                    m.inter_token_latency.observe(now - last)
-                for _ in range(n - 1):  # tokens that travel in one message arrive together
-                    m.inter_token_latency.observe(0.0)
-                last = now
+                event = gen.cut(items)
                 try:
                     yield event
                 except (StreamStalled, MessageGiven):
                     # The consumer handed the message to gRPC, which still sends it after the stream's end:
                     # the session takes its tokens, then the stream ends.
-                    s.commit(state, token, n)
-                    stream.delivered(n)
-                    m.generated_tokens.inc(n)
+                    gen.delivered()
                     raise
                 # Resumed: the consumer delivered the message. Only now does the session move past its tokens.
-                s.commit(state, token, n)
-                stream.delivered(n)
-                generated += n
-                m.generated_tokens.inc(n)
-                if reason == FinishReason.STOP:
-                    break
-        finally:
-            stream.close()
-        yield FinishEvent(reason, len(ids), generated, s.tokens, p.sampling.seed)
+                gen.delivered()
+            gen.stream.close()
+            yield gen.finish()
 
     # -- scoring
     async def score(self, text: str, session_id: str = "", update_session: bool = False) -> ScoreResult:

@@ -44,6 +44,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -72,8 +73,8 @@ _WAKE = object()
 class _Stream:
     """One Generate stream inside the scheduler (also the :class:`TokenStream` its caller holds)."""
 
-    __slots__ = ("buffer", "closed", "engine", "enqueued", "error", "logprobs", "max_tokens", "produced", "sampler",
-                 "sent", "started", "state", "token", "waiter")
+    __slots__ = ("buffer", "closed", "engine", "enqueued", "error", "listener", "logprobs", "max_tokens", "produced",
+                 "sampler", "sent", "started", "state", "token", "waiter")
 
     def __init__(self, engine: BatchingEngine, state: np.ndarray, token: int, sampler: RowSampler,
                  max_tokens: int, logprobs: bool):
@@ -91,6 +92,9 @@ class _Stream:
         self.buffer: list[Produced] = []  # loop: computed, not yet taken by next()
         self.waiter: asyncio.Future[None] | None = None
         self.error: BaseException | None = None
+        # loop: called once per round that brought tokens (or an error), instead of waking next(): an engine
+        # shard sends them on from there (service/shard.py) without a coroutine per stream
+        self.listener: Callable[[], None] | None = None
 
     async def next(self) -> list[Produced]:
         if not self.buffer:
@@ -103,6 +107,13 @@ class _Stream:
                 self.waiter = None
             if not self.buffer and self.error is not None:
                 raise self.error
+        items, self.buffer = self.buffer, []
+        return items
+
+    def take(self) -> list[Produced]:
+        """What :meth:`next` would return, without waiting: possibly nothing."""
+        if not self.buffer and self.error is not None:
+            raise self.error
         items, self.buffer = self.buffer, []
         return items
 
@@ -262,10 +273,13 @@ class BatchingEngine:
                  done: list[tuple[_Job, Any, BaseException | None]],
                  failed: list[tuple[_Stream, BaseException]]) -> None:
         """On the loop: hand a round's results to their streams and jobs."""
+        listeners: dict[_Stream, Callable[[], None]] = {}
         for s, token, state, lp in produced:
             if s.closed:
                 continue
             s.buffer.append((token, state, lp))
+            if s.listener is not None:
+                listeners[s] = s.listener
             w = s.waiter
             if w is not None and not w.done():
                 w.set_result(None)
@@ -278,9 +292,13 @@ class BatchingEngine:
                     f.set_exception(exc)
         for s, exc in failed:
             s.error = exc
+            if s.listener is not None:
+                listeners[s] = s.listener
             w = s.waiter
             if w is not None and not w.done():
                 w.set_result(None)
+        for listener in listeners.values():
+            listener()
 
     # ------------------------------------------------------------------------------------ the thread
 

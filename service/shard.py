@@ -27,7 +27,7 @@ import zmq.asyncio
 
 from . import ipc, logs
 from .config import ServerConfig
-from .core import FinishEvent, GenerateParams, TextgenCore, TokenEvent
+from .core import FinishEvent, GenerateParams, TextgenCore, TokenEvent, message_gap
 from .errors import ServiceError, StreamStalled
 from .memory import release_free_memory
 from .sampling import SamplingParams
@@ -56,6 +56,9 @@ class ShardServer:
         self._control: dict[tuple[bytes, int], asyncio.Queue[tuple[str, Any]]] = {}
         self._awaiting: set[tuple[bytes, int]] = set()  # streams waiting for the front end's acknowledgement
         self._stopping: set[bytes] = set()  # front ends shutting down: their streams finish now
+        self._relays: dict[tuple[bytes, int], _Relay] = {}  # streams on the fast path, by (front end, call)
+        # the fast path needs the batching engine's per-round hand-over; --batching off takes the generic one
+        self.fast = hasattr(core.engine, "_deliver")
 
     # -- sending: one message per front end per turn of the loop
     def _send(self, peer: bytes, record: ipc.Record) -> None:
@@ -101,6 +104,8 @@ class ShardServer:
         elif kind == ipc.GENERATE:
             self._control[key] = asyncio.Queue()
             self._start(key, self._generate(peer, call, body, self._control[key]))
+        elif key in self._relays:  # ack, stall or cancel of a fast-path stream: handled right here, in order
+            self._relays[key].control(kind, body)
         elif kind in (ipc.ACK, ipc.STALL):
             queue = self._control.get(key)
             if queue is not None:
@@ -156,6 +161,8 @@ class ShardServer:
         params = GenerateParams(session_id=body["session_id"], prompt=body["prompt"], max_tokens=body["max_tokens"],
                                 sampling=SamplingParams(**body["sampling"]), stop=tuple(body["stop"]),
                                 logprobs=body["logprobs"])
+        if self.fast:
+            return await self._generate_fast(peer, call, params)
         try:
             async with aclosing(self.core.generate(params, ended=lambda: peer in self._stopping)) as events:
                 async for ev in events:
@@ -184,6 +191,26 @@ class ShardServer:
             log.exception("bug in Generate")
             self._send(peer, [call, ipc.ERR, ["INTERNAL", "internal error in Generate (the shard logged it)"]])
 
+    async def _generate_fast(self, peer: bytes, call: int, params: GenerateParams) -> None:
+        """A stream driven by the engine's rounds: no coroutine runs per message (see :class:`_Relay`)."""
+        key = (peer, call)
+        try:
+            async with self.core.generation(params, ended=lambda: peer in self._stopping) as gen:
+                relay = _Relay(self, peer, call, gen)
+                self._relays[key] = relay
+                try:
+                    await relay.finished
+                finally:
+                    self._relays.pop(key, None)
+                    relay.close()
+        except ServiceError as exc:
+            self._send(peer, [call, ipc.ERR, [exc.code, str(exc)]])
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("bug in Generate")
+            self._send(peer, [call, ipc.ERR, ["INTERNAL", "internal error in Generate (the shard logged it)"]])
+
     async def _sweep_forever(self) -> None:
         core = self.core
         while True:
@@ -198,6 +225,95 @@ class ShardServer:
     def close(self) -> None:
         self.sock.close(0)
         self.ctx.term()
+
+
+class _Relay:
+    """Moves one stream's messages between the engine and its front end without a coroutine per message.
+
+    The engine calls :meth:`pump` on the loop after each round that brought this stream tokens; when no message
+    is out, the tokens computed so far become the next message (:meth:`Generation.cut`) and go into this turn's
+    batch for the front end. The front end's ``ack`` commits it (:meth:`Generation.delivered`) and sends what
+    was computed meanwhile at once; ``stall`` commits it and ends the stream quietly (the front end ends the
+    call); ``cancel`` ends it, the session after the last acknowledged message.
+    """
+
+    def __init__(self, server: ShardServer, peer: bytes, call: int, gen: Any):
+        self.server, self.peer, self.call, self.gen = server, peer, call, gen
+        self.out = False  # a message is with the front end, not yet acknowledged
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.interval = server.core.config.stream_interval_ms / 1000.0
+        self._timer: asyncio.TimerHandle | None = None
+        gen.stream.listener = self.pump
+        self.pump()  # tokens may be there already
+
+    def pump(self) -> None:
+        if self.out or self.finished.done() or self._timer is not None:
+            return
+        gen = self.gen
+        try:
+            if gen.done or gen.stopped():
+                self._end(gen.finish())
+                return
+            items = gen.stream.take()
+        except Exception as exc:  # the engine failed this stream (decode step error)
+            self._fail(exc)
+            return
+        if not items:
+            return
+        event = gen.cut(items)
+        lps = list(event.logprobs) if event.logprobs is not None else None
+        self.server._send(self.peer, [self.call, ipc.TOK, [event.text, list(event.token_ids), lps]])
+        self.out = True
+
+    def control(self, kind: str, body: Any) -> None:
+        if self.finished.done():
+            return
+        if kind == ipc.CANCEL:
+            self.finished.set_result(None)
+            return
+        if not self.out:
+            return
+        self.out = False
+        self.gen.delivered()  # ack or stall: gRPC was given the message
+        if kind == ipc.STALL:
+            self.finished.set_result(None)
+            return
+        if self.gen.done:
+            self._end(self.gen.finish())
+        elif self.interval and self.gen.last is not None:  # --stream-interval-ms
+            gap = message_gap(self.interval, self.server.core.streams)
+            self._timer = asyncio.get_running_loop().call_later(gap, self._after_gap)
+        elif self.server.core.streams > 1 and self.gen.stream.produced < self.gen.stream.max_tokens:
+            # The engine steps this stream again now that its window moved, and that round calls pump with
+            # whatever is computed by then: one message per round for all the streams of a front end, rather
+            # than one per acknowledgement. (A lone stream sends what it has at once: no one to batch with.)
+            pass
+        else:
+            self.pump()  # nothing more will be computed: send the rest now
+
+    def _after_gap(self) -> None:
+        self._timer = None
+        self.pump()
+
+    def _end(self, ev: FinishEvent) -> None:
+        self.server._send(self.peer, [self.call, ipc.FIN, [ev.reason, ev.prompt_tokens, ev.generated_tokens,
+                                                          ev.session_tokens, ev.seed]])
+        self.finished.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if isinstance(exc, ServiceError):
+            self.server._send(self.peer, [self.call, ipc.ERR, [exc.code, str(exc)]])
+        else:
+            log.error("Generate failed in the engine: %s", exc)
+            self.server._send(self.peer, [self.call, ipc.ERR, ["INTERNAL", "internal error in Generate (the "
+                                                                           "shard logged it)"]])
+        self.finished.set_result(None)
+
+    def close(self) -> None:
+        self.gen.stream.listener = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 async def watch_parent(on_gone: Callable[[], None], every: float = 1.0) -> None:

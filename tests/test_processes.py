@@ -242,3 +242,43 @@ def test_a_dead_shard_fails_its_own_calls_with_unavailable_and_no_others(tmp_pat
 
 def _lines_with(srv: Server, message: str) -> int:
     return sum(1 for r in srv.lines() if r.get("message") == message)
+
+
+def test_stop_strings_max_tokens_and_logprobs_across_processes(server: Server, rt: Any) -> None:
+    c = server.client()
+    free = reference_greedy(rt, PROMPT, 60)
+    stop = free[20:22]
+    cut = free.index(stop) + len(stop)
+    sid = c.create_session(PROMPT).session.session_id
+    got = c.generate_text(session_id=sid, max_tokens=60, stop=[stop, "never seen"], logprobs=True)
+    assert got.finish_reason == "stop" and got.text == free[:cut]
+    assert [lp.token for lp in got.logprobs] == list(got.text)
+    assert all(lp.logprob <= 0 for lp in got.logprobs)
+    assert c.get_session(sid).token_count == len(PROMPT) + cut
+    short = c.generate_text(session_id=sid, max_tokens=7)
+    assert short.finish_reason == "length" and len(short.text) == 7 and short.usage.generated_tokens == 7
+    assert c.get_session(sid).token_count == len(PROMPT) + cut + 7
+
+
+def test_a_stalled_reader_ends_with_deadline_exceeded_and_its_session_is_the_text_sent(tmp_path: Path) -> None:
+    srv = Server(tmp_path, "--workers", "2", "--shards", "1", "--stream-stall-timeout", "1")
+    channel = grpc.insecure_channel(srv.address, options=[("grpc.http2.lookahead_bytes", 1024),
+                                                          ("grpc.http2.bdp_probe", 0)])
+    try:
+        from textgen.service.proto import textgen_pb2_grpc as pb_grpc
+
+        slow = pb_grpc.TextgenServiceStub(channel)
+        sid = slow.CreateSession(pb.CreateSessionRequest(prompt="hello")).session.session_id
+        call = slow.Generate(pb.GenerateRequest(session_id=sid, max_tokens=1024))
+        time.sleep(3)  # nobody reads: the server's writes stall, and after 1 s the stream is ended
+        text = []
+        with pytest.raises(grpc.RpcError) as info:
+            for msg in call:
+                text.append(msg.text)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        sent = "".join(text)
+        assert 0 < len(sent) < 1024
+        assert srv.client().get_session(sid).token_count == len("hello") + len(sent)
+    finally:
+        channel.close()
+        assert srv.stop() == 0
