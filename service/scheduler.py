@@ -63,6 +63,7 @@ log = logging.getLogger("textgen.scheduler")
 PREFILL_CHUNK = 256
 MAX_BATCH = 256
 WINDOW = 4
+FEW_STREAMS = 8  # below this many streams the window is at most WINDOW (see _main)
 SWITCH_INTERVAL = 0.001  # seconds; see the module's docstring
 PREFILL_BUDGET = 0.010  # seconds a prompt chunk should take while streams are decoding
 
@@ -326,7 +327,9 @@ class BatchingEngine:
             # 2. decode: every open stream whose window allows another token
             ready: list[_Stream] = []
             keep: list[_Stream] = []
-            window = self.window
+            # A wide window only pays when many streams share the steps (their messages carry more tokens);
+            # a few streams computing far ahead would only keep the GIL from the loop that sends their tokens.
+            window = self.window if len(active) >= FEW_STREAMS else min(self.window, WINDOW)
             for s in active:
                 if s.closed or s.produced >= s.max_tokens or s.error is not None:
                     continue
