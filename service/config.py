@@ -194,7 +194,8 @@ SETTINGS: tuple[Setting, ...] = (
                              "scheduler shortens chunks to about 10 ms each."),
     Setting("stream_window", "Batching: tokens a Generate stream may be computed ahead of its connection. 1 = no "
                              "look-ahead, one token per message; above 1, tokens computed while the previous "
-                             "message was being sent go out together in the next one."),
+                             "message was being sent go out together in the next one. Above 4 it applies while "
+                             "8 or more streams run (fewer: 4)."),
     Setting("stream_interval_ms", "Least time between two messages of a Generate stream, in milliseconds; the "
                                   "tokens computed meanwhile go out together (up to --stream-window of them "
                                   "ahead). 0 = every message as soon as it is ready."),
