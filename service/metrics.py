@@ -44,6 +44,17 @@ METRIC_NAMES = {
 }
 
 
+def model_labels(public: Mapping[str, Any]) -> dict[str, str]:
+    """The labels of ``textgen_model_info``: a bundle manifest's public facts."""
+    keep = ("cell", "num_layers", "hidden_size", "state_size", "vocab_size", "corpus", "opset", "held_out_bpc",
+            "exporter")
+    sha = public.get("sha256")
+    labels = {k: str(public[k]) for k in keep if k in public and public[k] is not None}
+    if isinstance(sha, Mapping) and sha:
+        labels["sha256"] = str(next(iter(sha.values())))[:16]
+    return labels
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         # No *_created series next to the counters: they only clutter a scrape (a process-wide switch).
@@ -94,13 +105,7 @@ class Metrics:
         self.sessions_active.set_function(lambda: float(count()))
 
     def set_model(self, public: Mapping[str, Any]) -> None:
-        keep = ("cell", "num_layers", "hidden_size", "state_size", "vocab_size", "corpus", "opset",
-                "held_out_bpc", "exporter")
-        sha = public.get("sha256")
-        labels = {k: str(public[k]) for k in keep if k in public and public[k] is not None}
-        if isinstance(sha, Mapping) and sha:
-            labels["sha256"] = str(next(iter(sha.values())))[:16]
-        self.model_info.info(labels)
+        self.model_info.info(model_labels(public))
 
     def serve_http(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint in a daemon thread; returns the bound port."""

@@ -36,6 +36,7 @@ from typing import Any
 from . import logs
 from .config import ServerConfig
 from .errors import InputError
+from .metrics import model_labels
 
 log = logging.getLogger("textgen.server")
 
@@ -156,11 +157,14 @@ class Processes:
                                               "workers": self.config.workers, "shards": self.config.shards}})
 
     def _serve_metrics(self) -> None:
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry, Info, start_http_server
         from prometheus_client.multiprocess import MultiProcessCollector
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(self.metrics_dir))
+        # prometheus-client's multiprocess mode has no Info metric: the parent exports the model's facts itself
+        Info("textgen_model", "The served model (manifest fields).", registry=registry).info(
+            model_labels(self._model_facts()))
         host = self.config.metrics_host.strip("[]")
         try:
             server, _ = start_http_server(self.config.metrics_port, addr=host, registry=registry)
@@ -169,6 +173,19 @@ class Processes:
                              f"(--metrics-host/--metrics-port): {exc.strerror or exc}") from exc
         self._http = server
         self.metrics_port = int(server.server_port)
+
+    def _model_facts(self) -> dict[str, Any]:
+        """The served bundle's public manifest (read, not loaded: the parent holds no model)."""
+        from .server import FAKE_MODELS
+
+        if self.config.model in FAKE_MODELS:
+            from .fake_runtime import FakeRuntime
+
+            return FakeRuntime(self.config.model.split(":", 1)[1]).manifest.to_public_dict()
+        from .bundle import read_manifest
+        from .runtime import default_bundle_path
+
+        return read_manifest(self.config.model or default_bundle_path()).to_public_dict()
 
     def check(self) -> None:
         """Start again any child that died; too many deaths of one child in a row stop the server."""

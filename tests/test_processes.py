@@ -48,6 +48,7 @@ class Server:
         m = re.search(r"listening on 127\.0\.0\.1:(\d+), metrics (\S+)", line)
         assert m, f"no announce line: {line!r}\n{self.log_path.read_text()[-3000:]}"
         self.address = f"127.0.0.1:{m.group(1)}"
+        self.metrics_url = m.group(2)
         self.clients: list[TextgenClient] = []
         self.signalled = False
 
@@ -132,6 +133,29 @@ def test_a_session_goes_on_through_any_front_end(server: Server, rt: Any) -> Non
     assert got == reference_greedy(rt, text, 30)
     feeds = [r for r in server.lines() if r.get("method") == "Feed" and r.get("code") == "OK"]
     assert {r["frontend"] for r in feeds} == {0, 1}, "the Feeds came through both front ends"
+
+
+def test_one_metrics_page_counts_every_process(server: Server, rt: Any) -> None:
+    from servicekit import sample_value
+
+    before = _scrape(server)
+    clients = [server.client() for _ in range(8)]  # over both front ends
+    for c in clients:
+        c.generate_text(PROMPT, max_tokens=5, temperature=0)
+    page = _scrape(server)
+    ok = sample_value(page, "textgen_requests_total", method="Generate", code="OK")
+    assert ok - sample_value(before, "textgen_requests_total", method="Generate", code="OK") == 8
+    assert (sample_value(page, "textgen_generated_tokens_total")
+            - sample_value(before, "textgen_generated_tokens_total")) == 40
+    assert f'cell="{rt.manifest.cell}"' in page and "textgen_model_info" in page
+    assert sample_value(page, "textgen_streams_in_flight") == 0  # live sum over the processes, not one per pid
+
+
+def _scrape(server: Server) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+        return r.read().decode()
 
 
 def test_unknown_and_malformed_session_ids_are_not_found(server: Server) -> None:
