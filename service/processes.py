@@ -245,7 +245,7 @@ def _announce(line: str) -> None:
 
 async def serve_processes(config: ServerConfig, *, announce: Callable[[str], None] = _announce) -> int:
     """``textgen serve`` with --workers or --shards above 1: run until SIGTERM or SIGINT; the exit code."""
-    from .server import _grpc_host
+    from .server import TextgenServer, _grpc_host
 
     logs.configure(config.log_level, config.log_format)
     procs = Processes(config)
@@ -268,7 +268,8 @@ async def serve_processes(config: ServerConfig, *, announce: Callable[[str], Non
         metrics = (f"http://{_grpc_host(config.metrics_host)}:{procs.metrics_port}/metrics"
                    if procs.metrics_port is not None else "off")
         announce(f"textgen serve: gRPC listening on {_grpc_host(config.host)}:{procs.port}, metrics {metrics} "
-                 f"({config.workers} front ends, {config.shards} engine shards)")
+                 f"({TextgenServer(config).security_summary()}; {config.workers} front ends, "
+                 f"{config.shards} engine shards)")
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.2)
