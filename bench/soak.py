@@ -138,9 +138,35 @@ def protection_flags(options: dict[str, str | None], stall_timeout: float,
     return flags, lines
 
 
+def _vmrss_kb(pid: int) -> int | None:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    m = re.search(r"^VmRSS:\s+(\d+) kB", text, re.M)
+    return int(m.group(1)) if m else None
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (children, their children, ...), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 class ServeProcess:
     """``textgen serve`` as a child process: its stderr goes to a file, its address is read from stdout, and
-    :meth:`rss_kb` reads its VmRSS."""
+    :meth:`rss_kb` reads its VmRSS (with its child processes')."""
 
     def __init__(self, flags: list[str], log_path: Path):
         self.log_path = log_path
@@ -159,12 +185,11 @@ class ServeProcess:
             raise RuntimeError(f"not a loopback address: {self.address}")
 
     def rss_kb(self) -> int | None:
-        try:
-            text = Path(f"/proc/{self.proc.pid}/status").read_text()
-        except OSError:
+        """VmRSS of the server and of its child processes (``--workers``/``--shards``), summed."""
+        own = _vmrss_kb(self.proc.pid)
+        if own is None:
             return None
-        m = re.search(r"^VmRSS:\s+(\d+) kB", text, re.M)
-        return int(m.group(1)) if m else None
+        return own + sum(_vmrss_kb(pid) or 0 for pid in _descendants(self.proc.pid))
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM, then the exit status (None if it had to be killed)."""
