@@ -66,6 +66,11 @@ def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
         ("grpc.so_reuseport", 0),
+        # No BDP probing of what clients send: with it, gRPC grows each stream's receive window towards the whole
+        # message, so calls that wait for admission, or will be refused, still bring their large requests into
+        # the server's memory (48 unread 1,000,000-character Scores: +139 MB of RSS; without it +5 MB). A message
+        # being read still gets the window it needs, and what the server sends is not concerned.
+        ("grpc.http2.bdp_probe", 0),
     ]
     if cfg.keepalive_seconds:
         options += [("grpc.keepalive_time_ms", ms(cfg.keepalive_seconds)), ("grpc.keepalive_timeout_ms", 20_000),

@@ -269,3 +269,8 @@ def test_a_refused_call_frees_its_request_at_once() -> None:
         gc.enable()
         channel.close()
         srv.stop()
+
+
+def test_the_server_does_not_grow_receive_windows_by_bdp_probing() -> None:
+    # With BDP probing, calls that wait for admission (or will be refused) still receive most of their message.
+    assert dict(server_options(ServerConfig()))["grpc.http2.bdp_probe"] == 0
