@@ -35,7 +35,7 @@ from .config import ServerConfig, is_loopback
 from .core import TextgenCore
 from .engine import Engine
 from .errors import InputError
-from .memory import release_free_memory
+from .memory import IDLE_TRIM_BYTES, release_free_memory, resident_bytes
 from .metrics import Metrics
 from .proto import textgen_pb2 as pb
 from .proto import textgen_pb2_grpc as pb_grpc
@@ -100,6 +100,7 @@ class TextgenServer:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopped = False
         self.tokens: TokenStore | None = None
+        self._rss_after_trim = 0  # resident bytes after the last malloc_trim (at the start before one)
 
     async def start(self) -> None:
         cfg = self.config
@@ -157,6 +158,7 @@ class TextgenServer:
             except OSError as exc:
                 raise InputError(f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port} "
                                  f"(--metrics-host/--metrics-port): {exc.strerror or exc}") from exc
+        self._rss_after_trim = resident_bytes() or 0
         self._tasks.append(asyncio.create_task(self._sweep_forever()))
         if credentials is None and not is_loopback(cfg.host):
             log.warning("serving plaintext gRPC on a non-loopback address (--insecure)",
@@ -182,9 +184,13 @@ class TextgenServer:
         while True:
             await asyncio.sleep(self.sweep_seconds)
             self.store.sweep()
-            if self.core.trim_pending and not self.core.texts:  # large texts came and went: give memory back
-                self.core.trim_pending = False
+            core = self.core
+            idle = not core.calls and not core.streams
+            grown = idle and (rss := resident_bytes()) is not None and rss - self._rss_after_trim > IDLE_TRIM_BYTES
+            if (core.trim_pending and not core.texts) or grown:  # large texts came and went, or the server is idle
+                core.trim_pending = False  # and holds much more than after the last trim: give memory back
                 await asyncio.to_thread(release_free_memory)
+                self._rss_after_trim = resident_bytes() or 0
 
     def end_streams(self) -> None:
         """Make running Generate streams finish now with FINISH_REASON_CANCELLED (and refuse new work)."""
