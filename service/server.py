@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -189,6 +190,8 @@ class TextgenServer:
             grown = idle and (rss := resident_bytes()) is not None and rss - self._rss_after_trim > IDLE_TRIM_BYTES
             if (core.trim_pending and not core.texts) or grown:  # large texts came and went, or the server is idle
                 core.trim_pending = False  # and holds much more than after the last trim: give memory back
+                if grown:  # nothing runs: a full collection frees what reference cycles hold (grpc.aio's calls)
+                    gc.collect()
                 await asyncio.to_thread(release_free_memory)
                 self._rss_after_trim = resident_bytes() or 0
 
