@@ -14,7 +14,8 @@ after that; without this bound, all admitted calls (up to ``--max-concurrent-cal
 up to ``--max-message-bytes`` and its parsed string at once, only for most of them to be refused. A call
 waiting for its turn to read holds its call slot; its bytes wait in HTTP/2 flow control, not in the server.
 (bench/soak.py's RSS peak under 48 concurrent 1,000,000-character Scores went from +438 MB to +359 MB with it,
-one run each: this is not all of that peak; see docs/serving-performance.md, Hardening.)
+one run each: this is not all of that peak; see docs/serving-performance.md, Hardening.) A refused call ends
+with :func:`~textgen.service.servicer.refuse`, not ``context.abort``, so that its request is freed at once.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import grpc
 from .core import TextgenCore
 from .errors import LimitExceeded
 from .logs import log_request
+from .servicer import refuse
 
 if TYPE_CHECKING:
     from .remote import RemoteCore
@@ -60,14 +62,16 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                 log_request(name, exc.code, 0.0)
                 if self.count is not None:
                     self.count(name, exc.code)
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+                refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+                return None
             context.add_done_callback(lambda _: self.core.leave_call())
             if self._reads is None:
                 self._reads = asyncio.Semaphore(READS_AT_ONCE)
             async with self._reads:  # released once parsed: the servicer checks the text's length right away
                 request = await context.read()
             if request is grpc.aio.EOF:  # a client that half-closed without its message
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} needs a request message")
+                refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"{name} needs a request message")
+                return None
             return await unary(request, context)
 
         return grpc.stream_unary_rpc_method_handler(  # type: ignore[no-any-return]

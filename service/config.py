@@ -188,7 +188,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("shards", "Engine shard processes: each owns a model runtime, a batching scheduler and its sessions "
                       "(a session id names its shard)."),
     Setting("max_batch", "Batching: streams advanced by one decode step at most (the others take the next "
-                         "step), and Feed prompts run together at most."),
+                         "step), and Feed prompts run together at most (one such call also takes at most "
+                         "2,048 tokens: onnxruntime's memory grows with it)."),
     Setting("prefill_chunk", "Tokens per prompt chunk at most (Feed, CreateSession and Generate prompts, Score); "
                              "a decode step runs between any two chunks, and while streams decode the batching "
                              "scheduler shortens chunks to about 10 ms each."),

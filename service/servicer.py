@@ -78,6 +78,19 @@ def model_info_message(d: dict[str, Any]) -> pb.ModelInfo:
     return msg
 
 
+def refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """End the call with ``code`` once its handler returns None, WITHOUT ``context.abort``.
+
+    ``abort`` raises :class:`grpc.aio.AbortError`, and grpc.aio keeps that exception in a reference cycle with
+    its traceback, whose frames hold the call's request and context: they are freed only when Python's cyclic
+    garbage collector next runs its oldest generation, which may be seconds or minutes later. A refused
+    1,000,000-character Score would hold its ~3 MB request (kept outside Python's allocator, by the protobuf
+    runtime) that long; a flood of them held hundreds of MB (bench/soak.py; docs/serving-performance.md,
+    Hardening). With ``set_code`` and a plain return nothing is raised and the request goes at once."""
+    context.set_code(code)
+    context.set_details(message)
+
+
 class ClientGone(Exception):
     """The call ended under a write: the client disconnected or cancelled. Not a bug: CANCELLED, no traceback."""
 
@@ -134,12 +147,7 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
             code, message = "INTERNAL", f"internal error in {method} (the server logged the traceback)"
         self._record(method, code, start, session_id, fields)
         if code != "OK":
-            try:
-                await context.abort(getattr(grpc.StatusCode, code), message)
-            except grpc.aio.AbortError:
-                raise  # how abort ends a handler
-            except Exception:  # the status could not be sent: the client went away meanwhile
-                log.debug("%s: the client left before its status (%s) was sent", method, code)
+            refuse(context, getattr(grpc.StatusCode, code), message)
         return result
 
     def _record(self, method: str, code: str, start: float, session_id: str, fields: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -29,7 +30,7 @@ from . import ipc, logs
 from .config import ServerConfig
 from .core import FinishEvent, GenerateParams, TextgenCore, TokenEvent, message_gap
 from .errors import ServiceError, StreamStalled
-from .memory import release_free_memory
+from .memory import IDLE_TRIM_BYTES, release_free_memory, resident_bytes
 from .sampling import SamplingParams
 
 log = logging.getLogger("textgen.shard")
@@ -213,14 +214,20 @@ class ShardServer:
 
     async def _sweep_forever(self) -> None:
         core = self.core
+        self._rss_after_trim = resident_bytes() or 0
         while True:
             await asyncio.sleep(SWEEP_SECONDS)
             core.store.sweep()
             if self.on_sweep is not None:
                 self.on_sweep()
-            if core.trim_pending and not core.texts:
+            idle = not core.streams and not core.texts
+            grown = idle and (rss := resident_bytes()) is not None and rss - self._rss_after_trim > IDLE_TRIM_BYTES
+            if (core.trim_pending and not core.texts) or grown:  # as the one-process server's sweep
                 core.trim_pending = False
+                if grown:
+                    gc.collect()
                 await asyncio.to_thread(release_free_memory)
+                self._rss_after_trim = resident_bytes() or 0
 
     def close(self) -> None:
         self.sock.close(0)

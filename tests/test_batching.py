@@ -449,3 +449,30 @@ def test_100k_idle_sessions_of_hidden_512_take_at_most_4_KiB_each() -> None:
           f"{per_session:.0f} bytes each; resident memory grew by {rss:.0f} bytes per session")
     assert len(store) == n
     assert per_session <= 4096 and rss <= 4096
+
+
+def test_a_burst_of_prompts_runs_in_calls_of_at_most_prefill_tokens(rt: Any) -> None:
+    # onnxruntime's working memory grows with the tokens of one call and its arena keeps the largest: a burst
+    # of Feeds must not become one (64, 256) call (+105 MB of RSS for good with the default bundle).
+    rec = Recording(rt)
+    texts = [(PROMPTS[i % 5] * 9)[i:i + 60] for i in range(12)]
+
+    async def go() -> list[tuple[np.ndarray, int]]:
+        engine = BatchingEngine(rec, prefill_chunk=16, prefill_tokens=64)  # 4 jobs of 16 tokens a call
+        try:
+            engine.step_delay = 0.05
+            first = asyncio.ensure_future(engine.feed(None, None, rt.encode("abc")))  # keeps the thread busy
+            await asyncio.sleep(0.01)
+            out = await asyncio.gather(*(engine.feed(None, None, rt.encode(t)) for t in texts))
+            await first
+            return out
+        finally:
+            engine.close()
+
+    out = run(go())
+    assert max(shape[0] * shape[1] for _, shape in rec.calls) <= 64
+    assert max(shape[0] for _, shape in rec.calls) >= 4  # still batched, up to the budget
+    for t, (state, pending) in zip(texts, out, strict=True):
+        ids = rt.encode(t)
+        _, alone = rt.step_last(ids[None, :-1], rt.initial_state(1))
+        assert np.array_equal(state, alone[0]) and pending == ids[-1]

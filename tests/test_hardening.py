@@ -235,3 +235,42 @@ def test_memory_is_given_back_after_a_large_text(monkeypatch: pytest.MonkeyPatch
         assert calls == [1]  # once per burst, not at every sweep
     finally:
         srv.stop()
+
+
+def test_a_refused_call_frees_its_request_at_once() -> None:
+    """A refused call must not leave its request in a reference cycle: ``context.abort`` raises an exception
+    that grpc.aio keeps in a cycle with its traceback, whose frames hold the request, freed only when the
+    cyclic garbage collector next runs its oldest generation. A flood of refused 1,000,000-character Scores
+    held hundreds of MB that way (bench/soak.py). Here the collector is off: whatever is left is in a cycle."""
+    import gc
+
+    srv = RunningServer(FakeRuntime("fixed"), max_score_chars=100)
+    channel, client = stub(srv.address)
+
+    def status(method: Any, request: Any) -> tuple[grpc.StatusCode, str]:
+        try:
+            method(request, timeout=10)
+        except grpc.RpcError as exc:  # its traceback holds the client's request: nothing of it may stay
+            return exc.code(), exc.details() or ""
+        raise AssertionError("the call was not refused")
+
+    gc.collect()
+    gc.disable()
+    try:
+        for text in ("x" * 101, "y" * 102, "z" * 103):
+            code, details = status(client.Score, pb.ScoreRequest(text=text))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "--max-score-chars" in details
+        code, _ = status(client.Feed, pb.FeedRequest(session_id="nope", text="hello"))
+        assert code == grpc.StatusCode.NOT_FOUND
+        time.sleep(0.2)  # the server's handlers have returned
+        left = [o for o in gc.get_objects() if isinstance(o, pb.ScoreRequest | pb.FeedRequest)]
+        assert left == []
+    finally:
+        gc.enable()
+        channel.close()
+        srv.stop()
+
+
+def test_the_server_does_not_grow_receive_windows_by_bdp_probing() -> None:
+    # With BDP probing, calls that wait for admission (or will be refused) still receive most of their message.
+    assert dict(server_options(ServerConfig()))["grpc.http2.bdp_probe"] == 0
