@@ -19,6 +19,7 @@ import asyncio
 import math
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -147,7 +148,11 @@ class Generation:
         self.generated = 0
         self.last: float | None = None  # when the previous message was cut
         self.done = False  # the stream has nothing more to send but its finish
-        self._message: tuple[np.ndarray, int, int] | None = None  # state, last token, tokens of the message out
+        self.last_cut = False  # the message that ends the stream (stop string, max_tokens) has been cut
+        self.in_flight_tokens = 0
+        # the messages cut and not yet delivered, oldest first: (state, last token, tokens); one at a time from
+        # generate(), a few in flight from an engine shard
+        self._out: deque[tuple[np.ndarray, int, int]] = deque()
         assert s.pending is not None  # checked by the caller (SessionEmpty)
         self.stream = core.engine.open_stream(s.state, s.pending, sampler, max_tokens, p.logprobs)
 
@@ -161,8 +166,9 @@ class Generation:
     def cut(self, items: list[Any]) -> TokenEvent:
         """The next message from the computed ``items`` (token, state, logprob) (at least one)."""
         chars = self.core._chars
-        if len(items) > self.max_tokens - self.generated:
-            items = items[:self.max_tokens - self.generated]
+        left = self.max_tokens - self.generated - self.in_flight_tokens
+        if len(items) > left:
+            items = items[:left]
         if self.keep:
             for i, (token, _, _) in enumerate(items):
                 self.tail = (self.tail + chars[token])[-self.keep:]
@@ -186,19 +192,27 @@ class Generation:
         for _ in range(n - 1):  # tokens that travel in one message arrive together
             m.inter_token_latency.observe(0.0)
         self.last = now
-        self._message = (state, token, n)
+        self._out.append((state, token, n))
+        self.in_flight_tokens += n
+        if self.reason == FinishReason.STOP or self.generated + self.in_flight_tokens >= self.max_tokens:
+            self.last_cut = True
         return event
 
+    @property
+    def in_flight(self) -> int:
+        """Messages cut and not yet delivered."""
+        return len(self._out)
+
     def delivered(self) -> None:
-        """The message from the last :meth:`cut` was handed to gRPC: the session moves past its tokens."""
-        assert self._message is not None
-        state, token, n = self._message
-        self._message = None
+        """The oldest message :meth:`cut` and not yet delivered was handed to gRPC: the session moves past its
+        tokens."""
+        state, token, n = self._out.popleft()
+        self.in_flight_tokens -= n
         self.session.commit(state, token, n)
         self.stream.delivered(n)
         self.generated += n
         self.core.metrics.generated_tokens.inc(n)
-        if self.reason == FinishReason.STOP or self.generated >= self.max_tokens:
+        if self.last_cut and not self._out:
             self.done = True
 
     def finish(self) -> FinishEvent:

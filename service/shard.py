@@ -32,6 +32,7 @@ from .core import FinishEvent, GenerateParams, TextgenCore, TokenEvent, message_
 from .errors import ServiceError, StreamStalled
 from .memory import IDLE_TRIM_BYTES, release_free_memory, resident_bytes
 from .sampling import SamplingParams
+from .scheduler import FEW_STREAMS
 
 log = logging.getLogger("textgen.shard")
 
@@ -234,19 +235,25 @@ class ShardServer:
         self.ctx.term()
 
 
+# Messages of one stream with its front end at once (each committed when acknowledged, in order) while fewer
+# than FEW_STREAMS streams run: a lone stream's next message need not wait for the round trip of the last one.
+# With more streams one at a time: their messages then carry more tokens each, and fewer messages cost less.
+IN_FLIGHT = 2
+
+
 class _Relay:
     """Moves one stream's messages between the engine and its front end without a coroutine per message.
 
-    The engine calls :meth:`pump` on the loop after each round that brought this stream tokens; when no message
-    is out, the tokens computed so far become the next message (:meth:`Generation.cut`) and go into this turn's
-    batch for the front end. The front end's ``ack`` commits it (:meth:`Generation.delivered`) and sends what
-    was computed meanwhile at once; ``stall`` commits it and ends the stream quietly (the front end ends the
-    call); ``cancel`` ends it, the session after the last acknowledged message.
+    The engine calls :meth:`pump` on the loop after each round that brought this stream tokens; while fewer
+    than :data:`IN_FLIGHT` messages are out, the tokens computed so far become the next message
+    (:meth:`Generation.cut`) and go into this turn's batch for the front end. Each ``ack`` commits the oldest
+    message out (:meth:`Generation.delivered`), in order; ``stall`` commits it and ends the stream quietly
+    (the front end ends the call); ``cancel`` ends it, the session after the last acknowledged message. The
+    finish goes only once every message out was acknowledged.
     """
 
     def __init__(self, server: ShardServer, peer: bytes, call: int, gen: Any):
         self.server, self.peer, self.call, self.gen = server, peer, call, gen
-        self.out = False  # a message is with the front end, not yet acknowledged
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.interval = server.core.config.stream_interval_ms / 1000.0
         self._timer: asyncio.TimerHandle | None = None
@@ -254,12 +261,15 @@ class _Relay:
         self.pump()  # tokens may be there already
 
     def pump(self) -> None:
-        if self.out or self.finished.done() or self._timer is not None:
-            return
         gen = self.gen
+        if self.finished.done() or self._timer is not None:
+            return
         try:
             if gen.done or gen.stopped():
-                self._end(gen.finish())
+                if not gen.in_flight:  # the finish goes after the acknowledgements of what is out
+                    self._end(gen.finish())
+                return
+            if gen.last_cut or gen.in_flight >= (IN_FLIGHT if self.server.core.streams < FEW_STREAMS else 1):
                 return
             items = gen.stream.take()
         except Exception as exc:  # the engine failed this stream (decode step error)
@@ -270,7 +280,6 @@ class _Relay:
         event = gen.cut(items)
         lps = list(event.logprobs) if event.logprobs is not None else None
         self.server._send(self.peer, [self.call, ipc.TOK, [event.text, list(event.token_ids), lps]])
-        self.out = True
 
     def control(self, kind: str, body: Any) -> None:
         if self.finished.done():
@@ -278,14 +287,13 @@ class _Relay:
         if kind == ipc.CANCEL:
             self.finished.set_result(None)
             return
-        if not self.out:
+        if not self.gen.in_flight:
             return
-        self.out = False
-        self.gen.delivered()  # ack or stall: gRPC was given the message
+        self.gen.delivered()  # ack or stall: gRPC was given the oldest message out
         if kind == ipc.STALL:
             self.finished.set_result(None)
             return
-        if self.gen.done:
+        if self.gen.done or (self.gen.stopped() and not self.gen.in_flight):
             self._end(self.gen.finish())
         elif self.interval and self.gen.last is not None:  # --stream-interval-ms
             gap = message_gap(self.interval, self.server.core.streams)
