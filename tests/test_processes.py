@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -44,6 +45,10 @@ class Server:
              "--port", "0", "--metrics-port", "0", "--log-level", "info", "--grace-seconds", "5", *flags],
             stdout=subprocess.PIPE, stderr=self.err, text=True)
         assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 90)
+        if not ready:
+            self.proc.kill()
+            raise AssertionError(f"no announce line in 90 s\n{self.log_path.read_text()[-3000:]}")
         line = self.proc.stdout.readline()
         m = re.search(r"listening on 127\.0\.0\.1:(\d+), metrics (\S+)", line)
         assert m, f"no announce line: {line!r}\n{self.log_path.read_text()[-3000:]}"
@@ -57,7 +62,7 @@ class Server:
         self.proc.send_signal(signal.SIGTERM)
 
     def client(self) -> TextgenClient:
-        c = TextgenClient(self.address)
+        c = TextgenClient(self.address, timeout=60)  # a call that hangs fails the test instead of blocking it
         self.clients.append(c)
         return c
 
