@@ -219,7 +219,32 @@ class Generation:
         return FinishEvent(self.reason, self.prompt_tokens, self.generated, self.session.tokens, self.seed)
 
 
-class TextgenCore:
+class CallGate:
+    """What the admission interceptor and every call ask of a core, in one process or a front end: the count of
+    CreateSession, Feed and Score calls (``--max-concurrent-calls``) and whether the server still takes work."""
+
+    config: ServerConfig
+    stopping: bool
+    calls: int = 0
+
+    def _check_open(self) -> None:
+        if self.stopping:
+            raise ShuttingDown("the server is shutting down")
+
+    def enter_call(self) -> None:
+        """Admission of a CreateSession, Feed or Score call, counted from before its request is read (by
+        :class:`~textgen.service.admission.AdmissionInterceptor`) until it ends: beyond --max-concurrent-calls
+        it is refused at once with RESOURCE_EXHAUSTED, so a flood of large requests is neither read nor queued."""
+        if self.calls >= self.config.max_concurrent_calls:
+            raise LimitExceeded(f"{self.calls} CreateSession/Feed/Score calls are running, the server's limit "
+                                "(--max-concurrent-calls); retry later", exhausted=True)
+        self.calls += 1
+
+    def leave_call(self) -> None:
+        self.calls -= 1
+
+
+class TextgenCore(CallGate):
     def __init__(self, runtime: ModelRuntime, engine: Engine, config: ServerConfig, store: SessionStore,
                  metrics: Metrics):
         self.runtime = runtime
@@ -263,22 +288,6 @@ class TextgenCore:
             raise LimitExceeded(f"ttl {ttl:g} s exceeds the server's maximum of "
                                 f"{self.config.max_session_ttl:g} s (--max-session-ttl)")
         return ttl
-
-    def _check_open(self) -> None:
-        if self.stopping:
-            raise ShuttingDown("the server is shutting down")
-
-    def enter_call(self) -> None:
-        """Admission of a CreateSession, Feed or Score call, counted from before its request is read (by
-        :class:`~textgen.service.admission.AdmissionInterceptor`) until it ends: beyond --max-concurrent-calls
-        it is refused at once with RESOURCE_EXHAUSTED, so a flood of large requests is neither read nor queued."""
-        if self.calls >= self.config.max_concurrent_calls:
-            raise LimitExceeded(f"{self.calls} CreateSession/Feed/Score calls are running, the server's limit "
-                                "(--max-concurrent-calls); retry later", exhausted=True)
-        self.calls += 1
-
-    def leave_call(self) -> None:
-        self.calls -= 1
 
     @contextmanager
     def _admit(self, text: str) -> Iterator[None]:

@@ -21,8 +21,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from . import ipc
 from .config import ServerConfig
-from .core import FeedResult, FinishEvent, GenerateParams, ScoreResult, TokenEvent
-from .errors import LimitExceeded, MessageGiven, SessionNotFound, ShuttingDown, StreamStalled
+from .core import CallGate, FeedResult, FinishEvent, GenerateParams, ScoreResult, TokenEvent
+from .errors import MessageGiven, SessionNotFound, ShuttingDown, StreamStalled
 from .metrics import Metrics
 from .sessions import SessionInfo, short_id
 
@@ -50,7 +50,7 @@ class _Link:
         self.out: list[ipc.Record] = []
 
 
-class RemoteCore:
+class RemoteCore(CallGate):
     def __init__(self, config: ServerConfig, addresses: list[str], metrics: Metrics,
                  on_health: Callable[[bool], None] | None = None):
         self.config = config
@@ -191,20 +191,7 @@ class RemoteCore:
             raise ipc.RemoteError(*body)
         return body
 
-    # -- what the servicer and the admission interceptor call
-    def enter_call(self) -> None:
-        if self.calls >= self.config.max_concurrent_calls:
-            raise LimitExceeded(f"{self.calls} CreateSession/Feed/Score calls are running in this front end, the "
-                                "server's limit (--max-concurrent-calls); retry later", exhausted=True)
-        self.calls += 1
-
-    def leave_call(self) -> None:
-        self.calls -= 1
-
-    def _check_open(self) -> None:
-        if self.stopping:
-            raise ShuttingDown("the server is shutting down")
-
+    # -- what the servicer calls (admission: CallGate; --max-concurrent-calls counts per front end)
     async def create_session(self, prompt: str = "", ttl: float | None = None) -> tuple[SessionInfo, FeedResult]:
         self._check_open()
         info, fed = await self._call(self._next_link(), "create", prompt, ttl)
