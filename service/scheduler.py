@@ -64,7 +64,7 @@ log = logging.getLogger("textgen.scheduler")
 PREFILL_CHUNK = 256
 MAX_BATCH = 256
 WINDOW = 4
-FEW_STREAMS = 8  # below this many streams the window is at most WINDOW (see _main)
+FEW_STREAMS = 8  # below this many streams the window is at most few_window (WINDOW; see _main)
 SWITCH_INTERVAL = 0.001  # seconds; see the module's docstring
 PREFILL_BUDGET = 0.010  # seconds a prompt chunk should take while streams are decoding
 # Tokens of one batched prompt call at most (Feed jobs x chunk length). onnxruntime's working memory grows with
@@ -162,7 +162,7 @@ class _Job:
 class BatchingEngine:
     def __init__(self, runtime: ModelRuntime, *, metrics: Any = None, max_batch: int = MAX_BATCH,
                  prefill_chunk: int = PREFILL_CHUNK, window: int = WINDOW, score_block: int = SCORE_CHUNK,
-                 prefill_tokens: int = PREFILL_TOKENS,
+                 prefill_tokens: int = PREFILL_TOKENS, few_window: int = WINDOW,
                  step_delay: float = 0.0):
         if max_batch < 1 or prefill_chunk < 2 or window < 1:
             raise ValueError("max_batch >= 1, prefill_chunk >= 2 and window >= 1 are required")
@@ -173,6 +173,7 @@ class BatchingEngine:
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.window = window
+        self.few_window = few_window  # the window while fewer than FEW_STREAMS streams run (at most ``window``)
         self.score_block = score_block
         self.step_delay = step_delay  # tests: every step and chunk takes at least this long
         self.steps = 0  # decode steps and prompt chunks run (tests)
@@ -337,7 +338,7 @@ class BatchingEngine:
             keep: list[_Stream] = []
             # A wide window only pays when many streams share the steps (their messages carry more tokens);
             # a few streams computing far ahead would only keep the GIL from the loop that sends their tokens.
-            window = self.window if len(active) >= FEW_STREAMS else min(self.window, WINDOW)
+            window = self.window if len(active) >= FEW_STREAMS else min(self.window, self.few_window)
             for s in active:
                 if s.closed or s.produced >= s.max_tokens or s.error is not None:
                     continue

@@ -214,7 +214,7 @@ def test_a_long_prompt_is_cut_into_chunks_with_decode_steps_between_them(rt: Any
 
     async def go() -> tuple[np.ndarray, str]:
         # A window this wide keeps the stream ready in every round, whatever the consumer's pace.
-        engine = BatchingEngine(rec, prefill_chunk=16, window=100_000)
+        engine = BatchingEngine(rec, prefill_chunk=16, window=100_000, few_window=100_000)
         try:
             state, pending = await engine.feed(None, None, rt.encode(PROMPTS[1]))
             stream = engine.open_stream(state, pending, sampler(), 10_000, False)
