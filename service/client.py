@@ -163,6 +163,23 @@ class TextgenClient:
     def delete_session(self, session_id: str, *, timeout: float | None = None) -> None:
         self._call("DeleteSession", pb.DeleteSessionRequest(session_id=session_id), timeout)
 
+    def fork_session(self, session_id: str, ttl: float | None = None, *,
+                     timeout: float | None = None) -> pb.Session:
+        request = pb.ForkSessionRequest(session_id=session_id)
+        if ttl is not None:
+            request.ttl.FromNanoseconds(int(ttl * 1e9))
+        return self._call("ForkSession", request, timeout)
+
+    def export_session(self, session_id: str, *, timeout: float | None = None) -> bytes:
+        return bytes(self._call("ExportSession", pb.ExportSessionRequest(session_id=session_id), timeout).blob)
+
+    def import_session(self, blob: bytes, ttl: float | None = None, *,
+                       timeout: float | None = None) -> pb.Session:
+        request = pb.ImportSessionRequest(blob=blob)
+        if ttl is not None:
+            request.ttl.FromNanoseconds(int(ttl * 1e9))
+        return self._call("ImportSession", request, timeout)
+
     # -- generation
     def generate(self, prompt: str = "", *, session_id: str = "", max_tokens: int = 0, temperature: float = 0.0,
                  top_k: int = 0, top_p: float | None = None, seed: int | None = None, stop: Iterable[str] = (),

@@ -30,6 +30,7 @@ class ServerConfig:
     max_sessions: int = 1024
     session_ttl: float = 600.0
     max_session_ttl: float = 86400.0
+    session_key: str | None = None
     eviction: str = "lru"
     max_prompt_chars: int = 100_000
     max_score_chars: int = 1_000_000
@@ -167,6 +168,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_sessions", "Sessions kept at most; when full see --eviction."),
     Setting("session_ttl", "Seconds an idle session lives (default for CreateSession without ttl)."),
     Setting("max_session_ttl", "Largest ttl a client may ask for, in seconds."),
+    Setting("session_key", "Secret that signs ExportSession blobs; ImportSession accepts only blobs signed with it "
+                           "(and made for the same model). Servers that share it accept each other's blobs. Unset: "
+                           "a random key per server start (prefer the variable: arguments show in the process "
+                           "list)."),
     Setting("eviction", "At the session cap: lru = evict the least recently used idle session, "
                         "reject = RESOURCE_EXHAUSTED.", EVICTION_POLICIES),
     Setting("max_prompt_chars", "Characters per prompt / Feed text / Generate prompt."),

@@ -33,6 +33,7 @@ from .errors import InvalidRequest, LimitExceeded, MessageGiven, SessionEmpty, S
 from .memory import LARGE_TEXT
 from .metrics import Metrics
 from .sampling import RowSampler, SamplingParams
+from .session_blob import SessionBlob, model_fingerprint, session_key
 from .sessions import Session, SessionInfo, SessionStore
 
 if TYPE_CHECKING:
@@ -259,6 +260,8 @@ class TextgenCore(CallGate):
         self.trim_pending = False  # a large text has come and gone: the server's sweep trims malloc's arenas
         self.stopping = False  # set during shutdown: running streams finish with CANCELLED
         self._chars = [runtime.decode([i]) for i in range(runtime.vocab_size)]  # token id -> its text
+        self.fingerprint = model_fingerprint(runtime.manifest.to_public_dict())  # in exported session blobs
+        self.session_key = session_key(config.session_key)
 
     # -- validation
     async def _text(self, text: str, what: str, limit: int, flag: str, *, allow_empty: bool = False) -> Encoded:
@@ -346,6 +349,30 @@ class TextgenCore(CallGate):
             with self.store.acquire(session_id) as s:
                 await self._feed(s, enc.ids)
                 return FeedResult(len(enc.ids), enc.unknown_chars, s.tokens, enc.unknown_count)
+
+    # -- moving sessions: fork, export, import (O(state), whatever the history's length)
+    def _new_session(self, ttl: float | None, state: np.ndarray | None, pending: int | None, tokens: int) -> Session:
+        s = self.store.create(self._ttl(ttl))
+        if state is not None and pending is not None:
+            s.commit(state.copy(), pending, tokens)
+        return s
+
+    async def fork_session(self, session_id: str, ttl: float | None = None) -> SessionInfo:
+        self._check_open()
+        self._ttl(ttl)  # a bad ttl is refused before anything happens
+        with self.store.acquire(session_id) as src:  # busy: FAILED_PRECONDITION, as for any call
+            s = self._new_session(ttl, src.state, src.pending, src.tokens)
+        return self.store.info(s)
+
+    async def export_session(self, session_id: str) -> bytes:
+        with self.store.acquire(session_id) as s:
+            return SessionBlob(s.state, s.pending, s.tokens).pack(self.fingerprint, self.session_key)
+
+    async def import_session(self, blob: bytes, ttl: float | None = None) -> SessionInfo:
+        self._check_open()
+        self._ttl(ttl)
+        b = SessionBlob.unpack(blob, self.fingerprint, self.session_key, self.runtime.state_size)
+        return self.store.info(self._new_session(ttl, b.state, b.pending, b.tokens))
 
     async def get_session(self, session_id: str) -> SessionInfo:
         return self.store.info(self.store.get(session_id))

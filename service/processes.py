@@ -23,6 +23,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -143,8 +144,11 @@ class Processes:
 
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)  # inherited by the spawned children
         self._reserve_port()
+        # one --session-key for every shard (a random one unless given), so that any shard imports any blob
+        shard_config = self.config if self.config.session_key else self.config.replace(
+            session_key=secrets.token_hex(32))
         for k, address in enumerate(self.addresses):
-            self._spawn("shard", k, shard_main, self.config, k, address)
+            self._spawn("shard", k, shard_main, shard_config, k, address)
         fe_config = self.config.replace(port=self.port, metrics_port=-1)
         for i in range(self.config.workers):
             self._spawn("front end", i, frontend_main, fe_config, i, self.addresses)

@@ -212,6 +212,18 @@ class RemoteCore(CallGate):
     async def delete_session(self, session_id: str) -> None:
         await self._call(self._link_of(session_id), "delete", session_id)
 
+    async def fork_session(self, session_id: str, ttl: float | None = None) -> SessionInfo:
+        self._check_open()
+        return SessionInfo(**await self._call(self._link_of(session_id), "fork", session_id, ttl))
+
+    async def export_session(self, session_id: str) -> bytes:
+        return bytes(await self._call(self._link_of(session_id), "export", session_id))
+
+    async def import_session(self, blob: bytes, ttl: float | None = None) -> SessionInfo:
+        """Into the next shard in turn: the shards share the parent's --session-key and the model."""
+        self._check_open()
+        return SessionInfo(**await self._call(self._next_link(), "import", blob, ttl))
+
     def model_info(self) -> dict[str, Any]:
         return dict(self.info)
 

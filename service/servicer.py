@@ -261,6 +261,30 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
 
         return await self._call("Score", context, request.session_id, work)
 
+    async def ForkSession(self, request: pb.ForkSessionRequest, context: Any) -> pb.Session:
+        async def work(fields: dict[str, Any]) -> pb.Session:
+            ttl = request.ttl.ToNanoseconds() / 1e9 if request.HasField("ttl") else None
+            info = await self.core.fork_session(request.session_id, ttl)
+            fields["new_session"] = short_id(info.session_id)
+            return session_message(info)
+
+        return await self._call("ForkSession", context, request.session_id, work)
+
+    async def ExportSession(self, request: pb.ExportSessionRequest, context: Any) -> pb.ExportSessionResponse:
+        async def work(fields: dict[str, Any]) -> pb.ExportSessionResponse:
+            return pb.ExportSessionResponse(blob=await self.core.export_session(request.session_id))
+
+        return await self._call("ExportSession", context, request.session_id, work)
+
+    async def ImportSession(self, request: pb.ImportSessionRequest, context: Any) -> pb.Session:
+        async def work(fields: dict[str, Any]) -> pb.Session:
+            ttl = request.ttl.ToNanoseconds() / 1e9 if request.HasField("ttl") else None
+            info = await self.core.import_session(request.blob, ttl)
+            fields["new_session"] = short_id(info.session_id)
+            return session_message(info)
+
+        return await self._call("ImportSession", context, "", work)
+
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Any) -> pb.ModelInfo:
         async def work(fields: dict[str, Any]) -> pb.ModelInfo:
             return model_info_message(self.core.model_info())

@@ -156,6 +156,12 @@ class ShardServer:
             return None
         if method == "info":
             return core.model_info()
+        if method == "fork":
+            return asdict(await core.fork_session(*args))
+        if method == "export":
+            return await core.export_session(*args)
+        if method == "import":
+            return asdict(await core.import_session(*args))
         raise ValueError(f"unknown method {method!r}")
 
     async def _generate(self, peer: bytes, call: int, body: dict[str, Any],

@@ -311,3 +311,16 @@ def test_a_stalled_reader_ends_with_deadline_exceeded_and_its_session_is_the_tex
     finally:
         channel.close()
         assert srv.stop() == 0
+
+
+def test_fork_export_and_import_across_shards(server: Server, rt: Any) -> None:
+    c = server.client()
+    sid = c.create_session(PROMPT).session.session_id
+    fork = c.fork_session(sid).session_id
+    assert fork.split(".")[0] == sid.split(".")[0]  # a fork lives beside its source
+    blob = c.export_session(sid)
+    moved = [c.import_session(blob).session_id for _ in range(2)]  # the shards in turn: both of them
+    assert {m.split(".")[0] for m in moved} == {"0", "1"}
+    want = reference_greedy(rt, PROMPT, 20)
+    for s in (sid, fork, *moved):
+        assert c.generate_text(session_id=s, max_tokens=20).text == want

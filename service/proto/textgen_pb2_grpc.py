@@ -70,6 +70,21 @@ class TextgenServiceStub:
                 request_serializer=textgen_dot_v1_dot_textgen__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=textgen_dot_v1_dot_textgen__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ForkSession = channel.unary_unary(
+                '/textgen.v1.TextgenService/ForkSession',
+                request_serializer=textgen_dot_v1_dot_textgen__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=textgen_dot_v1_dot_textgen__pb2.Session.FromString,
+                _registered_method=True)
+        self.ExportSession = channel.unary_unary(
+                '/textgen.v1.TextgenService/ExportSession',
+                request_serializer=textgen_dot_v1_dot_textgen__pb2.ExportSessionRequest.SerializeToString,
+                response_deserializer=textgen_dot_v1_dot_textgen__pb2.ExportSessionResponse.FromString,
+                _registered_method=True)
+        self.ImportSession = channel.unary_unary(
+                '/textgen.v1.TextgenService/ImportSession',
+                request_serializer=textgen_dot_v1_dot_textgen__pb2.ImportSessionRequest.SerializeToString,
+                response_deserializer=textgen_dot_v1_dot_textgen__pb2.Session.FromString,
+                _registered_method=True)
 
 
 class TextgenServiceServicer:
@@ -127,6 +142,29 @@ class TextgenServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForkSession(self, request, context):
+        """A new session with the same state, pending token and token count as `session_id`: a branch of the
+        conversation, for the cost of one state copy whatever its length. The source must not be busy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportSession(self, request, context):
+        """The session as an opaque, versioned blob (its state, pending token and token count, the model's
+        fingerprint, signed with the server's --session-key). The session must not be busy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSession(self, request, context):
+        """A new session from an ExportSession blob made by a server with the same model and --session-key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TextgenServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +202,21 @@ def add_TextgenServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=textgen_dot_v1_dot_textgen__pb2.GetModelInfoRequest.FromString,
                     response_serializer=textgen_dot_v1_dot_textgen__pb2.ModelInfo.SerializeToString,
+            ),
+            'ForkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSession,
+                    request_deserializer=textgen_dot_v1_dot_textgen__pb2.ForkSessionRequest.FromString,
+                    response_serializer=textgen_dot_v1_dot_textgen__pb2.Session.SerializeToString,
+            ),
+            'ExportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportSession,
+                    request_deserializer=textgen_dot_v1_dot_textgen__pb2.ExportSessionRequest.FromString,
+                    response_serializer=textgen_dot_v1_dot_textgen__pb2.ExportSessionResponse.SerializeToString,
+            ),
+            'ImportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportSession,
+                    request_deserializer=textgen_dot_v1_dot_textgen__pb2.ImportSessionRequest.FromString,
+                    response_serializer=textgen_dot_v1_dot_textgen__pb2.Session.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -356,6 +409,87 @@ class TextgenService:
             '/textgen.v1.TextgenService/GetModelInfo',
             textgen_dot_v1_dot_textgen__pb2.GetModelInfoRequest.SerializeToString,
             textgen_dot_v1_dot_textgen__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/textgen.v1.TextgenService/ForkSession',
+            textgen_dot_v1_dot_textgen__pb2.ForkSessionRequest.SerializeToString,
+            textgen_dot_v1_dot_textgen__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/textgen.v1.TextgenService/ExportSession',
+            textgen_dot_v1_dot_textgen__pb2.ExportSessionRequest.SerializeToString,
+            textgen_dot_v1_dot_textgen__pb2.ExportSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/textgen.v1.TextgenService/ImportSession',
+            textgen_dot_v1_dot_textgen__pb2.ImportSessionRequest.SerializeToString,
+            textgen_dot_v1_dot_textgen__pb2.Session.FromString,
             options,
             channel_credentials,
             insecure,
