@@ -55,6 +55,11 @@ def _duration(seconds: float) -> Any:
     return d
 
 
+def _ttl(request: Any) -> float | None:
+    """A request's optional ``ttl`` (a Duration) in seconds; None when unset (the server's default)."""
+    return request.ttl.ToNanoseconds() / 1e9 if request.HasField("ttl") else None
+
+
 def session_message(info: SessionInfo) -> pb.Session:
     return pb.Session(session_id=info.session_id, token_count=info.token_count,
                       create_time=_timestamp(info.create_time), last_used_time=_timestamp(info.last_used_time),
@@ -159,7 +164,7 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
     # -- RPCs
     async def CreateSession(self, request: pb.CreateSessionRequest, context: Any) -> pb.CreateSessionResponse:
         async def work(fields: dict[str, Any]) -> pb.CreateSessionResponse:
-            ttl = request.ttl.ToNanoseconds() / 1e9 if request.HasField("ttl") else None
+            ttl = _ttl(request)
             info, fed = await self.core.create_session(request.prompt, ttl)
             fields.update(new_session=short_id(info.session_id), prompt_tokens=fed.tokens_consumed)
             return pb.CreateSessionResponse(session=session_message(info), prompt_tokens=fed.tokens_consumed,
@@ -263,7 +268,7 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
 
     async def ForkSession(self, request: pb.ForkSessionRequest, context: Any) -> pb.Session:
         async def work(fields: dict[str, Any]) -> pb.Session:
-            ttl = request.ttl.ToNanoseconds() / 1e9 if request.HasField("ttl") else None
+            ttl = _ttl(request)
             info = await self.core.fork_session(request.session_id, ttl)
             fields["new_session"] = short_id(info.session_id)
             return session_message(info)
@@ -278,7 +283,7 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
 
     async def ImportSession(self, request: pb.ImportSessionRequest, context: Any) -> pb.Session:
         async def work(fields: dict[str, Any]) -> pb.Session:
-            ttl = request.ttl.ToNanoseconds() / 1e9 if request.HasField("ttl") else None
+            ttl = _ttl(request)
             info = await self.core.import_session(request.blob, ttl)
             fields["new_session"] = short_id(info.session_id)
             return session_message(info)
