@@ -221,7 +221,9 @@ def serve(**options: Any) -> None:
     import asyncio
 
     from textgen.service.config import ServerConfig
+    from textgen.service.memory import limit_malloc_arenas
 
+    limit_malloc_arenas()  # before any thread of the server starts
     config = ServerConfig(**options)
     if config.workers > 1 or config.shards > 1:
         from textgen.service.processes import serve_processes as run

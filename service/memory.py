@@ -42,6 +42,30 @@ def release_free_memory() -> bool:
     return True
 
 
+MALLOC_ARENAS = 2  # glibc malloc arenas a server process uses (see limit_malloc_arenas)
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number for the arena count
+
+
+def limit_malloc_arenas(n: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas at ``n`` (``mallopt(M_ARENA_MAX)``; what ``MALLOC_ARENA_MAX`` does), unless the
+    environment already sets it. By default every thread that allocates may get an arena of its own, and each
+    keeps its high-water mark: the encode threads, gRPC's threads and the scheduler's left the soak's RSS
+    growing from round 1 to 2 and ending 74 MB above its start; with 2 arenas it ended 32 MB above, with no
+    growth (bench/soak.py --rounds 3, docs/serving-performance.md). Call it before the server's threads start.
+    False where unavailable (not glibc)."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return False
+    if mallopt is None:  # pragma: no cover
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_ARENA_MAX, n))
+
+
 def resident_bytes() -> int | None:
     """The process's resident set size in bytes (Linux's /proc/self/statm); None where it cannot be read."""
     try:

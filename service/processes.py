@@ -37,6 +37,7 @@ from typing import Any
 from . import logs
 from .config import ServerConfig
 from .errors import InputError
+from .memory import limit_malloc_arenas
 from .metrics import model_labels
 
 log = logging.getLogger("textgen.server")
@@ -49,6 +50,7 @@ RESTART_WINDOW = 60.0
 def frontend_main(config: ServerConfig, index: int, addresses: list[str], ready: Any) -> None:
     """A front end's entry point: a gRPC server whose core forwards to the shards."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    limit_malloc_arenas()
     logs.configure(config.log_level, config.log_format, frontend=index)
     asyncio.run(_run_frontend(config, index, addresses, ready))
 

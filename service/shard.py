@@ -30,7 +30,7 @@ from . import ipc, logs
 from .config import ServerConfig
 from .core import FinishEvent, GenerateParams, TextgenCore, TokenEvent, message_gap
 from .errors import ServiceError, StreamStalled
-from .memory import IDLE_TRIM_BYTES, release_free_memory, resident_bytes
+from .memory import IDLE_TRIM_BYTES, limit_malloc_arenas, release_free_memory, resident_bytes
 from .sampling import SamplingParams
 from .scheduler import FEW_STREAMS
 
@@ -350,6 +350,7 @@ async def watch_parent(on_gone: Callable[[], None], every: float = 1.0) -> None:
 def shard_main(config: ServerConfig, index: int, address: str, ready: Any) -> None:
     """A shard process's entry point (spawned by :mod:`textgen.service.processes`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C and tells us when to stop
+    limit_malloc_arenas()
     logs.configure(config.log_level, config.log_format, shard=index)
     asyncio.run(_run_shard(config, index, address, ready))
 

@@ -274,3 +274,17 @@ def test_a_refused_call_frees_its_request_at_once() -> None:
 def test_the_server_does_not_grow_receive_windows_by_bdp_probing() -> None:
     # With BDP probing, calls that wait for admission (or will be refused) still receive most of their message.
     assert dict(server_options(ServerConfig()))["grpc.http2.bdp_probe"] == 0
+
+
+def test_malloc_arenas_are_capped_unless_the_environment_says_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes.util
+
+    from textgen.service import memory
+
+    glibc = ctypes.util.find_library("c") is not None and hasattr(ctypes.CDLL(None), "mallopt")
+    if not glibc:
+        pytest.skip("not glibc: there is no arena count to cap")
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert memory.limit_malloc_arenas() is True  # mallopt(M_ARENA_MAX, 2) accepted
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    assert memory.limit_malloc_arenas() is False  # an operator's own setting wins
