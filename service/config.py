@@ -94,6 +94,8 @@ class ServerConfig:
         need(self.stream_window >= 1, "--stream-window must be >= 1")
         need(1 <= self.workers <= 64, "--workers must be in [1, 64]")
         need(1 <= self.shards <= 16, "--shards must be in [1, 16]")
+        need(self.batching == "on" or (self.workers == 1 and self.shards == 1),
+             "--batching off runs in one process: it needs --workers 1 --shards 1")
         need(0 <= self.stream_interval_ms <= 1000, "--stream-interval-ms must be in [0, 1000]")
         need(self.stream_stall_timeout >= 0, "--stream-stall-timeout must be >= 0 seconds (0 = off)")
         need(self.max_streams_per_connection >= 0, "--max-streams-per-connection must be >= 0 (0 = no cap)")

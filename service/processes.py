@@ -39,6 +39,7 @@ from .config import ServerConfig
 from .errors import InputError
 from .memory import limit_malloc_arenas
 from .metrics import model_labels
+from .remote import shard_deaths_file
 
 log = logging.getLogger("textgen.server")
 
@@ -56,6 +57,7 @@ def frontend_main(config: ServerConfig, index: int, addresses: list[str], ready:
 
 
 async def _run_frontend(config: ServerConfig, index: int, addresses: list[str], ready: Any) -> None:
+    from .remote import RemoteCore
     from .server import TextgenServer
 
     server = TextgenServer(config, shard_addresses=addresses)
@@ -69,6 +71,13 @@ async def _run_frontend(config: ServerConfig, index: int, addresses: list[str], 
 
     loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)
+    # the parent's word that a shard died (and was started again): see RemoteCore.check_shards
+    def on_shard_death() -> None:
+        core = getattr(server, "core", None)
+        if isinstance(core, RemoteCore):  # (not yet made while the front end starts)
+            core.check_shards()
+
+    loop.add_signal_handler(signal.SIGUSR1, on_shard_death)
     from .shard import watch_parent
 
     orphaned = asyncio.create_task(watch_parent(stop.set))
@@ -206,6 +215,13 @@ class Processes:
             child.deaths = [t for t in child.deaths if now - t < RESTART_WINDOW] + [now]
             log.error("%s process %d died (exit %s); starting it again", child.kind, child.index, code,
                       extra={"fields": {"pid": pid}})
+            if child.kind == "shard":  # the front ends fail the calls that waited on it (RemoteCore.check_shards)
+                deaths = shard_deaths_file(self.addresses[child.index])
+                count = int(deaths.read_text()) if deaths.exists() else 0
+                tmp = deaths.with_suffix(".tmp")
+                tmp.write_text(str(count + 1))
+                tmp.replace(deaths)
+                self.signal_all("front end", signal.SIGUSR1)
             if len(child.deaths) >= RESTARTS:
                 raise InputError(f"the {child.kind} process {child.index} died {RESTARTS} times in "
                                  f"{RESTART_WINDOW:g} s")

@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import logging
 from collections.abc import AsyncGenerator, Callable
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -27,6 +28,18 @@ from .metrics import Metrics
 from .sessions import SessionInfo, short_id
 
 log = logging.getLogger("textgen.frontend")
+
+
+def shard_deaths_file(address: str) -> Path:
+    """Beside a shard's ``ipc://`` socket: how many times its process died, written by the parent."""
+    return Path(address.removeprefix("ipc://")).with_suffix(".deaths")
+
+
+def _deaths(address: str) -> int:
+    try:
+        return int(shard_deaths_file(address).read_text())
+    except (OSError, ValueError):
+        return 0
 
 
 class ShardGone(ShuttingDown):
@@ -46,6 +59,7 @@ class _Link:
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self.sock.connect(address)
         self.up = False
+        self.deaths = _deaths(address)  # the parent's count of this shard's deaths, as last read
         self.calls: set[int] = set()  # calls waiting on this shard
         self.out: list[ipc.Record] = []
 
@@ -143,6 +157,16 @@ class RemoteCore(CallGate):
                 self._fail(link)
             if self.on_health is not None and self.healthy != was:
                 self.on_health(self.healthy)
+
+    def check_shards(self) -> None:
+        """The parent signalled that a shard died: fail the calls that waited on it. This does not rest on the
+        socket's disconnect event alone, which a front end was seen to miss (its stream then waited for ever)."""
+        for link in self.links:
+            deaths = _deaths(link.address)
+            if deaths != link.deaths:
+                link.deaths = deaths
+                log.error("engine shard %d died (the parent restarts it)", link.index)
+                self._fail(link)
 
     def _fail(self, link: _Link) -> None:
         """Every call waiting on ``link``'s shard ends with UNAVAILABLE."""

@@ -3,11 +3,13 @@ to the front ends over ZeroMQ (service/ipc.py), never gRPC.
 
 Inside, a shard runs the same :class:`~textgen.service.core.TextgenCore` as the one-process server, so every
 rule of the service (limits, sessions, exact delivery) is the same code. A Generate stream's consumer is the
-front end: the shard forwards each message of the stream and resumes the core's generator (which commits the
-session past those tokens) only when the front end acknowledges that gRPC took the message, so "the session
-is the text delivered" holds across processes. Records for a front end are gathered during one turn of the
-shard's event loop and sent as one message: with the batching scheduler handing every token of a decode step
-to the loop at once, that is one message per step per front end.
+front end: the shard forwards each message of the stream and commits the session past its tokens
+(``core.Generation.delivered``) only when the front end acknowledges that gRPC took the message, so "the
+session is the text delivered" holds across processes. Shards need the batching engine (``--batching off``
+runs in one process only): its per-round hand-over drives the streams (:class:`_Relay`). Records for a front
+end are gathered during one turn of the shard's event loop and sent as one message: with the batching
+scheduler handing every token of a decode step to the loop at once, that is one message per step per front
+end.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import logging
 import os
 import signal
 from collections.abc import Callable
-from contextlib import aclosing
 from dataclasses import asdict
 from typing import Any
 
@@ -28,8 +29,8 @@ import zmq.asyncio
 
 from . import ipc, logs
 from .config import ServerConfig
-from .core import FinishEvent, GenerateParams, TextgenCore, TokenEvent, message_gap
-from .errors import ServiceError, StreamStalled
+from .core import FinishEvent, GenerateParams, TextgenCore, message_gap
+from .errors import ServiceError
 from .memory import IDLE_TRIM_BYTES, limit_malloc_arenas, release_free_memory, resident_bytes
 from .sampling import SamplingParams
 from .scheduler import FEW_STREAMS
@@ -55,12 +56,8 @@ class ShardServer:
         self._out: dict[bytes, list[ipc.Record]] = {}
         self._flush_soon = False
         self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
-        self._control: dict[tuple[bytes, int], asyncio.Queue[tuple[str, Any]]] = {}
-        self._awaiting: set[tuple[bytes, int]] = set()  # streams waiting for the front end's acknowledgement
         self._stopping: set[bytes] = set()  # front ends shutting down: their streams finish now
-        self._relays: dict[tuple[bytes, int], _Relay] = {}  # streams on the fast path, by (front end, call)
-        # the fast path needs the batching engine's per-round hand-over; --batching off takes the generic one
-        self.fast = hasattr(core.engine, "_deliver")
+        self._relays: dict[tuple[bytes, int], _Relay] = {}  # running streams, by (front end, call)
 
     # -- sending: one message per front end per turn of the loop
     def _send(self, peer: bytes, record: ipc.Record) -> None:
@@ -104,20 +101,10 @@ class ShardServer:
             method, args = body
             self._start(key, self._unary(peer, call, method, args))
         elif kind == ipc.GENERATE:
-            self._control[key] = asyncio.Queue()
-            self._start(key, self._generate(peer, call, body, self._control[key]))
-        elif key in self._relays:  # ack, stall or cancel of a fast-path stream: handled right here, in order
+            self._start(key, self._generate(peer, call, body))
+        elif key in self._relays:  # ack, stall or cancel of a running stream: handled right here, in order
             self._relays[key].control(kind, body)
-        elif kind in (ipc.ACK, ipc.STALL):
-            queue = self._control.get(key)
-            if queue is not None:
-                queue.put_nowait((kind, body))
-        elif kind == ipc.CANCEL:
-            if key in self._awaiting:
-                # after the acknowledgements before it (same order as sent): the message the front end
-                # delivered just before its client left must still be committed
-                self._control[key].put_nowait((kind, body))
-                return
+        elif kind == ipc.CANCEL:  # a call still in its prologue (a Generate feeding its prompt) or a unary one
             task = self._tasks.get(key)
             if task is not None:
                 task.cancel()
@@ -125,7 +112,7 @@ class ShardServer:
     def _start(self, key: tuple[bytes, int], coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks[key] = task
-        task.add_done_callback(lambda _: (self._tasks.pop(key, None), self._control.pop(key, None)))
+        task.add_done_callback(lambda _: self._tasks.pop(key, None))
 
     async def _unary(self, peer: bytes, call: int, method: str, args: list[Any]) -> None:
         try:
@@ -164,43 +151,11 @@ class ShardServer:
             return asdict(await core.import_session(*args))
         raise ValueError(f"unknown method {method!r}")
 
-    async def _generate(self, peer: bytes, call: int, body: dict[str, Any],
-                        control: asyncio.Queue[tuple[str, Any]]) -> None:
+    async def _generate(self, peer: bytes, call: int, body: dict[str, Any]) -> None:
+        """A stream driven by the engine's rounds: no coroutine runs per message (see :class:`_Relay`)."""
         params = GenerateParams(session_id=body["session_id"], prompt=body["prompt"], max_tokens=body["max_tokens"],
                                 sampling=SamplingParams(**body["sampling"]), stop=tuple(body["stop"]),
                                 logprobs=body["logprobs"])
-        if self.fast:
-            return await self._generate_fast(peer, call, params)
-        try:
-            async with aclosing(self.core.generate(params, ended=lambda: peer in self._stopping)) as events:
-                async for ev in events:
-                    if isinstance(ev, TokenEvent):
-                        lps = list(ev.logprobs) if ev.logprobs is not None else None
-                        self._send(peer, [call, ipc.TOK, [ev.text, list(ev.token_ids), lps]])
-                        self._awaiting.add((peer, call))
-                        try:
-                            kind, detail = await control.get()  # the front end handed it to gRPC (or not)
-                        finally:
-                            self._awaiting.discard((peer, call))
-                        if kind == ipc.CANCEL:
-                            return  # closing the generator leaves the session after the last acknowledged one
-                        if kind == ipc.STALL:
-                            await events.athrow(StreamStalled(detail))  # commits the message, re-raises
-                    elif isinstance(ev, FinishEvent):
-                        self._send(peer, [call, ipc.FIN, [ev.reason, ev.prompt_tokens, ev.generated_tokens,
-                                                          ev.session_tokens, ev.seed]])
-        except StreamStalled:
-            pass  # the front end ended the call itself
-        except ServiceError as exc:
-            self._send(peer, [call, ipc.ERR, [exc.code, str(exc)]])
-        except asyncio.CancelledError:
-            pass  # closing the generator left the session after the last acknowledged message
-        except Exception:
-            log.exception("bug in Generate")
-            self._send(peer, [call, ipc.ERR, ["INTERNAL", "internal error in Generate (the shard logged it)"]])
-
-    async def _generate_fast(self, peer: bytes, call: int, params: GenerateParams) -> None:
-        """A stream driven by the engine's rounds: no coroutine runs per message (see :class:`_Relay`)."""
         key = (peer, call)
         try:
             async with self.core.generation(params, ended=lambda: peer in self._stopping) as gen:

@@ -240,12 +240,12 @@ def test_a_long_prompt_is_cut_into_chunks_with_decode_steps_between_them(rt: Any
     assert all(not (a == b == "prefill") for a, b in itertools.pairwise(between))  # never two in a row
 
 
-def test_prompts_that_arrive_together_run_as_one_batch(rt: Any) -> None:
-    rec = Recording(rt)
-    texts = [(PROMPTS[i % 5] * 9)[i:i + 60] for i in range(8)]
+def _burst_of_feeds(rt: Any, rec: Any, texts: list[str], **engine_options: Any) -> list[tuple[np.ndarray, int]]:
+    """Feed ``texts`` all at once while the scheduler thread is busy with another prompt, so that they queue
+    up and meet in its next rounds; their (state, pending) in order."""
 
     async def go() -> list[tuple[np.ndarray, int]]:
-        engine = BatchingEngine(rec, prefill_chunk=16)
+        engine = BatchingEngine(rec, **engine_options)
         try:
             engine.step_delay = 0.05
             first = asyncio.ensure_future(engine.feed(None, None, rt.encode("abc")))  # keeps the thread busy
@@ -256,7 +256,13 @@ def test_prompts_that_arrive_together_run_as_one_batch(rt: Any) -> None:
         finally:
             engine.close()
 
-    out = run(go())
+    return run(go())
+
+
+def test_prompts_that_arrive_together_run_as_one_batch(rt: Any) -> None:
+    rec = Recording(rt)
+    texts = [(PROMPTS[i % 5] * 9)[i:i + 60] for i in range(8)]
+    out = _burst_of_feeds(rt, rec, texts, prefill_chunk=16)
     assert max(shape[0] for _, shape in rec.calls) == 8
     for t, (state, pending) in zip(texts, out, strict=True):
         ids = rt.encode(t)
@@ -456,20 +462,7 @@ def test_a_burst_of_prompts_runs_in_calls_of_at_most_prefill_tokens(rt: Any) -> 
     # of Feeds must not become one (64, 256) call (+105 MB of RSS for good with the default bundle).
     rec = Recording(rt)
     texts = [(PROMPTS[i % 5] * 9)[i:i + 60] for i in range(12)]
-
-    async def go() -> list[tuple[np.ndarray, int]]:
-        engine = BatchingEngine(rec, prefill_chunk=16, prefill_tokens=64)  # 4 jobs of 16 tokens a call
-        try:
-            engine.step_delay = 0.05
-            first = asyncio.ensure_future(engine.feed(None, None, rt.encode("abc")))  # keeps the thread busy
-            await asyncio.sleep(0.01)
-            out = await asyncio.gather(*(engine.feed(None, None, rt.encode(t)) for t in texts))
-            await first
-            return out
-        finally:
-            engine.close()
-
-    out = run(go())
+    out = _burst_of_feeds(rt, rec, texts, prefill_chunk=16, prefill_tokens=64)  # 4 jobs of 16 tokens a call
     assert max(shape[0] * shape[1] for _, shape in rec.calls) <= 64
     assert max(shape[0] for _, shape in rec.calls) >= 4  # still batched, up to the budget
     for t, (state, pending) in zip(texts, out, strict=True):

@@ -163,6 +163,15 @@ def _scrape(server: Server) -> str:
         return r.read().decode()
 
 
+def test_batching_off_is_refused_with_several_processes() -> None:
+    from textgen.service.config import ServerConfig
+    from textgen.service.errors import InputError
+
+    with pytest.raises(InputError, match="--batching off runs in one process"):
+        ServerConfig(batching="off", shards=2)
+    assert ServerConfig(batching="off").workers == 1  # one process: allowed as before
+
+
 def test_unknown_and_malformed_session_ids_are_not_found(server: Server) -> None:
     c = server.client()
     for sid in ("nonsense", "7.abc", "1.doesnotexist"):
