@@ -19,6 +19,7 @@ EVICTION_POLICIES = ("lru", "reject")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
 BATCHING = ("on", "off")
+STORE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class ServerConfig:
     max_session_ttl: float = 86400.0
     session_key: str | None = None
     eviction: str = "lru"
+    session_store: str = "memory"
+    session_lease: float = 5.0
+    replica_name: str | None = None
     max_prompt_chars: int = 100_000
     max_score_chars: int = 1_000_000
     max_tokens: int = 1024
@@ -78,6 +82,12 @@ class ServerConfig:
         need(self.session_ttl > 0, "--session-ttl must be > 0 seconds")
         need(self.max_session_ttl >= self.session_ttl,
              f"--max-session-ttl ({self.max_session_ttl:g}) must be >= --session-ttl ({self.session_ttl:g})")
+        need(self.session_store == "memory" or self.session_store.startswith(STORE_SCHEMES),
+             f"--session-store must be memory or a Redis URL (redis://HOST:PORT/DB, rediss://..., unix://...), "
+             f"not {self.session_store.split('@')[-1]!r}")
+        need(0.1 <= self.session_lease <= 300, "--session-lease must be in [0.1, 300] seconds")
+        need(self.replica_name is None or (0 < len(self.replica_name) <= 128 and self.replica_name.isprintable()),
+             "--replica-name must be 1..128 printable characters")
         need(self.eviction in EVICTION_POLICIES, f"--eviction must be one of {', '.join(EVICTION_POLICIES)}")
         need(self.max_prompt_chars >= 1, "--max-prompt-chars must be >= 1")
         need(self.max_score_chars >= 2, "--max-score-chars must be >= 2")
@@ -176,6 +186,15 @@ SETTINGS: tuple[Setting, ...] = (
                            "list)."),
     Setting("eviction", "At the session cap: lru = evict the least recently used idle session, "
                         "reject = RESOURCE_EXHAUSTED.", EVICTION_POLICIES),
+    Setting("session_store", "Where sessions live: memory = in this server's memory (lost when it stops); a "
+                             "Redis URL (redis://HOST:PORT/DB) = in Redis, shared by every replica that uses it: "
+                             "any replica serves any session, and sessions outlive restarts (docs/deploy.md, "
+                             "Replicas). With Redis, --max-sessions bounds this process's copies, and --eviction "
+                             "does not apply."),
+    Setting("session_lease", "Redis store: seconds a call's lease on a session lasts without renewal (renewed "
+                             "while the call runs); the lease of a killed replica blocks its sessions this long."),
+    Setting("replica_name", "Name of this server in the trailing metadata `textgen-replica` of every textgen "
+                            "call (default: the host name): which replica served a call behind a load balancer."),
     Setting("max_prompt_chars", "Characters per prompt / Feed text / Generate prompt."),
     Setting("max_score_chars", "Characters per Score text."),
     Setting("max_tokens", "Tokens per Generate call (also the default when max_tokens is 0)."),

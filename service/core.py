@@ -34,7 +34,7 @@ from .memory import LARGE_TEXT
 from .metrics import Metrics
 from .sampling import RowSampler, SamplingParams
 from .session_blob import SessionBlob, model_fingerprint, session_key
-from .sessions import Session, SessionInfo, SessionStore
+from .sessions import Session, SessionBackend, SessionInfo
 
 if TYPE_CHECKING:
     from .runtime import ModelRuntime
@@ -246,7 +246,7 @@ class CallGate:
 
 
 class TextgenCore(CallGate):
-    def __init__(self, runtime: ModelRuntime, engine: Engine, config: ServerConfig, store: SessionStore,
+    def __init__(self, runtime: ModelRuntime, engine: Engine, config: ServerConfig, store: SessionBackend,
                  metrics: Metrics):
         self.runtime = runtime
         self.engine = engine
@@ -325,16 +325,10 @@ class TextgenCore(CallGate):
     async def _create_session(self, prompt: str, ttl: float) -> tuple[SessionInfo, FeedResult]:
         enc = await self._prompt(prompt, "prompt", allow_empty=True)
         ids = enc.ids
-        s = self.store.create(ttl)
-        ok = False
-        try:
-            with self.store.acquire(s.id):
-                if len(ids):
-                    await self._feed(s, ids)
-            ok = True
-        finally:
-            if not ok:  # a prompt that failed (deadline, cancel) leaves no half-made session behind
-                self.store.discard(s.id)
+        # a prompt that fails (deadline, cancel) leaves no half-made session behind
+        async with self.store.opened(ttl) as s:
+            if len(ids):
+                await self._feed(s, ids)
         return self.store.info(s), FeedResult(len(ids), enc.unknown_chars, s.tokens, enc.unknown_count)
 
     async def _feed(self, s: Session, ids: np.ndarray) -> None:
@@ -346,39 +340,39 @@ class TextgenCore(CallGate):
         self._check_open()
         with self._admit(text):
             enc = await self._prompt(text, "text")
-            with self.store.acquire(session_id) as s:
+            async with self.store.held(session_id) as s:
                 await self._feed(s, enc.ids)
-                return FeedResult(len(enc.ids), enc.unknown_chars, s.tokens, enc.unknown_count)
+            return FeedResult(len(enc.ids), enc.unknown_chars, s.tokens, enc.unknown_count)
 
     # -- moving sessions: fork, export, import (O(state), whatever the history's length)
-    def _new_session(self, ttl: float | None, state: np.ndarray | None, pending: int | None, tokens: int) -> Session:
-        s = self.store.create(self._ttl(ttl))
-        if state is not None and pending is not None:
-            s.commit(state.copy(), pending, tokens)
-        return s
+    async def _new_session(self, ttl: float | None, state: np.ndarray | None, pending: int | None,
+                           tokens: int) -> SessionInfo:
+        async with self.store.opened(self._ttl(ttl)) as s:
+            if state is not None and pending is not None:
+                s.commit(state.copy(), pending, tokens)
+        return self.store.info(s)
 
     async def fork_session(self, session_id: str, ttl: float | None = None) -> SessionInfo:
         self._check_open()
         self._ttl(ttl)  # a bad ttl is refused before anything happens
-        with self.store.acquire(session_id) as src:  # busy: FAILED_PRECONDITION, as for any call
-            s = self._new_session(ttl, src.state, src.pending, src.tokens)
-        return self.store.info(s)
+        async with self.store.held(session_id) as src:  # busy: FAILED_PRECONDITION, as for any call
+            return await self._new_session(ttl, src.state, src.pending, src.tokens)
 
     async def export_session(self, session_id: str) -> bytes:
-        with self.store.acquire(session_id) as s:
+        async with self.store.held(session_id) as s:
             return SessionBlob(s.state, s.pending, s.tokens).pack(self.fingerprint, self.session_key)
 
     async def import_session(self, blob: bytes, ttl: float | None = None) -> SessionInfo:
         self._check_open()
         self._ttl(ttl)
         b = SessionBlob.unpack(blob, self.fingerprint, self.session_key, self.runtime.state_size)
-        return self.store.info(self._new_session(ttl, b.state, b.pending, b.tokens))
+        return await self._new_session(ttl, b.state, b.pending, b.tokens)
 
     async def get_session(self, session_id: str) -> SessionInfo:
-        return self.store.info(self.store.get(session_id))
+        return await self.store.describe(session_id)
 
     async def delete_session(self, session_id: str) -> None:
-        self.store.delete(session_id)
+        await self.store.remove(session_id)
 
     # -- generation
     def _generate_checks(self, p: GenerateParams) -> tuple[int, tuple[str, ...]]:
@@ -414,7 +408,9 @@ class TextgenCore(CallGate):
         self.metrics.streams_in_flight.inc()
         try:
             # one-shot: a private session nobody else can see
-            with self.store.acquire(p.session_id) if p.session_id else nullcontext(Session("", 0.0, 0.0, 0.0)) as s:
+            # one-shot: a private session nobody else can see. The session is saved when the block ends,
+            # however it ends (a shared store writes it then: once per Generate, never per token).
+            async with self.store.held(p.session_id) if p.session_id else nullcontext(Session("", 0, 0, 0)) as s:
                 if len(ids):
                     await self._feed(s, ids)
                 if s.pending is None:
@@ -456,7 +452,10 @@ class TextgenCore(CallGate):
                 # Resumed: the consumer delivered the message. Only now does the session move past its tokens.
                 gen.delivered()
             gen.stream.close()
-            yield gen.finish()
+            finish = gen.finish()
+        # After the block: the session is saved (a shared store may fail that: the stream ends with its error
+        # instead of a finish, and the session stays as it was before this Generate).
+        yield finish
 
     # -- scoring
     async def score(self, text: str, session_id: str = "", update_session: bool = False) -> ScoreResult:
@@ -475,13 +474,12 @@ class TextgenCore(CallGate):
                                      "(the first one only conditions the state)")
             out = await self.engine.score(ids)
         elif update_session:
-            with self.store.acquire(session_id) as s:
+            async with self.store.held(session_id) as s:
                 out = await self.engine.score(ids, s.state, s.pending, keep_state=True)
                 s.commit(out.state, out.pending, len(ids))  # type: ignore[arg-type]
                 self.metrics.prompt_tokens.inc(len(ids))
         else:
-            s = self.store.get(session_id)
-            self.store.touch(s)
+            s = await self.store.peek(session_id)
             # A consistent snapshot: state and pending only ever change together, on this thread.
             out = await self.engine.score(ids, s.state, s.pending)
             if out.predictions == 0:

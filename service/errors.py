@@ -17,6 +17,9 @@
     │   ├── SessionBusy          FAILED_PRECONDITION: another call holds the session
     │   ├── SessionEmpty         FAILED_PRECONDITION: Generate on a session that has consumed no text yet
     │   ├── StreamStalled        DEADLINE_EXCEEDED: the client took no message for --stream-stall-timeout
+    │   ├── SessionConflict      ABORTED: another replica moved the session on while this call held it (its
+    │   │                        lease had expired): nothing of this call was saved
+    │   ├── StoreUnavailable     UNAVAILABLE: the session store (Redis) cannot be reached; nothing half-written
     │   └── ShuttingDown         UNAVAILABLE: the server is draining
     └── RpcFailed                the client side: a call to the server failed (.code is the grpc.StatusCode)
 
@@ -97,6 +100,14 @@ class SessionEmpty(ServiceError):
 
 class StreamStalled(ServiceError):
     code = "DEADLINE_EXCEEDED"
+
+
+class SessionConflict(ServiceError):
+    code = "ABORTED"
+
+
+class StoreUnavailable(ServiceError):
+    code = "UNAVAILABLE"
 
 
 class MessageGiven(Exception):

@@ -26,6 +26,7 @@ Shard -> front end, ``kind``:
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import msgpack
@@ -57,10 +58,13 @@ class RemoteError(ServiceError):
         self.code = code
 
 
-def session_shard(session_id: str, shards: int) -> int | None:
-    """The shard a session id names (``"<shard>.<random>"``), or None when it names none of ``shards``."""
+def session_shard(session_id: str, shards: int, *, shared: bool = False) -> int | None:
+    """The shard a session id names (``"<shard>.<random>"``), or None when it names none of ``shards``. With a
+    ``shared`` session store every shard can load every session: an id of a replica with other shards (or of
+    a one-process server, no prefix) goes to a shard chosen from the id, the same one each time."""
     head, dot, _ = session_id.partition(".")
-    if not dot or not head.isdigit():
+    if dot and head.isdigit() and int(head) < shards:
+        return int(head)
+    if not shared or not session_id:
         return None
-    k = int(head)
-    return k if k < shards else None
+    return zlib.crc32(session_id.encode()) % shards

@@ -181,7 +181,8 @@ class RemoteCore(CallGate):
                 queue.put_nowait((ipc.ERR, ["UNAVAILABLE", reason[0]]))
 
     def _link_of(self, session_id: str) -> _Link:
-        k = ipc.session_shard(session_id, len(self.links))
+        # With a shared store (Redis) any shard can serve any session: ids of other replicas' shards too.
+        k = ipc.session_shard(session_id, len(self.links), shared=self.config.session_store != "memory")
         if k is None:
             raise SessionNotFound(f"session {short_id(session_id)!r} not found (unknown, expired, evicted or deleted)")
         return self._usable(self.links[k])

@@ -44,7 +44,9 @@ from .remote import RemoteCore
 from .scheduler import make_engine
 from .security import TokenAuthInterceptor, TokenStore, server_credentials
 from .servicer import TextgenServicer
-from .sessions import SessionStore, StoreEvents
+from .session_blob import model_fingerprint
+from .sessions import SessionBackend, SessionStore, StoreEvents
+from .store_redis import RedisSessionStore, connect, reachable, redacted
 
 if TYPE_CHECKING:
     from .runtime import ModelRuntime
@@ -101,9 +103,16 @@ def make_core(cfg: ServerConfig, runtime: ModelRuntime, m: Metrics, engine: Engi
               clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
               id_prefix: str = "") -> TextgenCore:
     """Sessions, the engine and the request logic around one runtime: what a server (or an engine shard) runs."""
-    store = SessionStore(cfg.max_sessions, eviction=cfg.eviction, clock=clock, wall_clock=wall_clock,
-                         events=StoreEvents(created=m.sessions.inc, evicted=m.evictions.inc,
-                                            expired=m.expirations.inc), id_prefix=id_prefix)
+    events = StoreEvents(created=m.sessions.inc, evicted=m.evictions.inc, expired=m.expirations.inc)
+    store: SessionBackend
+    if cfg.session_store == "memory":
+        store = SessionStore(cfg.max_sessions, eviction=cfg.eviction, clock=clock, wall_clock=wall_clock,
+                             events=events, id_prefix=id_prefix)
+    else:
+        store = RedisSessionStore(cfg.session_store, fingerprint=model_fingerprint(runtime.manifest.to_public_dict()),
+                                  state_size=runtime.state_size, max_local=cfg.max_sessions,
+                                  lease_seconds=cfg.session_lease, id_prefix=id_prefix, events=events,
+                                  wall_clock=wall_clock)
     return TextgenCore(runtime, engine or make_engine(runtime, cfg, m), cfg, store, m)
 
 
@@ -126,6 +135,8 @@ class TextgenServer:
         self._stopped = False
         self.tokens: TokenStore | None = None
         self._rss_after_trim = 0  # resident bytes after the last malloc_trim (at the start before one)
+        self._health_parts: dict[str, bool] = {}  # "shards", "store": False while that part is away
+        self._store_probe: Any = None  # a Redis client that pings the shared session store
 
     async def start(self) -> None:
         cfg = self.config
@@ -171,8 +182,16 @@ class TextgenServer:
         if not self.port:
             raise InputError(f"cannot listen on {address} (--host/--port)")
         await server.start()
+        if cfg.session_store != "memory":  # its own connection: a front end has no store, its shards do
+            self._store_probe = connect(cfg.session_store)
+            if not await reachable(self._store_probe):
+                self._health_parts["store"] = False
+                log.error("session store unreachable: health NOT_SERVING until it answers",
+                          extra={"fields": {"store": redacted(cfg.session_store)}})
+        healthy = all(self._health_parts.values())
         for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING if healthy
+                                  else health_pb2.HealthCheckResponse.NOT_SERVING)
         if cfg.metrics_port >= 0:
             try:
                 self.metrics_port = m.serve_http(cfg.metrics_host.strip("[]"), cfg.metrics_port)
@@ -203,15 +222,38 @@ class TextgenServer:
 
     def _shards_health(self, healthy: bool) -> None:
         """A front end: NOT_SERVING while one of its engine shards is away."""
+        self._set_health("shards", healthy)
+
+    def _set_health(self, part: str, ok: bool) -> None:
+        """SERVING while every part is (the engine shards, the session store), NOT_SERVING otherwise."""
+        if self._health_parts.get(part, True) == ok:
+            return
+        self._health_parts[part] = ok
         if self._stopped:
             return
+        healthy = all(self._health_parts.values())
         status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             self._tasks.append(asyncio.create_task(self.health.set(name, status)))
 
+    async def _check_store(self) -> None:
+        """A shared session store: health follows whether it answers (checked every sweep)."""
+        if self._store_probe is None:
+            return
+        ok = await reachable(self._store_probe)
+        if ok != self._health_parts.get("store", True):
+            if ok:
+                log.info("session store reachable again", extra={"fields": {"store": redacted(
+                    self.config.session_store)}})
+            else:
+                log.error("session store unreachable: health NOT_SERVING", extra={"fields": {"store": redacted(
+                    self.config.session_store)}})
+        self._set_health("store", ok)
+
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(self.sweep_seconds)
+            await self._check_store()
             core = self.core
             large = False  # large texts came and went
             if isinstance(core, TextgenCore) and self.store is not None:  # (a front end's shards do this)
@@ -255,6 +297,10 @@ class TextgenServer:
                 self.engine.close()
             if isinstance(self.core, RemoteCore):
                 self.core.close()
+            if self.store is not None:
+                await self.store.close()
+            if self._store_probe is not None:
+                await self._store_probe.aclose()
             self.metrics.close()
         log.info("stopped")
 

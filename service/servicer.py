@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import aclosing, contextmanager
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from .remote import RemoteCore
 
 log = logging.getLogger("textgen.server")
+
+REPLICA_METADATA = "textgen-replica"  # trailing metadata of every textgen call: the server's --replica-name
 
 FINISH = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -105,6 +108,8 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
         self.core = core
         self.metrics = metrics
         self._streams_of: dict[str, int] = {}  # peer (one connection) -> its running Generate streams
+        # every call's trailing metadata names the replica that served it (--replica-name)
+        self._replica = ((REPLICA_METADATA, core.config.replica_name or socket.gethostname()),)
 
     @contextmanager
     def _connection_slot(self, peer: str) -> Iterator[None]:
@@ -129,6 +134,7 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
         start = time.perf_counter()
         fields: dict[str, Any] = {}
         code, message, result = "OK", "", None
+        context.set_trailing_metadata(self._replica)
         try:
             result = await work(fields)
             limit = self.core.config.max_message_bytes

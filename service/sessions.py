@@ -11,6 +11,11 @@ session that has consumed nothing has ``pending = None`` (and ``state = None``, 
 All methods run on the event loop thread, so none of them needs a lock; the ``busy`` flag makes sure one call
 at a time works on a session (a second one gets :class:`SessionBusy`). Time comes from an injectable
 monotonic ``clock`` (expiry, LRU) and ``wall_clock`` (the timestamps shown to clients).
+
+Where sessions live is behind one interface, :class:`SessionBackend` (``--session-store``): this module's
+:class:`SessionStore` keeps them in the process (``memory``, the default); :mod:`.store_redis` keeps them in
+Redis, shared by replicas (``redis://``). The core uses only that interface: ``opened`` and ``held`` hold a
+session for one call and save it when the call ends, never per token.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from __future__ import annotations
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -31,7 +37,7 @@ CAP_SWEEP_SECONDS = 1.0
 
 
 class Session:
-    __slots__ = ("busy", "created_wall", "id", "last_used", "pending", "state", "tokens", "ttl")
+    __slots__ = ("busy", "created_wall", "dirty", "id", "last_used", "pending", "state", "tokens", "ttl", "version")
 
     def __init__(self, sid: str, ttl: float, now: float, wall: float):
         self.id = sid
@@ -42,10 +48,13 @@ class Session:
         self.last_used = now
         self.created_wall = wall
         self.busy = False
+        self.version = 0  # a shared store's record version this copy was loaded from or saved as
+        self.dirty = False  # committed to since it was loaded or saved
 
     def commit(self, state: np.ndarray, pending: int, consumed: int) -> None:
         """The session now ends ``consumed`` tokens later, with this state and pending token."""
         self.state, self.pending, self.tokens = state, pending, self.tokens + consumed
+        self.dirty = True
 
     def expires_at(self) -> float:
         return self.last_used + self.ttl
@@ -71,7 +80,34 @@ class StoreEvents:
     expired: Callable[[int], None] = lambda n: None
 
 
+class SessionBackend(Protocol):
+    """Where sessions live (``--session-store``); every method runs on the event loop.
+
+    ``opened(ttl)`` makes a session and holds it for the call that makes it (CreateSession, ForkSession,
+    ImportSession): saved when the block ends normally, forgotten if it raises (no half-made session).
+    ``held(sid)`` holds an existing one for one call (busy meanwhile: :class:`SessionBusy` for a second call);
+    whatever was committed to it is saved when the block ends, however it ends (the text a client was given
+    stays given). ``peek`` is a read-only snapshot (Score without update_session), ``describe`` its metadata,
+    ``remove`` deletes it. Errors: :class:`SessionNotFound`, :class:`SessionBusy`, and for a shared store
+    :class:`~.errors.StoreUnavailable` / :class:`~.errors.SessionConflict`."""
+
+    def opened(self, ttl: float) -> AbstractAsyncContextManager[Session]: ...
+    def held(self, sid: str) -> AbstractAsyncContextManager[Session]: ...
+    async def peek(self, sid: str) -> Session: ...
+    async def describe(self, sid: str) -> SessionInfo: ...
+    async def remove(self, sid: str) -> None: ...
+    def info(self, s: Session) -> SessionInfo: ...
+    def sweep(self) -> int: ...
+    async def check(self) -> bool: ...
+    async def close(self) -> None: ...
+    def __len__(self) -> int: ...
+
+
 class SessionStore:
+    """Sessions in this process's memory (``--session-store memory``): a cap (``--max-sessions``) with LRU
+    eviction or refusal, TTL expiry by a sweep. Its synchronous methods are the primitives; the
+    :class:`SessionBackend` methods wrap them."""
+
     def __init__(self, max_sessions: int, *, eviction: str = "lru", clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time, events: StoreEvents | None = None,
                  id_prefix: str = ""):
@@ -161,6 +197,41 @@ class SessionStore:
         if dead:
             self.events.expired(len(dead))
         return len(dead)
+
+    # -- the SessionBackend interface
+    @asynccontextmanager
+    async def opened(self, ttl: float) -> AsyncIterator[Session]:
+        s = self.create(ttl)
+        ok = False
+        try:
+            with self.acquire(s.id):
+                yield s
+            ok = True
+        finally:
+            if not ok:  # a call that failed (deadline, cancel, bad prompt) leaves no half-made session behind
+                self.discard(s.id)
+
+    @asynccontextmanager
+    async def held(self, sid: str) -> AsyncIterator[Session]:
+        with self.acquire(sid) as s:
+            yield s
+
+    async def peek(self, sid: str) -> Session:
+        s = self.get(sid)
+        self.touch(s)
+        return s
+
+    async def describe(self, sid: str) -> SessionInfo:
+        return self.info(self.get(sid))
+
+    async def remove(self, sid: str) -> None:
+        self.delete(sid)
+
+    async def check(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        pass
 
     def info(self, s: Session) -> SessionInfo:
         now, wall = self.clock(), self.wall_clock()

@@ -166,6 +166,10 @@ class ShardServer:
                 finally:
                     self._relays.pop(key, None)
                     relay.close()
+            ev = relay.finish_event  # sent once the session is saved (a shared store's failure is sent instead)
+            if ev is not None:
+                self._send(peer, [call, ipc.FIN, [ev.reason, ev.prompt_tokens, ev.generated_tokens,
+                                                  ev.session_tokens, ev.seed]])
         except ServiceError as exc:
             self._send(peer, [call, ipc.ERR, [exc.code, str(exc)]])
         except asyncio.CancelledError:
@@ -210,7 +214,7 @@ class _Relay:
     (:meth:`Generation.cut`) and go into this turn's batch for the front end. Each ``ack`` commits the oldest
     message out (:meth:`Generation.delivered`), in order; ``stall`` commits it and ends the stream quietly
     (the front end ends the call); ``cancel`` ends it, the session after the last acknowledged message. The
-    finish goes only once every message out was acknowledged.
+    finish goes only once every message out was acknowledged (and the session saved).
     """
 
     def __init__(self, server: ShardServer, peer: bytes, call: int, gen: Any):
@@ -218,6 +222,7 @@ class _Relay:
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.interval = server.core.config.stream_interval_ms / 1000.0
         self._timer: asyncio.TimerHandle | None = None
+        self.finish_event: FinishEvent | None = None
         gen.stream.listener = self.pump
         self.pump()  # tokens may be there already
 
@@ -272,8 +277,7 @@ class _Relay:
         self.pump()
 
     def _end(self, ev: FinishEvent) -> None:
-        self.server._send(self.peer, [self.call, ipc.FIN, [ev.reason, ev.prompt_tokens, ev.generated_tokens,
-                                                          ev.session_tokens, ev.seed]])
+        self.finish_event = ev  # the shard sends it after the session is saved
         self.finished.set_result(None)
 
     def _fail(self, exc: BaseException) -> None:
@@ -335,4 +339,5 @@ async def _run_shard(config: ServerConfig, index: int, address: str, ready: Any)
             await serving
         core.engine.close()
         server.close()
+        await core.store.close()
         log.info("shard stopped")

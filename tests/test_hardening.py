@@ -128,7 +128,8 @@ def test_feed_score_and_create_session_are_admitted_within_the_caps() -> None:
 
         t = threading.Thread(target=slow_feed, args=(sid, 580))
         t.start()
-        assert wait_until(lambda: srv.server.core.calls == 1, timeout=5)
+        # (calls counts from admission, before the request is read; texts once the feed holds its text)
+        assert wait_until(lambda: srv.server.core.calls == 1 and srv.server.core.texts == 1, timeout=5)
         with pytest.raises(Exception, match="RESOURCE_EXHAUSTED") as info:
             c.score("b" * 350)  # 580 + 350 characters > --max-queued-chars 600, and 350 > its share
         assert "--max-queued-chars" in str(info.value)
