@@ -305,3 +305,23 @@ def test_a_replica_killed_mid_stream_blocks_its_session_for_one_lease_then_it_go
         assert c.generate_text(session_id=made, max_tokens=5).text == reference_greedy(rt, "ab", 5)
     finally:
         other.end(signal.SIGTERM)
+
+
+def test_a_record_round_trips_exactly_and_a_foreign_one_is_refused() -> None:
+    import numpy as np
+
+    from textgen.service.errors import StoreUnavailable
+    from textgen.service.sessions import Session
+    from textgen.service.store_redis import pack_record, redacted, unpack_record
+
+    s = Session("abc", 60.0, 0.0, 1.7e9)
+    s.commit(np.linspace(-1, 1, 8, dtype=np.float32), 5, 12)
+    back = unpack_record("abc", pack_record(s, 7), 8)
+    assert (back.version, back.pending, back.tokens, back.ttl, back.created_wall) == (7, 5, 12, 60.0, 1.7e9)
+    assert back.state is not None and back.state.tobytes() == s.state.tobytes()  # type: ignore[union-attr]
+    empty = unpack_record("e", pack_record(Session("e", 1.0, 0.0, 0.0), 1), 8)
+    assert empty.state is None and empty.pending is None and empty.tokens == 0
+    with pytest.raises(StoreUnavailable, match="cannot read"):
+        unpack_record("abc", pack_record(s, 7), 16)  # another model's state size
+    assert redacted("redis://user:pw@host:6379/0") == "redis://user:***@host:6379/0"
+    assert redacted("redis://host:6379/0") == "redis://host:6379/0"
