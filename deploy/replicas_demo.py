@@ -192,8 +192,16 @@ class Demo:
         session_id = created.value.session.session_id
         self.step(f"{label}: CreateSession -> {session_id}", created, session=session_id)
         fed = self.unary(f"{label}: Feed", "Feed", pb.FeedRequest(session_id=session_id, text=self.args.feed))
-        self.step(f"{label}: Feed({self.args.feed!r}) -> {fed.value.session.token_count} tokens", fed)
+        self.step(f"{label}: Feed({self.args.feed!r}) -> {fed.value.session_tokens} tokens", fed)
         return session_id
+
+    def delete_sessions(self, *session_ids: str) -> None:
+        for sid in session_ids:
+            try:
+                self.stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid), timeout=self.args.timeout,
+                                        metadata=self.metadata)
+            except grpc.RpcError as exc:
+                self.say(f"(DeleteSession {sid}: {exc.code().name}; it will expire)")
 
     def kill(self, replica: str) -> None:
         if not SAFE_NAME.fullmatch(replica):
@@ -234,12 +242,7 @@ class Demo:
         ref = self.generate(f"reference: Generate({a.tokens + a.more}, greedy)", reference_id, a.tokens + a.more)
         r.reference_text = ref.value
         self.step(f"reference: Generate {a.tokens + a.more} in one call -> {ref.value!r}", ref, text=ref.value)
-        for sid in (session_id, reference_id):
-            try:
-                self.stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid), timeout=a.timeout,
-                                        metadata=self.metadata)
-            except grpc.RpcError as exc:
-                self.say(f"(DeleteSession {sid}: {exc.code().name}, left to expire)")
+        self.delete_sessions(session_id, reference_id)
 
         joined = r.first_text + r.continuation_text
         r.equal = joined == r.reference_text
