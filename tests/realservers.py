@@ -1,4 +1,4 @@
-"""Real components for tests: a ``redis-server`` (and an ``nginx``) started on a free port in a temporary folder.
+"""Real components for tests: a ``redis-server`` and an ``nginx``, each started on a free port in a temporary folder.
 
 CI installs both (``.ci/run``); a test that needs one fails in CI when it is missing, and skips with a clear
 message on a developer's machine (``apt-get install redis-server nginx-light``).
@@ -90,3 +90,72 @@ def redis_server(folder: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+class NginxServer:
+    """One ``nginx`` in the foreground with everything it writes (pid, logs, temporary files) in ``folder``.
+
+    ``site`` is configuration for nginx's ``http { }`` block (upstreams and servers: what a ``conf.d/*.conf``
+    holds); it must listen on ``self.port`` (taken before it is written, pass ``port``) on 127.0.0.1. nginx
+    runs as one process (``master_process off``), so it neither forks workers nor switches users, the same
+    whether the tests run as root or not. :meth:`log` returns its error log (plus the access log) for failure
+    messages.
+    """
+
+    def __init__(self, folder: Path, site: str, port: int):
+        self.binary = need_binary("nginx", "nginx-light")
+        self.folder = folder
+        self.port = port
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "site.conf").write_text(site)
+        temp = {name: folder / name for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
+        for path in temp.values():
+            path.mkdir(exist_ok=True)
+        (folder / "nginx.conf").write_text(
+            "daemon off;\n"
+            "master_process off;\n"
+            f"pid {folder / 'nginx.pid'};\n"
+            f"error_log {folder / 'error.log'} info;\n"
+            "events { worker_connections 256; }\n"
+            "http {\n"
+            f"    access_log {folder / 'access.log'};\n"
+            + "".join(f"    {name}_temp_path {path};\n" for name, path in temp.items())
+            + f"    include {folder / 'site.conf'};\n"
+            "}\n")
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        # -e: the error log from the first line on (nginx otherwise opens its compiled-in path before it has
+        # read the configuration); -p: relative paths resolve in the folder.
+        self.proc = subprocess.Popen(
+            [self.binary, "-p", str(self.folder), "-e", str(self.folder / "error.log"),
+             "-c", str(self.folder / "nginx.conf")],
+            stdout=subprocess.DEVNULL, stderr=(self.folder / "stderr.log").open("w"))
+        try:
+            wait_port(self.port, self.proc, "nginx")
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n{self.log()}") from None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: fast shutdown
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def log(self, lines: int = 40) -> str:
+        parts = []
+        for name in ("stderr.log", "error.log", "access.log"):
+            path = self.folder / name
+            if path.exists():
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                parts.append(f"--- nginx {name}\n" + "\n".join(tail))
+        return "\n".join(parts)
