@@ -225,11 +225,13 @@ def serve(**options: Any) -> None:
 
     limit_malloc_arenas()  # before any thread of the server starts
     config = ServerConfig(**options)
-    if config.workers > 1 or config.shards > 1:
+    plan = config.processes()
+    config = config.replace(workers=plan.workers, shards=plan.shards)
+    if plan.split:
         from textgen.service.processes import serve_processes as run
     else:
         from textgen.service.server import serve as run
-    sys.exit(asyncio.run(run(config)))
+    sys.exit(asyncio.run(run(config, why=plan.why)))
 
 
 _address_option = click.option("--address", envvar="TEXTGEN_ADDRESS", default="localhost:50051",

@@ -40,6 +40,8 @@ from .errors import InputError
 from .memory import limit_malloc_arenas
 from .metrics import model_labels
 from .remote import shard_deaths_file
+from .security import TokenStore, server_credentials
+from .shard import report_start_errors
 
 log = logging.getLogger("textgen.server")
 
@@ -53,7 +55,8 @@ def frontend_main(config: ServerConfig, index: int, addresses: list[str], ready:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     limit_malloc_arenas()
     logs.configure(config.log_level, config.log_format, frontend=index)
-    asyncio.run(_run_frontend(config, index, addresses, ready))
+    with report_start_errors(ready):
+        asyncio.run(_run_frontend(config, index, addresses, ready))
 
 
 async def _run_frontend(config: ServerConfig, index: int, addresses: list[str], ready: Any) -> None:
@@ -128,8 +131,11 @@ class Processes:
                 if not process.is_alive() or time.monotonic() > deadline:
                     process.kill()
                     raise InputError(f"the {kind} process {index} failed to start (see its log above)")
-            parent.recv()
+            reply = parent.recv()
             parent.close()
+            if reply[0] == "error":  # a user-facing error before it was ready: one line, as in one process
+                process.join(10)
+                raise InputError(reply[1])
             return process
 
         child = _Child(kind, index, start, start(), [])
@@ -265,11 +271,17 @@ def _announce(line: str) -> None:
     print(line, flush=True)
 
 
-async def serve_processes(config: ServerConfig, *, announce: Callable[[str], None] = _announce) -> int:
-    """``textgen serve`` with --workers or --shards above 1: run until SIGTERM or SIGINT; the exit code."""
+async def serve_processes(config: ServerConfig, *, announce: Callable[[str], None] = _announce,
+                          why: str = "") -> int:
+    """``textgen serve`` with front ends and shards apart: run until SIGTERM or SIGINT; the exit code. ``why``:
+    how the process counts were chosen (logged)."""
     from .server import TextgenServer, _grpc_host
 
     logs.configure(config.log_level, config.log_format)
+    # What a front end would refuse, refused here in one line before any process starts.
+    server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+    if config.auth_tokens_file is not None:
+        TokenStore(config.auth_tokens_file)
     procs = Processes(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -289,9 +301,11 @@ async def serve_processes(config: ServerConfig, *, announce: Callable[[str], Non
         await asyncio.to_thread(procs.start)
         metrics = (f"http://{_grpc_host(config.metrics_host)}:{procs.metrics_port}/metrics"
                    if procs.metrics_port is not None else "off")
+        w, sh = config.workers, config.shards
         announce(f"textgen serve: gRPC listening on {_grpc_host(config.host)}:{procs.port}, metrics {metrics} "
-                 f"({TextgenServer(config).security_summary()}; {config.workers} front ends, "
-                 f"{config.shards} engine shards)")
+                 f"({TextgenServer(config).security_summary()}) with {w} front end{'s' * (w > 1)} and {sh} "
+                 f"engine shard{'s' * (sh > 1)}")
+        log.info("processes", extra={"fields": {"workers": w, "shards": sh, "chosen": why or "given"}})
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.2)

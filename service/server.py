@@ -313,8 +313,9 @@ def _announce(line: str) -> None:
     print(line, flush=True)
 
 
-async def serve(config: ServerConfig, *, announce: Callable[[str], None] = _announce) -> int:
-    """``textgen serve``: run until SIGTERM or SIGINT, then shut down gracefully; returns the exit code."""
+async def serve(config: ServerConfig, *, announce: Callable[[str], None] = _announce, why: str = "") -> int:
+    """``textgen serve`` in one process: run until SIGTERM or SIGINT, then shut down gracefully; returns the
+    exit code. ``why``: how one process was chosen (logged)."""
     logs.configure(config.log_level, config.log_format)
     server = TextgenServer(config)
     loop = asyncio.get_running_loop()
@@ -341,6 +342,7 @@ async def serve(config: ServerConfig, *, announce: Callable[[str], None] = _anno
                    else "off")
         announce(f"textgen serve: gRPC listening on {host}:{server.port}, metrics {metrics} "
                  f"({server.security_summary()})")
+        log.info("processes", extra={"fields": {"workers": 1, "shards": 1, "chosen": why or "given"}})
         await stop.wait()
     finally:
         await server.stop()

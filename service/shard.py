@@ -20,7 +20,8 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -30,7 +31,7 @@ import zmq.asyncio
 from . import ipc, logs
 from .config import ServerConfig
 from .core import FinishEvent, GenerateParams, TextgenCore, message_gap
-from .errors import ServiceError
+from .errors import ServiceError, TextgenError
 from .memory import IDLE_TRIM_BYTES, limit_malloc_arenas, release_free_memory, resident_bytes
 from .sampling import SamplingParams
 from .scheduler import FEW_STREAMS
@@ -311,7 +312,22 @@ def shard_main(config: ServerConfig, index: int, address: str, ready: Any) -> No
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C and tells us when to stop
     limit_malloc_arenas()
     logs.configure(config.log_level, config.log_format, shard=index)
-    asyncio.run(_run_shard(config, index, address, ready))
+    with report_start_errors(ready):
+        asyncio.run(_run_shard(config, index, address, ready))
+
+
+@contextlib.contextmanager
+def report_start_errors(ready: Any) -> Iterator[None]:
+    """A child process's user-facing error (a model that cannot be loaded, a port in use...) goes to the parent
+    as ``("error", message)`` (the parent prints it as one line and exits 1) instead of a traceback."""
+    try:
+        yield
+    except TextgenError as exc:
+        try:
+            ready.send(("error", str(exc)))
+        except OSError:  # after the start: the parent restarts us
+            log.error("stopped: %s", exc)
+        sys.exit(1)
 
 
 async def _run_shard(config: ServerConfig, index: int, address: str, ready: Any) -> None:

@@ -169,7 +169,7 @@ def test_batching_off_is_refused_with_several_processes() -> None:
 
     with pytest.raises(InputError, match="--batching off runs in one process"):
         ServerConfig(batching="off", shards=2)
-    assert ServerConfig(batching="off").workers == 1  # one process: allowed as before
+    assert not ServerConfig(batching="off").processes(cores=16).split  # the default: one process
 
 
 def test_unknown_and_malformed_session_ids_are_not_found(server: Server) -> None:

@@ -61,7 +61,8 @@ class Replica:
              "--port", "0", "--metrics-port", "-1", "--session-store", store, "--replica-name", name,
              "--session-lease", str(lease),
              "--log-format", "json", "--log-level", "info", "--grace-seconds", "2"],
-            stdout=subprocess.PIPE, stderr=self._log, text=True, env=env)
+            stdout=subprocess.PIPE, stderr=self._log, text=True, env=env,
+            start_new_session=True)  # its own process group: kill -9 of the group takes its front ends and shards
         self.port = 0
 
     def wait_listening(self, timeout: float = 90.0) -> None:
@@ -189,7 +190,9 @@ def test_balancer_spreads_calls_and_replicas_share_sessions(cluster: Cluster, rt
 def test_a_session_survives_the_kill_of_its_replica(cluster: Cluster, tmp_path: Path, rt: Any) -> None:
     report_path = tmp_path / "report.json"
     # {replica} is the name the demo read from the answer; the shell turns it into that replica's pid
-    kill = f'kill -9 "$(cat {shlex.quote(str(cluster.pids))}/{{replica}})"'
+    # kill -9 of the replica's process group (its front end and shard too, as when its container dies)
+    killpg = "import os, signal, sys; os.killpg(int(open(sys.argv[1]).read()), signal.SIGKILL)"
+    kill = f'{shlex.quote(sys.executable)} -c {shlex.quote(killpg)} {shlex.quote(str(cluster.pids))}/{{replica}}'
     t0 = time.monotonic()
     done = subprocess.run(
         [sys.executable, str(DEMO), "--target", cluster.address, "--kill", kill, "--prompt", PROMPT, "--feed", FEED,
@@ -232,7 +235,7 @@ def test_a_stream_cut_by_its_replicas_death_leaves_a_lease_then_the_session_cont
         chunks = iter(stream)
         while len(stream.text) < 5:
             next(chunks)
-        cluster.replicas[victim].proc.kill()
+        os.killpg(cluster.replicas[victim].proc.pid, signal.SIGKILL)  # all of the replica's processes
         assert cluster.replicas[victim].proc.wait(10) == -signal.SIGKILL
         with pytest.raises(RpcFailed) as cut:
             for _ in chunks:

@@ -282,3 +282,23 @@ def test_both_runtimes_speak_the_model_runtime_protocol(tiny_bundle: Any) -> Non
         last, _ = rt.step_last(ids[None], rt.initial_state(1))
         np.testing.assert_allclose(last, logits[:, -1], rtol=1e-5, atol=1e-6)
         assert rt.score_ids(ids)[1] == 4 and "cell" in rt.manifest.to_public_dict()
+
+
+def test_process_counts_come_from_the_cores_unless_given() -> None:
+    from textgen.service.config import processes_for as plan
+
+    def processes_for(*args: Any) -> Any:
+        p = plan(*args)
+        return (p.workers, p.shards, p.split, p.why)
+
+    assert processes_for(0, 0, "on", 1)[:3] == (1, 1, False)
+    assert processes_for(0, 0, "on", 2)[:3] == (1, 1, True)  # one front end and one shard, apart
+    assert processes_for(0, 0, "on", 16)[:3] == (8, 4, True)
+    assert processes_for(0, 0, "off", 16)[:3] == (1, 1, False)  # --batching off runs in one process
+    assert processes_for(1, 1, "on", 16)[:3] == (1, 1, False)  # as given: one process
+    assert processes_for(2, 0, "on", 16)[:3] == (2, 1, True)
+    assert processes_for(0, 3, "on", 2)[:3] == (1, 3, True)
+    assert processes_for(0, 0, "on", 2)[3] == "2 usable cores: 1 front end and 1 engine shard"
+    assert ServerConfig().processes().workers >= 1
+    with pytest.raises(InputError, match="--batching off runs in one process"):
+        ServerConfig(batching="off", workers=2)

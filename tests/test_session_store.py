@@ -253,14 +253,20 @@ class Serve:
         self.proc = subprocess.Popen(
             [*TEXTGEN, "serve", "--port", str(self.port), "--metrics-port",
              "-1", "--session-store", store, "--session-lease", "1", *extra],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "TEXTGEN_SESSION_KEY": KEY})
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "TEXTGEN_SESSION_KEY": KEY},
+            start_new_session=True)
         wait_port(self.port, self.proc, "textgen serve", timeout=60)
         self.client = TextgenClient(f"127.0.0.1:{self.port}", timeout=30)
         assert wait_until(lambda: self.client.health() == "SERVING", 30)
 
     def end(self, sig: int) -> None:
+        """SIGTERM to the server; SIGKILL to all of its processes at once (its front ends and shards too, as
+        when a container or a machine dies)."""
         self.client.close()
-        self.proc.send_signal(sig)
+        if sig == signal.SIGKILL:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        else:
+            self.proc.send_signal(sig)
         self.proc.wait(30)
         self.log.close()
 
@@ -293,9 +299,7 @@ def test_a_replica_killed_mid_stream_blocks_its_session_for_one_lease_then_it_go
     sid = srv.client.create_session(PROMPT).session.session_id
     stream = iter(srv.client.generate(session_id=sid, max_tokens=1000))
     next(stream)
-    srv.proc.kill()  # its lease (3 s) stays behind; the session's record is as the CreateSession left it
-    srv.proc.wait(30)
-    srv.log.close()
+    srv.end(signal.SIGKILL)  # its lease (3 s) stays behind; the session's record is as the CreateSession left it
     try:
         c = other.client
         assert _code(lambda: c.feed(sid, "x")) == grpc.StatusCode.FAILED_PRECONDITION
