@@ -220,18 +220,32 @@ def serve(**options: Any) -> None:
     """
     import asyncio
 
-    from textgen.service.config import ServerConfig
+    from textgen.service.config import ProcessPlan, ServerConfig
     from textgen.service.memory import limit_malloc_arenas
 
     limit_malloc_arenas()  # before any thread of the server starts
     config = ServerConfig(**options)
     plan = config.processes()
+    if plan.split and not (config.workers or config.shards) and not _writable_tempdir():
+        # e.g. a read-only root file system without a /tmp volume: what was chosen needs a private folder
+        plan = ProcessPlan(1, 1, False, f"{plan.why}, but no writable temporary folder (TMPDIR) for their "
+                                        "sockets: one process")
     config = config.replace(workers=plan.workers, shards=plan.shards)
     if plan.split:
         from textgen.service.processes import serve_processes as run
     else:
         from textgen.service.server import serve as run
     sys.exit(asyncio.run(run(config, why=plan.why)))
+
+
+def _writable_tempdir() -> bool:
+    import tempfile
+
+    try:
+        tempfile.TemporaryDirectory(prefix="textgen-probe-").cleanup()
+    except OSError:
+        return False
+    return True
 
 
 _address_option = click.option("--address", envvar="TEXTGEN_ADDRESS", default="localhost:50051",

@@ -154,10 +154,20 @@ class ProcessPlan:
 
 
 def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), capped by a cgroup v2 CPU quota (a container's
+    ``--cpus``, a Kubernetes CPU limit), rounded up."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def processes_for(workers: int, shards: int, batching: str, cores: int) -> ProcessPlan:

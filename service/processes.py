@@ -109,7 +109,12 @@ class _Child:
 class Processes:
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.folder = Path(tempfile.mkdtemp(prefix="textgen-serve-"))
+        try:
+            self.folder = Path(tempfile.mkdtemp(prefix="textgen-serve-"))
+        except OSError as exc:
+            raise InputError(f"front ends and shards in separate processes need a writable temporary folder for "
+                             f"their sockets and metrics (TMPDIR): {exc}; or run one process: --workers 1 "
+                             "--shards 1") from exc
         self.metrics_dir = self.folder / "metrics"
         self.metrics_dir.mkdir()
         self.ctx = multiprocessing.get_context("spawn")

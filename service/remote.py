@@ -264,8 +264,7 @@ class RemoteCore(CallGate):
             "session_id": p.session_id, "prompt": p.prompt, "max_tokens": p.max_tokens, "stop": list(p.stop),
             "logprobs": p.logprobs, "sampling": {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
                                                  "seed": s.seed}}])
-        self.streams += 1
-        self.metrics.streams_in_flight.inc()
+        self.streams += 1  # (textgen_streams_in_flight is the shard's count: /metrics sums the processes)
         ended = False  # the shard ended the stream (or was told how it ended): no cancel to send
         try:
             while True:
@@ -293,6 +292,5 @@ class RemoteCore(CallGate):
             self._streams.pop(call, None)
             link.calls.discard(call)
             self.streams -= 1
-            self.metrics.streams_in_flight.dec()
             if not ended:
                 self._send(link, [call, ipc.CANCEL, None])

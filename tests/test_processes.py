@@ -308,7 +308,12 @@ def test_a_stalled_reader_ends_with_deadline_exceeded_and_its_session_is_the_tex
         slow = pb_grpc.TextgenServiceStub(channel)
         sid = slow.CreateSession(pb.CreateSessionRequest(prompt="hello")).session.session_id
         call = slow.Generate(pb.GenerateRequest(session_id=sid, max_tokens=1024))
-        time.sleep(3)  # nobody reads: the server's writes stall, and after 1 s the stream is ended
+        time.sleep(0.5)  # nobody reads: the server's writes stall, and after 1 s the stream is ended
+        from servicekit import sample_value
+
+        # one stream in flight, counted once over the processes (front end and shard)
+        assert sample_value(_scrape(srv), "textgen_streams_in_flight") == 1
+        time.sleep(2.5)
         text = []
         with pytest.raises(grpc.RpcError) as info:
             for msg in call:
