@@ -21,6 +21,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
 BATCHING = ("on", "off")
 STORE_SCHEMES = ("redis://", "rediss://", "unix://")
+SPLIT_FROM_CORES = 4  # --workers 0 --shards 0: front ends and shards in separate processes from this many cores
 
 
 @dataclass(frozen=True)
@@ -172,18 +173,22 @@ def usable_cores() -> int:
 
 def processes_for(workers: int, shards: int, batching: str, cores: int) -> ProcessPlan:
     """--workers/--shards to processes. Given (either above 0): as given, one process for 1 and 1 (the other
-    one defaults to 1). Both 0 (the default): one process on a single core or with --batching off; else front
-    ends and shards apart, ``cores // 4`` shards and ``cores // 2`` front ends, at least one each: on 2 cores one
-    front end and one shard (docs/serving-performance.md, Processes: 3.6x the one process's tokens/s at 64
-    streams, TTFT p99 at 256 streams 0.7 s instead of 0.9-1.9 s, for 0.2 ms more between a lone stream's
-    messages). The ratios above 2 cores are a first guess, not measured yet."""
+    one defaults to 1). Both 0 (the default): one process below :data:`SPLIT_FROM_CORES` cores or with
+    --batching off; else front ends and shards apart, ``cores // 2`` front ends and ``cores // 4`` shards.
+
+    Why not apart on 2 cores (docs/serving-performance.md, Processes, measured there): one front end and one
+    shard give 1.4x the one process's tokens/s at 64 streams, but a lone stream's messages 0.6-0.8 ms apart
+    instead of 0.4-0.5, and the soak's flood of 1,000,000-character Scores costs 2x the memory (+248 MB against
+    +120: each text is held by the front end and by the shard). The counts from 4 cores up are a first guess
+    (no machine with more cores has measured them yet)."""
     if workers or shards:
         w, s = workers or 1, shards or 1
         return ProcessPlan(w, s, w > 1 or s > 1, f"--workers {w} --shards {s}")
     if batching == "off":
         return ProcessPlan(1, 1, False, "--batching off runs in one process")
-    if cores < 2:
-        return ProcessPlan(1, 1, False, f"{cores} usable core: one process")
+    if cores < SPLIT_FROM_CORES:
+        return ProcessPlan(1, 1, False, f"{cores} usable core{'s' * (cores > 1)}: one process (front ends and "
+                                        f"shards apart from {SPLIT_FROM_CORES} cores)")
     w, s = max(1, cores // 2), max(1, cores // 4)
     return ProcessPlan(w, s, True, f"{cores} usable cores: {w} front end{'s' * (w > 1)} and {s} engine "
                                  f"shard{'s' * (s > 1)}")
@@ -263,8 +268,8 @@ SETTINGS: tuple[Setting, ...] = (
                         "streams as one batched model step and interleaves prompt chunks with them; off = every "
                         "model call runs on its own (for comparison).", BATCHING),
     Setting("workers", "gRPC front-end processes sharing the port (SO_REUSEPORT). 0 (with --shards 0) = from "
-                       "the usable cores: one process on 1 core, else cores/2 front ends and cores/4 shards, at "
-                       "least one each (logged at start). --workers 1 --shards 1 = one process; otherwise front "
+                       "the usable cores: one process below 4 cores, else cores/2 front ends and cores/4 shards "
+                       "(logged at start). --workers 1 --shards 1 = one process; otherwise front "
                        "ends and engine shards are separate processes (docs/serving-performance.md, Processes)."),
     Setting("shards", "Engine shard processes: each owns a model runtime, a batching scheduler and its sessions "
                       "(a session id names its shard). 0 = from the cores (see --workers); a value above 0 with "

@@ -50,6 +50,11 @@ RESTARTS = 5  # a child that dies this many times within RESTART_WINDOW stops th
 RESTART_WINDOW = 60.0
 
 
+def share(limit: int, among: int) -> int:
+    """One process's part of a server-wide limit (rounded up: the parts add up to at least the limit)."""
+    return max(1, -(-limit // among))
+
+
 def frontend_main(config: ServerConfig, index: int, addresses: list[str], ready: Any) -> None:
     """A front end's entry point: a gRPC server whose core forwards to the shards."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -169,9 +174,15 @@ class Processes:
         # one --session-key for every shard (a random one unless given), so that any shard imports any blob
         shard_config = self.config if self.config.session_key else self.config.replace(
             session_key=secrets.token_hex(32))
+        # The server's limits are the server's, not each process's: shared out among the processes that
+        # enforce them (so that a flood takes no more memory with several front ends than with one).
+        c, w, sh = self.config, self.config.workers, self.config.shards
+        shard_config = shard_config.replace(max_sessions=share(c.max_sessions, sh),
+                                            max_streams=share(c.max_streams, sh))
         for k, address in enumerate(self.addresses):
             self._spawn("shard", k, shard_main, shard_config, k, address)
-        fe_config = self.config.replace(port=self.port, metrics_port=-1)
+        fe_config = c.replace(port=self.port, metrics_port=-1, max_concurrent_calls=share(c.max_concurrent_calls, w),
+                              max_queued_chars=share(c.max_queued_chars, w))
         for i in range(self.config.workers):
             self._spawn("front end", i, frontend_main, fe_config, i, self.addresses)
         if self._hold is not None:

@@ -292,13 +292,15 @@ def test_process_counts_come_from_the_cores_unless_given() -> None:
         return (p.workers, p.shards, p.split, p.why)
 
     assert processes_for(0, 0, "on", 1)[:3] == (1, 1, False)
-    assert processes_for(0, 0, "on", 2)[:3] == (1, 1, True)  # one front end and one shard, apart
+    assert processes_for(0, 0, "on", 2)[:3] == (1, 1, False)  # 2 cores: one process
+    assert processes_for(0, 0, "on", 4)[:3] == (2, 1, True)
     assert processes_for(0, 0, "on", 16)[:3] == (8, 4, True)
     assert processes_for(0, 0, "off", 16)[:3] == (1, 1, False)  # --batching off runs in one process
     assert processes_for(1, 1, "on", 16)[:3] == (1, 1, False)  # as given: one process
     assert processes_for(2, 0, "on", 16)[:3] == (2, 1, True)
     assert processes_for(0, 3, "on", 2)[:3] == (1, 3, True)
-    assert processes_for(0, 0, "on", 2)[3] == "2 usable cores: 1 front end and 1 engine shard"
+    assert processes_for(0, 0, "on", 4)[3] == "4 usable cores: 2 front ends and 1 engine shard"
+    assert processes_for(0, 0, "on", 2)[3].startswith("2 usable cores: one process")
     assert ServerConfig().processes().workers >= 1
     with pytest.raises(InputError, match="--batching off runs in one process"):
         ServerConfig(batching="off", workers=2)
