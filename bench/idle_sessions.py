@@ -38,7 +38,7 @@ async def create(address: str, n: int, in_flight: int = 64) -> float:
 
         async def worker() -> None:
             for _ in left:
-                await stub.CreateSession(pb.CreateSessionRequest(prompt="a", ttl=3600), timeout=60)
+                await stub.CreateSession(pb.CreateSessionRequest(prompt="a"), timeout=60)
 
         await asyncio.gather(*(worker() for _ in range(in_flight)))
     return time.perf_counter() - start
