@@ -252,6 +252,12 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path: Path, iterator: st
         for (_, a), (_, b) in zip(whole, resumed, strict=True):
             assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
     assert load_checkpoint(tmp_path / "resumed" / "last.pt").step == 20
+    # resumed once more at its limit: nothing to train, the saved figures are reported (it used to crash)
+    lines: list[str] = []
+    again = train(TrainConfig(max_steps=20, out_dir=str(tmp_path / "resumed")),
+                  resume_from=tmp_path / "resumed" / "last.pt", show_progress=False, echo=lines.append)
+    assert again.steps == 20 and again.last_val["loss"] == pytest.approx(resumed[-1][1])
+    assert lines[-1].startswith("step 20: held-out loss")
 
 
 def test_sgd_recipe_with_random_iterator_learns(tmp_path: Path) -> None:

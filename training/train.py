@@ -252,6 +252,7 @@ class _Run:
         self.step, self.elapsed = ckpt.step, ckpt.elapsed
         self.carried = ckpt.carried_state.to(self.device) if ckpt.carried_state is not None else None
         self.best, self.best_val = ckpt.best_val_loss, {"loss": ckpt.best_val_loss}
+        self.last_val = dict(ckpt.metrics)  # the held-out figures saved with it (a run resumed at its limit)
         if ckpt.rng_state is not None:
             torch.set_rng_state(ckpt.rng_state)
         if ckpt.cuda_rng_state is not None and self.device.type == "cuda":  # dropout's generator on the GPU
@@ -430,7 +431,7 @@ def train(
             evaluated_at = run.step
             window.since = time.perf_counter()
     bar.close()
-    if evaluated_at != run.step:
+    if evaluated_at != run.step or "loss" not in run.last_val:
         run.evaluate_and_save(data.val_ids, log, out)  # the figures of the final weights
 
     tokens_per_s = run.step * B * T / max(run.elapsed, 1e-9) if resumed is None else float("nan")
