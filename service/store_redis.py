@@ -353,7 +353,3 @@ class RedisSessionStore:
         if self._renewer is not None:
             self._renewer.cancel()
         await self.redis.aclose()
-
-    async def record_size(self, sid: str) -> int:
-        """Bytes of a session's record in Redis (STRLEN), for the benchmark."""
-        return int(await self._io(self.redis.strlen(self._keys(sid)[0])))
