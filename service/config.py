@@ -155,20 +155,35 @@ class ProcessPlan:
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity), capped by a cgroup v2 CPU quota (a container's
-    ``--cpus``, a Kubernetes CPU limit), rounded up."""
+    """The cores this process may run on (its CPU affinity), capped by the cgroup v2 CPU quotas of its group and
+    the groups above it (a container's ``--cpus``, a Kubernetes CPU limit, a systemd CPUQuota), rounded up."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
-            quota, period = f.read().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, -(-int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
+    for quota, period in _cgroup_cpu_limits():
+        cores = min(cores, max(1, -(-quota // period)))
     return cores
+
+
+def _cgroup_cpu_limits() -> list[tuple[int, int]]:
+    """The CPU quotas (``cpu.max``) of this process's cgroup v2 and of the groups above it, as (quota, period)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next((line.split(":", 2)[2].strip() for line in f if line.startswith("0::")), "/")
+    except OSError:
+        return []
+    limits, group = [], "/sys/fs/cgroup" + path.rstrip("/")
+    while group.startswith("/sys/fs/cgroup"):
+        try:
+            with open(f"{group}/cpu.max") as f:
+                quota, period = f.read().split()[:2]
+            if quota != "max":
+                limits.append((int(quota), int(period)))
+        except (OSError, ValueError):
+            pass
+        group = group.rsplit("/", 1)[0]
+    return limits
 
 
 def processes_for(workers: int, shards: int, batching: str, cores: int) -> ProcessPlan:
@@ -251,7 +266,8 @@ SETTINGS: tuple[Setting, ...] = (
                              "Replicas). With Redis, --max-sessions bounds this process's copies, and --eviction "
                              "does not apply."),
     Setting("session_lease", "Redis store: seconds a call's lease on a session lasts without renewal (renewed "
-                             "while the call runs); the lease of a killed replica blocks its sessions this long."),
+                             "every third of it while the call runs; keep it above the store's 2 s command "
+                             "timeout); the lease of a killed replica blocks its sessions this long."),
     Setting("replica_name", "Name of this server in the trailing metadata `textgen-replica` of every textgen "
                             "call (default: the host name): which replica served a call behind a load balancer."),
     Setting("max_prompt_chars", "Characters per prompt / Feed text / Generate prompt."),

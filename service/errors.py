@@ -20,6 +20,7 @@
     │   ├── SessionConflict      ABORTED: another replica moved the session on while this call held it (its
     │   │                        lease had expired): nothing of this call was saved
     │   ├── StoreUnavailable     UNAVAILABLE: the session store (Redis) cannot be reached; nothing half-written
+    │   ├── SessionUnreadable    DATA_LOSS: the session store holds a record this server cannot read
     │   └── ShuttingDown         UNAVAILABLE: the server is draining
     └── RpcFailed                the client side: a call to the server failed (.code is the grpc.StatusCode)
 
@@ -108,6 +109,10 @@ class SessionConflict(ServiceError):
 
 class StoreUnavailable(ServiceError):
     code = "UNAVAILABLE"
+
+
+class SessionUnreadable(ServiceError):
+    code = "DATA_LOSS"
 
 
 class MessageGiven(Exception):

@@ -63,7 +63,7 @@ def session_shard(session_id: str, shards: int, *, shared: bool = False) -> int 
     ``shared`` session store every shard can load every session: an id of a replica with other shards (or of
     a one-process server, no prefix) goes to a shard chosen from the id, the same one each time."""
     head, dot, _ = session_id.partition(".")
-    if dot and head.isdigit() and int(head) < shards:
+    if dot and head.isascii() and head.isdigit() and int(head) < shards:
         return int(head)
     if not shared or not session_id:
         return None

@@ -27,6 +27,7 @@ passes. All methods run on the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import struct
@@ -35,11 +36,19 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import numpy as np
 
-from .errors import SessionBusy, SessionConflict, SessionNotFound, StoreUnavailable
+from .errors import (
+    LimitExceeded,
+    ServiceError,
+    SessionBusy,
+    SessionConflict,
+    SessionNotFound,
+    SessionUnreadable,
+    StoreUnavailable,
+)
 from .sessions import ID_BYTES, Session, SessionInfo, StoreEvents, short_id
 
 log = logging.getLogger("textgen.service")
@@ -64,15 +73,19 @@ return {3, redis.call('GET', KEYS[1])}
 """
 
 # KEYS: record, lease. ARGV: lease token, the version the call started from (8 bytes), the new record or ""
-# (unchanged: the expiry is refreshed), ttl ms.
-# -> 1 saved, 0 the lease was lost and the session moved on, -2 the session was deleted meanwhile.
+# (unchanged: the lease is freed and the expiry refreshed, whatever happened meanwhile), ttl ms (0: leave the
+# expiry alone).
+# -> 1 saved (or nothing to save), 0 the lease was lost and the session moved on, -2 deleted meanwhile.
 RELEASE = """
 local mine = redis.call('GET', KEYS[2]) == ARGV[1]
 if mine then redis.call('DEL', KEYS[2]) end
 local current = redis.call('GETRANGE', KEYS[1], 4, 11)
+if ARGV[3] == '' then
+  if current ~= '' and ARGV[4] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
+  return 1
+end
 if current == '' then return -2 end
 if current ~= ARGV[2] then return 0 end
-if ARGV[3] == '' then redis.call('PEXPIRE', KEYS[1], ARGV[4]) return 1 end
 if not mine and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
 return 1
@@ -101,11 +114,11 @@ def pack_record(s: Session, version: int) -> bytes:
 
 
 def unpack_record(sid: str, data: bytes, state_size: int) -> Session:
-    magic, version, pending, tokens, created, ttl = HEADER.unpack_from(data)
+    if len(data) < HEADER.size or not data.startswith(MAGIC) or len(data) - HEADER.size not in (0, 4 * state_size):
+        raise SessionUnreadable(f"session {short_id(sid)!r}: the store holds a record this server cannot read "
+                                "(written by another version of textgen, or not by textgen)")
+    _, version, pending, tokens, created, ttl = HEADER.unpack_from(data)
     body = data[HEADER.size:]
-    if magic != MAGIC or len(body) not in (0, 4 * state_size):
-        raise StoreUnavailable(f"session {short_id(sid)!r}: the store holds a record this server cannot read "
-                               "(another version of textgen, or another model)")
     s = Session(sid, ttl, 0.0, created)
     s.version = version
     if pending >= 0:
@@ -116,12 +129,13 @@ def unpack_record(sid: str, data: bytes, state_size: int) -> Session:
 
 
 def redacted(url: str) -> str:
-    """The store's URL without its password, for messages and logs."""
+    """The store's URL without its password (in the user part or the query), for logs."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit((parts.scheme, f"{parts.username or ''}:***@{netloc}", parts.path, parts.query, ""))
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rsplit('@', 1)[1]}"
+    query = "&".join(f"{k}=***" if k.lower() == "password" else f"{k}={v}" for k, v in parse_qsl(parts.query))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 def connect(url: str) -> Any:
@@ -163,6 +177,7 @@ class RedisSessionStore:
         self._local: OrderedDict[str, Session] = OrderedDict()  # copies of sessions served here, LRU first
         self._leases: dict[str, bytes] = {}  # session id -> this process's lease token, while a call holds it
         self._renewer: asyncio.Task[None] | None = None
+        self._freeing: set[asyncio.Future[None]] = set()  # leases of cancelled calls being freed
         self._acquire = self.redis.register_script(ACQUIRE)
         self._release = self.redis.register_script(RELEASE)
         self._create = self.redis.register_script(CREATE)
@@ -175,13 +190,24 @@ class RedisSessionStore:
         return [f"{self.prefix}s:{sid}", f"{self.prefix}l:{sid}"]
 
     async def _io(self, what: Awaitable[T]) -> T:
-        from redis.exceptions import RedisError
+        """Redis's failures as the service's errors. Clients are not told where the store is (the server's log
+        and health say it); a full Redis is RESOURCE_EXHAUSTED, anything else it refuses or cannot answer is
+        UNAVAILABLE (nothing was half-written: every write is one script)."""
+        from redis.exceptions import ConnectionError, RedisError, ResponseError, TimeoutError
 
         try:
             return await what
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"the session store {redacted(self.url)} is unreachable ({exc}); "
-                                   "retry later") from exc
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            raise StoreUnavailable("the session store is unreachable; retry later") from exc
+        except ResponseError as exc:
+            if type(exc).__name__ == "OutOfMemoryError" or str(exc).startswith("OOM"):
+                raise LimitExceeded("the session store is full (Redis maxmemory); delete sessions or retry later",
+                                    exhausted=True) from exc
+            log.warning("the session store refused a command: %s", exc)
+            kind = str(exc).split()[0] if type(exc) is ResponseError and str(exc) else type(exc).__name__
+            raise StoreUnavailable(f"the session store refused the command ({kind}); retry later") from exc
+        except RedisError as exc:
+            raise StoreUnavailable(f"the session store failed ({type(exc).__name__}); retry later") from exc
 
     def _not_found(self, sid: str) -> SessionNotFound:
         self._local.pop(sid, None)
@@ -225,13 +251,23 @@ class RedisSessionStore:
         token = secrets.token_bytes(12)
         rec, lease = self._keys(sid)
         mine = b"" if copy is None else VERSION.pack(copy.version)
-        reply = await self._io(self._acquire(keys=[rec, lease], args=[token, self.lease_ms, mine]))
+        acquiring = asyncio.ensure_future(self._io(self._acquire(keys=[rec, lease], args=[token, self.lease_ms,
+                                                                                           mine])))
+        try:
+            reply = await asyncio.shield(acquiring)
+        except asyncio.CancelledError:  # the call went away: a lease taken meanwhile must not block its session
+            acquiring.add_done_callback(lambda f: self._abandon(f, sid, token))
+            raise
         if reply[0] == 0:
             raise self._not_found(sid)
         if reply[0] == 1:
             raise SessionBusy(f"session {short_id(sid)!r} is busy with another call (on this replica or another); "
                               "calls on one session must not overlap")
-        s = copy if reply[0] == 2 and copy is not None else unpack_record(sid, reply[1], self.state_size)
+        try:
+            s = copy if reply[0] == 2 and copy is not None else unpack_record(sid, reply[1], self.state_size)
+        except SessionUnreadable:
+            await self._free(sid, token)
+            raise
         base = s.version
         s.busy, s.dirty = True, False
         self._keep(s)
@@ -244,23 +280,35 @@ class RedisSessionStore:
             self._leases.pop(sid, None)
             await self._save(s, token, base)
 
+    def _abandon(self, acquired: asyncio.Future[Any], sid: str, token: bytes) -> None:
+        """An ACQUIRE whose call was cancelled while it ran: free the lease if it was taken."""
+        if acquired.cancelled() or acquired.exception() is not None or acquired.result()[0] not in (2, 3):
+            return
+        task = asyncio.ensure_future(self._free(sid, token))
+        self._freeing.add(task)
+        task.add_done_callback(self._freeing.discard)
+
+    async def _free(self, sid: str, token: bytes) -> None:
+        """Free this call's lease (nothing written), quietly."""
+        with contextlib.suppress(ServiceError):
+            await self._io(self._release(keys=self._keys(sid), args=[token, b"", b"", 0]))
+
     async def _save(self, s: Session, token: bytes, base: int) -> None:
         """The end of a call that held ``s``: write it (if changed) and free the lease, in one script."""
         rec, lease = self._keys(s.id)
         record = pack_record(s, base + 1) if s.dirty else b""
         s.last_used = self.clock()
-        try:
-            # shielded: a cancelled call (the client went away) still saves the text it was given
-            done = await self._io(asyncio.shield(self._release(
-                keys=[rec, lease], args=[token, VERSION.pack(base), record, self._ttl_ms(s)])))
-        except StoreUnavailable:
-            self._local.pop(s.id, None)  # this copy may be ahead of Redis: never continue from it
-            raise
+        # Until the script's answer, this copy is not current for anyone (it may be ahead of Redis, and a
+        # cancelled call does not see how the save ended): it comes back only once the save succeeded.
+        self._local.pop(s.id, None)
+        # shielded: a cancelled call (the client went away) still saves the text it was given
+        done = await self._io(asyncio.shield(self._release(
+            keys=[rec, lease], args=[token, VERSION.pack(base), record, self._ttl_ms(s)])))
         if done == 1:
             if s.dirty:
                 s.version, s.dirty = base + 1, False
+            self._keep(s)
             return
-        self._local.pop(s.id, None)
         if done == -2:  # deleted (or expired) while the call ran: as in memory, the call's work goes with it
             return
         log.warning("session moved on by another call while this one held it: not saved",

@@ -59,7 +59,7 @@ class Replica:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from textgen.service.cli import main; main()", "serve", "--host", "127.0.0.1",
              "--port", "0", "--metrics-port", "-1", "--session-store", store, "--replica-name", name,
-             "--session-lease", str(lease),
+             "--session-lease", str(lease), "--max-tokens", "100000",
              "--log-format", "json", "--log-level", "info", "--grace-seconds", "2"],
             stdout=subprocess.PIPE, stderr=self._log, text=True, env=env,
             start_new_session=True)  # its own process group: kill -9 of the group takes its front ends and shards
@@ -231,7 +231,7 @@ def test_a_stream_cut_by_its_replicas_death_leaves_a_lease_then_the_session_cont
         _, call = lb.stub.GetSession.with_call(pb.GetSessionRequest(session_id=sid))
         # round robin (test_balancer_spreads_calls_and_replicas_share_sessions): the next call goes to the other
         victim = "b" if served_by(call) == "a" else "a"
-        stream = lb.generate(session_id=sid, max_tokens=1000, temperature=0.0)
+        stream = lb.generate(session_id=sid, max_tokens=100_000, temperature=0.0)  # still running at the kill
         chunks = iter(stream)
         while len(stream.text) < 5:
             next(chunks)

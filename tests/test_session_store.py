@@ -295,9 +295,9 @@ def test_a_replica_killed_mid_stream_blocks_its_session_for_one_lease_then_it_go
     redis_srv.flush()
     # the survivor has several shards: any shard serves any session of the shared store
     other = Serve(tmp_path, redis_srv.url, "--workers", "2", "--shards", "2")
-    srv = Serve(tmp_path, redis_srv.url, "--session-lease", "3")
+    srv = Serve(tmp_path, redis_srv.url, "--session-lease", "3", "--max-tokens", "100000")
     sid = srv.client.create_session(PROMPT).session.session_id
-    stream = iter(srv.client.generate(session_id=sid, max_tokens=1000))
+    stream = iter(srv.client.generate(session_id=sid, max_tokens=100_000))  # seconds: still running at the kill
     next(stream)
     srv.end(signal.SIGKILL)  # its lease (3 s) stays behind; the session's record is as the CreateSession left it
     try:
@@ -314,7 +314,7 @@ def test_a_replica_killed_mid_stream_blocks_its_session_for_one_lease_then_it_go
 def test_a_record_round_trips_exactly_and_a_foreign_one_is_refused() -> None:
     import numpy as np
 
-    from textgen.service.errors import StoreUnavailable
+    from textgen.service.errors import SessionUnreadable
     from textgen.service.sessions import Session
     from textgen.service.store_redis import pack_record, redacted, unpack_record
 
@@ -325,7 +325,94 @@ def test_a_record_round_trips_exactly_and_a_foreign_one_is_refused() -> None:
     assert back.state is not None and back.state.tobytes() == s.state.tobytes()  # type: ignore[union-attr]
     empty = unpack_record("e", pack_record(Session("e", 1.0, 0.0, 0.0), 1), 8)
     assert empty.state is None and empty.pending is None and empty.tokens == 0
-    with pytest.raises(StoreUnavailable, match="cannot read"):
-        unpack_record("abc", pack_record(s, 7), 16)  # another model's state size
+    for foreign in (pack_record(s, 7)[:-4], b"TGS1", b"", b"X" * len(pack_record(s, 7))):
+        with pytest.raises(SessionUnreadable, match="cannot read"):  # DATA_LOSS, never INTERNAL
+            unpack_record("abc", foreign, 8)
     assert redacted("redis://user:pw@host:6379/0") == "redis://user:***@host:6379/0"
+    assert redacted("redis://host:6379/0?password=pw&db=1") == "redis://host:6379/0?password=***&db=1"
     assert redacted("redis://host:6379/0") == "redis://host:6379/0"
+    from textgen.service.ipc import session_shard
+
+    assert session_shard("\u00b2.abc", 2, shared=True) in (0, 1)  # a non-ASCII digit is no shard number
+    assert session_shard("\u00b2.abc", 2) is None
+
+
+def _store(r: RedisServer, lease: float = 5.0) -> Any:
+    from textgen.service.store_redis import RedisSessionStore
+
+    return RedisSessionStore(r.url, fingerprint=b"\x01" * 32, state_size=4, lease_seconds=lease)
+
+
+def test_store_failures_map_to_precise_codes_and_never_leave_a_stale_copy(redis_srv: RedisServer) -> None:
+    """Found in review: a foreign record, a call that changed nothing after its lease lapsed, a full Redis, a
+    cancelled save, a cancelled acquire."""
+    import asyncio
+
+    import numpy as np
+
+    from textgen.service.errors import LimitExceeded, SessionBusy, SessionUnreadable, StoreUnavailable
+
+    redis_srv.flush()
+
+    async def scenario() -> None:
+        a, b = _store(redis_srv), _store(redis_srv)
+        conn = a.redis
+        async with a.opened(60.0) as s:
+            s.commit(np.ones(4, np.float32), 3, 1)
+        sid = s.id
+        rec, lease = a._keys(sid)
+        # 1. a record this server cannot read: DATA_LOSS, and its lease is not left behind
+        good = await conn.get(rec)
+        await conn.set(rec, b"TGS1")
+        with pytest.raises(SessionUnreadable):
+            async with a.held(sid):
+                pass
+        assert not await conn.exists(lease)
+        await conn.set(rec, good, px=60_000)
+        # 2. a call that changed nothing is never ABORTED, even if the session moved on meanwhile
+        async with a.held(sid):
+            await conn.delete(lease)  # as if our lease had lapsed
+            async with b.held(sid) as other:
+                other.commit(np.zeros(4, np.float32), 5, 1)
+        assert (await b.describe(sid)).token_count == 2
+        # 3. a cancelled save whose outcome this process never saw: the copy is not trusted afterwards
+        with pytest.raises(StoreUnavailable):
+            async with b.held(sid) as t:
+                t.commit(np.full(4, 2.0, np.float32), 7, 10)
+                version_before = t.version
+                await conn.config_set("min-replicas-to-write", 1)  # the release script will fail
+        assert b._local.get(sid) is None and version_before == t.version
+        await conn.config_set("min-replicas-to-write", 0)
+        assert (await b.describe(sid)).token_count == 2  # Redis's record, not the unsaved copy's 12
+        await conn.delete(lease)  # the failed save could not free its lease: it would lapse after 5 s
+        # 4. a full Redis: RESOURCE_EXHAUSTED, not "unreachable"
+        await conn.config_set("maxmemory", 1)
+        try:
+            with pytest.raises(LimitExceeded, match="full"):
+                async with a.opened(60.0) as n:
+                    n.commit(np.ones(4, np.float32), 1, 1)
+        finally:
+            await conn.config_set("maxmemory", 0)
+        # 5. a call cancelled while its lease was being taken does not leave the session busy
+        task = asyncio.ensure_future(_hold(a, sid))
+        await asyncio.sleep(0)  # the ACQUIRE is sent
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.2)  # the ACQUIRE lands (and takes the lease) after the cancel
+        assert a._freeing or not await conn.exists(lease)  # it was taken, and is being (or was) freed
+        for _ in range(100):
+            if not await conn.exists(lease):
+                break
+            await asyncio.sleep(0.01)
+        async with b.held(sid):  # would be SessionBusy for a whole lease (5 s) before the fix
+            pass
+        await a.close()
+        await b.close()
+
+    async def _hold(store: Any, sid: str) -> None:
+        async with store.held(sid):
+            await asyncio.sleep(10)
+
+    asyncio.run(scenario())
+    assert SessionBusy  # (imported for the scenario's comment: busy is what a leaked lease would give)
