@@ -98,6 +98,22 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 
+# KEYS: record, lease. ARGV: the version of this process's copy (8 bytes) or "", "1" to touch the record (a
+# read is a use: its expiry restarts from its TTL, read from the header), "1" to want the state.
+# -> {0} not found; {1, header, pttl, busy} the copy is current or the state is not wanted; {2, record, pttl, busy}.
+PEEK = """
+local head = redis.call('GETRANGE', KEYS[1], 0, 43)
+if head == '' then return {0} end
+if string.len(head) == 44 and string.sub(head, 1, 4) == 'TGS1' and ARGV[2] == '1' then
+  local ttl = struct.unpack('<d', string.sub(head, 37, 44))
+  redis.call('PEXPIRE', KEYS[1], math.max(1, math.floor(ttl * 1000)))
+end
+local pttl = redis.call('PTTL', KEYS[1])
+local busy = redis.call('EXISTS', KEYS[2])
+if ARGV[3] ~= '1' or (ARGV[1] ~= '' and string.sub(head, 5, 12) == ARGV[1]) then return {1, head, pttl, busy} end
+return {2, redis.call('GET', KEYS[1]), pttl, busy}
+"""
+
 # KEYS: record, lease. ARGV: lease token, lease ms, ttl ms. -> 1 renewed (and the record kept alive), 0 lost.
 RENEW = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
@@ -113,8 +129,10 @@ def pack_record(s: Session, version: int) -> bytes:
     return head if s.state is None else head + np.ascontiguousarray(s.state, dtype="<f4").tobytes()
 
 
-def unpack_record(sid: str, data: bytes, state_size: int) -> Session:
-    if len(data) < HEADER.size or not data.startswith(MAGIC) or len(data) - HEADER.size not in (0, 4 * state_size):
+def unpack_record(sid: str, data: bytes, state_size: int, *, header_only: bool = False) -> Session:
+    """A session from its record (``header_only``: from the record's first bytes: no state)."""
+    sizes = (0,) if header_only else (0, 4 * state_size)
+    if len(data) < HEADER.size or not data.startswith(MAGIC) or len(data) - HEADER.size not in sizes:
         raise SessionUnreadable(f"session {short_id(sid)!r}: the store holds a record this server cannot read "
                                 "(written by another version of textgen, or not by textgen)")
     _, version, pending, tokens, created, ttl = HEADER.unpack_from(data)
@@ -182,6 +200,7 @@ class RedisSessionStore:
         self._release = self.redis.register_script(RELEASE)
         self._create = self.redis.register_script(CREATE)
         self._renew = self.redis.register_script(RENEW)
+        self._peek = self.redis.register_script(PEEK)
 
     def __len__(self) -> int:
         return len(self._local)
@@ -348,28 +367,30 @@ class RedisSessionStore:
                                 extra={"fields": {"session": short_id(sid)}})
 
     # -- read-only calls
-    async def _fetch(self, sid: str) -> tuple[Session, int, bool]:
-        """The record (or this process's copy, when current or held here), its expiry in ms and whether a call
-        holds it."""
-        rec, lease = self._keys(sid)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.get(rec).pttl(rec).exists(lease)
-            data, pttl, busy = await self._io(pipe.execute())
-        if data is None:
-            raise self._not_found(sid)
-        s = unpack_record(sid, data, self.state_size)
+    async def _fetch(self, sid: str, *, touch: bool, state: bool) -> tuple[Session, int, bool]:
+        """In one script: the session (this process's copy when it is current or held here; else the record,
+        or with ``state`` False only its header: no state), its expiry in ms and whether a call holds it;
+        ``touch`` restarts its expiry (a read-only Score is a use, GetSession is not)."""
         copy = self._local.get(sid)
-        if copy is not None and (copy.busy or copy.version == s.version):
-            s = copy
-        return s, int(pttl), bool(busy)
+        mine = b"" if copy is None else VERSION.pack(copy.version)
+        reply = await self._io(self._peek(keys=self._keys(sid), args=[mine, int(touch), int(state)]))
+        if reply[0] == 0:
+            raise self._not_found(sid)
+        data, pttl, busy = reply[1], int(reply[2]), bool(reply[3])
+        if copy is not None and (copy.busy or data[4:12] == mine):
+            return copy, pttl, busy
+        if reply[0] == 1:  # the header only
+            s = unpack_record(sid, data, self.state_size, header_only=True)
+        else:
+            s = unpack_record(sid, data, self.state_size)
+        return s, pttl, busy
 
     async def peek(self, sid: str) -> Session:
-        s, _, _ = await self._fetch(sid)
-        await self._io(self.redis.pexpire(self._keys(sid)[0], self._ttl_ms(s)))  # a read is a use
+        s, _, _ = await self._fetch(sid, touch=True, state=True)
         return s
 
     async def describe(self, sid: str) -> SessionInfo:
-        s, pttl, busy = await self._fetch(sid)
+        s, pttl, busy = await self._fetch(sid, touch=False, state=False)
         now = self.clock()
         expire = now + max(pttl, 0) / 1000.0
         return SessionInfo(session_id=sid, token_count=s.tokens, create_time=s.created_wall,

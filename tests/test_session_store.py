@@ -361,9 +361,20 @@ def test_store_failures_map_to_precise_codes_and_never_leave_a_stale_copy(redis_
             s.commit(np.ones(4, np.float32), 3, 1)
         sid = s.id
         rec, lease = a._keys(sid)
-        # 1. a record this server cannot read: DATA_LOSS, and its lease is not left behind
+        # 0. GetSession reads without touching; a read-only Score's read restarts the TTL (from the header)
+        await conn.pexpire(rec, 5000)
+        info = await b.describe(sid)
+        assert info.token_count == 1 and info.ttl == 60.0 and 4 <= info.expire_time - time.time() <= 5
+        assert 4000 <= await conn.pttl(rec) <= 5000
+        peeked = await b.peek(sid)
+        assert peeked.tokens == 1 and peeked.state is not None and list(peeked.state) == [1.0] * 4
+        assert 59_000 <= await conn.pttl(rec) <= 60_000
+        # 1. a record this server cannot read: DATA_LOSS (never INTERNAL), and its lease is not left behind
         good = await conn.get(rec)
         await conn.set(rec, b"TGS1")
+        for read in (b.describe, b.peek):
+            with pytest.raises(SessionUnreadable):
+                await read(sid)
         with pytest.raises(SessionUnreadable):
             async with a.held(sid):
                 pass
