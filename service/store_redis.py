@@ -379,11 +379,7 @@ class RedisSessionStore:
         data, pttl, busy = reply[1], int(reply[2]), bool(reply[3])
         if copy is not None and (copy.busy or data[4:12] == mine):
             return copy, pttl, busy
-        if reply[0] == 1:  # the header only
-            s = unpack_record(sid, data, self.state_size, header_only=True)
-        else:
-            s = unpack_record(sid, data, self.state_size)
-        return s, pttl, busy
+        return unpack_record(sid, data, self.state_size, header_only=reply[0] == 1), pttl, busy
 
     async def peek(self, sid: str) -> Session:
         s, _, _ = await self._fetch(sid, touch=True, state=True)

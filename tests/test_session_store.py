@@ -350,7 +350,7 @@ def test_store_failures_map_to_precise_codes_and_never_leave_a_stale_copy(redis_
 
     import numpy as np
 
-    from textgen.service.errors import LimitExceeded, SessionBusy, SessionUnreadable, StoreUnavailable
+    from textgen.service.errors import LimitExceeded, SessionUnreadable, StoreUnavailable
 
     redis_srv.flush()
 
@@ -426,4 +426,3 @@ def test_store_failures_map_to_precise_codes_and_never_leave_a_stale_copy(redis_
             await asyncio.sleep(10)
 
     asyncio.run(scenario())
-    assert SessionBusy  # (imported for the scenario's comment: busy is what a leaked lease would give)
