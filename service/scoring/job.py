@@ -21,14 +21,14 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
-from ..bundle import MANIFEST_FILE, MODEL_FILE, load_verified
+from ..bundle import MANIFEST_FILE, MODEL_FILE, Manifest, load_verified
 from ..errors import InputError, ScoringError, UnsafeOutput
 from .batching import Window, plan_windows
 from .executors import ENGINES, make_executor
@@ -47,7 +47,7 @@ from .output import (
     summary_path,
     write_json_atomic,
 )
-from .tasks import Key, Payload, pack
+from .tasks import Executor, Key, Payload, pack
 
 
 @dataclass
@@ -125,6 +125,46 @@ def run_job(job: ScoreJob, *, stdout: TextIO | None = None, stderr: TextIO | Non
     stderr = stderr or sys.stderr
     t0 = time.perf_counter()
     _check_options(job)
+    setup = _prepare(job)
+    done, appending = _start_output(job, setup)
+    resume = _Resume(done)
+    records = resume.track(read_records(job.input, text_field=job.text_field, id_field=job.id_field,
+                                        kind=job.input_format), job.input)
+    executor = make_executor(job.engine, str(setup.bundle), job.workers, job.threads, job.chunk, job.address)
+    rows = RowWriter(job.output, setup.fmt, append=appending, stdout=stdout)
+    # The errors file is written afresh, also on --resume: the bad rows before the cutoff are read again.
+    errors = ErrorWriter(setup.err_path, stream=stderr)
+    totals = Totals(**{**asdict(done.totals), "failed": 0})
+    bar = _progress(job, stderr)
+    scorer = _Scorer(setup, job.batch_size, resume, rows, errors, totals, bar)
+    try:
+        scorer.run(executor, records)
+    finally:
+        executor.close()
+        rows.close()
+        errors.close()
+        if bar is not None:
+            bar.close()
+    summary = _summary(job, setup, scorer, len(done.ids), executor, time.perf_counter() - t0)
+    if job.output is not None:
+        write_json_atomic(summary_path(job.output), summary)
+    return summary
+
+
+@dataclass
+class _Setup:
+    """What the job settled before writing anything: the verified bundle, the formats and the settings."""
+
+    bundle: Path
+    manifest: Manifest
+    encode: Callable[[str], np.ndarray]
+    fmt: str
+    err_path: str | None
+    settings: dict[str, Any]
+
+
+def _prepare(job: ScoreJob) -> _Setup:
+    """Load and verify the bundle, check the input and refuse unsafe outputs: all that can fail before a write."""
     from ..runtime import default_bundle_path, load_bundle
 
     bundle = Path(job.model) if job.model is not None else default_bundle_path()
@@ -146,103 +186,113 @@ def run_job(job: ScoreJob, *, stdout: TextIO | None = None, stderr: TextIO | Non
     if job.output is not None:
         # Hashing the input costs one extra read of it; only a file can be resumed, so only then.
         settings["input_fingerprint"] = input_fingerprint(job.input, job.input_format)
+    return _Setup(bundle, manifest, vocab.encode, fmt, err_path, settings)
 
+
+def _start_output(job: ScoreJob, setup: _Setup) -> tuple[Done, bool]:
+    """The rows an interrupted run wrote (kept on --resume) and whether to append to them; an existing output is
+    refused without --resume or --force. Then the summary file says "running"."""
     done = Done()
     appending = False
     if job.output is not None and os.path.exists(job.output):
         if job.resume:
-            _check_resumable(job.output, settings)
-            done = read_done(job.output, fmt)
+            _check_resumable(job.output, setup.settings)
+            done = read_done(job.output, setup.fmt)
             appending = os.path.getsize(job.output) > 0
         elif not job.force:
             raise InputError(f"{job.output} exists: pass --resume to continue that run, or --force to replace it")
     if job.output is not None:
-        write_json_atomic(summary_path(job.output), {"status": "running", "settings": settings})
+        write_json_atomic(summary_path(job.output), {"status": "running", "settings": setup.settings})
+    return done, appending
 
-    resume = _Resume(done)
-    records = resume.track(read_records(job.input, text_field=job.text_field, id_field=job.id_field,
-                                        kind=job.input_format), job.input)
-    executor = make_executor(job.engine, str(bundle), job.workers, job.threads, job.chunk, job.address)
-    rows = RowWriter(job.output, fmt, append=appending, stdout=stdout)
-    # The errors file is written afresh, also on --resume: the bad rows before the cutoff are read again.
-    errors = ErrorWriter(err_path, stream=stderr)
-    totals = Totals(**{**asdict(done.totals), "failed": 0})
-    new_tokens = 0
-    bar = _progress(job, stderr)
-    t_start = time.perf_counter()
-    try:
-        windows: deque[Window] = deque()
-        results: dict[Key, list[float]] = {}
-        pending: dict[int, int] = {}  # window seq -> batches not back yet
-        task_bytes: dict[Key, int] = {}  # input bytes of a batch's documents, for the progress bar
 
-        def tasks() -> Iterator[tuple[Key, Payload]]:
-            for w in plan_windows(records, vocab.encode, job.batch_size):
-                windows.append(w)
-                nb = {r.index: r.nbytes for r in w.records}
-                skipped = sum(r.nbytes for r in w.records if resume.is_done(r.index))
-                if bar is not None and skipped:
-                    bar.update(skipped)
-                # A batch of the cut window whose rows are all written already is not needed again.
-                todo = [b for b, indices in enumerate(w.batches) if not all(resume.is_done(i) for i in indices)]
-                pending[w.seq] = len(todo)  # all counted before the first is yielded: results may come at once
-                for b in todo:
-                    indices = w.batches[b]
-                    task_bytes[(w.seq, b)] = sum(nb[i] for i in indices)
-                    yield (w.seq, b), pack([w.ids[i] for i in indices], manifest.vocab_size)
-                emit()  # a window with nothing to score (all bad rows, or all done)
+class _Scorer:
+    """Plans the windows, hands their batches to the executor and, as results come back in any order, writes
+    each window's rows in input order once all its batches are back (flushing the files after every window)."""
 
-        def emit() -> None:
-            nonlocal new_tokens
-            while windows and pending[windows[0].seq] == 0:
-                w = windows.popleft()
-                del pending[w.seq]
-                nll: dict[int, float] = {}
-                for b, indices in enumerate(w.batches):
-                    got = results.pop((w.seq, b), None)
-                    if got is not None:
-                        nll.update(zip(indices, got, strict=True))
-                for rec in w.records:
-                    if isinstance(rec, BadRow):
-                        errors.write(rec.to_json_dict())
-                        totals.failed += 1
-                        if bar is not None and not resume.is_done(rec.index):
-                            bar.update(rec.nbytes)
-                        continue
-                    if resume.is_done(rec.index):
-                        continue
-                    ids = w.ids[rec.index]
-                    row = make_row(rec.id, len(rec.text), len(rec.text.encode("utf-8")),
-                                   int(np.count_nonzero(ids == manifest.unk_id)), nll[rec.index])
-                    rows.write(row)
-                    totals.add(row)
-                    new_tokens += row["tokens"]
-                rows.flush()
-                errors.flush()
-                if bar is not None:
-                    rate = new_tokens / max(time.perf_counter() - t_start, 1e-9)
-                    bar.set_postfix_str(f"{totals.documents:,} docs, {totals.failed:,} failed, {rate:,.0f} tok/s",
-                                        refresh=False)
+    def __init__(self, setup: _Setup, batch_size: int, resume: _Resume, rows: RowWriter, errors: ErrorWriter,
+                 totals: Totals, bar: Any):
+        self.manifest, self.encode, self.batch_size = setup.manifest, setup.encode, batch_size
+        self.resume, self.rows, self.errors, self.totals, self.bar = resume, rows, errors, totals, bar
+        self.new_tokens = 0
+        self.t_start = time.perf_counter()
+        self.windows: deque[Window] = deque()
+        self.results: dict[Key, list[float]] = {}
+        self.pending: dict[int, int] = {}  # window seq -> batches not back yet
+        self.task_bytes: dict[Key, int] = {}  # input bytes of a batch's documents, for the progress bar
 
-        for key, nlls in executor.run(tasks()):
-            results[key] = nlls
-            pending[key[0]] -= 1
-            nbytes = task_bytes.pop(key)
-            if bar is not None:
-                bar.update(nbytes)
-            emit()
-        emit()
-    finally:
-        executor.close()
-        rows.close()
-        errors.close()
-        if bar is not None:
-            bar.close()
-    seconds = time.perf_counter() - t0
-    summary = {
+    def run(self, executor: Executor, records: Iterable[Record]) -> None:
+        for key, nlls in executor.run(self.tasks(records)):
+            self.results[key] = nlls
+            self.pending[key[0]] -= 1
+            nbytes = self.task_bytes.pop(key)
+            if self.bar is not None:
+                self.bar.update(nbytes)
+            self.emit()
+        self.emit()
+
+    def tasks(self, records: Iterable[Record]) -> Iterator[tuple[Key, Payload]]:
+        resume = self.resume
+        for w in plan_windows(records, self.encode, self.batch_size):
+            self.windows.append(w)
+            nb = {r.index: r.nbytes for r in w.records}
+            skipped = sum(r.nbytes for r in w.records if resume.is_done(r.index))
+            if self.bar is not None and skipped:
+                self.bar.update(skipped)
+            # A batch of the cut window whose rows are all written already is not needed again.
+            todo = [b for b, indices in enumerate(w.batches) if not all(resume.is_done(i) for i in indices)]
+            self.pending[w.seq] = len(todo)  # all counted before the first is yielded: results may come at once
+            for b in todo:
+                indices = w.batches[b]
+                self.task_bytes[(w.seq, b)] = sum(nb[i] for i in indices)
+                yield (w.seq, b), pack([w.ids[i] for i in indices], self.manifest.vocab_size)
+            self.emit()  # a window with nothing to score (all bad rows, or all done)
+
+    def emit(self) -> None:
+        """Write the windows at the head of the queue whose batches are all back."""
+        while self.windows and self.pending[self.windows[0].seq] == 0:
+            self._write_window(self.windows.popleft())
+
+    def _write_window(self, w: Window) -> None:
+        del self.pending[w.seq]
+        nll: dict[int, float] = {}
+        for b, indices in enumerate(w.batches):
+            got = self.results.pop((w.seq, b), None)
+            if got is not None:
+                nll.update(zip(indices, got, strict=True))
+        for rec in w.records:
+            if isinstance(rec, BadRow):
+                self._write_bad_row(rec)
+            elif not self.resume.is_done(rec.index):
+                self._write_row(rec, w.ids[rec.index], nll[rec.index])
+        self.rows.flush()
+        self.errors.flush()
+        if self.bar is not None:
+            rate = self.new_tokens / max(time.perf_counter() - self.t_start, 1e-9)
+            self.bar.set_postfix_str(f"{self.totals.documents:,} docs, {self.totals.failed:,} failed, "
+                                     f"{rate:,.0f} tok/s", refresh=False)
+
+    def _write_bad_row(self, rec: BadRow) -> None:
+        self.errors.write(rec.to_json_dict())
+        self.totals.failed += 1
+        if self.bar is not None and not self.resume.is_done(rec.index):
+            self.bar.update(rec.nbytes)
+
+    def _write_row(self, rec: Document, ids: np.ndarray, nll: float) -> None:
+        row = make_row(rec.id, len(rec.text), len(rec.text.encode("utf-8")),
+                       int(np.count_nonzero(ids == self.manifest.unk_id)), nll)
+        self.rows.write(row)
+        self.totals.add(row)
+        self.new_tokens += row["tokens"]
+
+
+def _summary(job: ScoreJob, setup: _Setup, scorer: _Scorer, resumed_rows: int, executor: Executor,
+             seconds: float) -> dict[str, Any]:
+    new_tokens = scorer.new_tokens
+    return {
         "status": "complete",
-        **totals.figures(),
-        "resumed_rows": len(done.ids),
+        **scorer.totals.figures(),
+        "resumed_rows": resumed_rows,
         "seconds": round(seconds, 3),
         "tokens_scored": new_tokens,
         "tokens_per_s": round(new_tokens / seconds, 1) if seconds > 0 else None,
@@ -250,12 +300,9 @@ def run_job(job: ScoreJob, *, stdout: TextIO | None = None, stderr: TextIO | Non
         "workers": executor.workers,
         "threads": executor.threads,
         "output": job.output,
-        "errors": err_path,
-        "settings": settings,
+        "errors": setup.err_path,
+        "settings": setup.settings,
     }
-    if job.output is not None:
-        write_json_atomic(summary_path(job.output), summary)
-    return summary
 
 
 def _check_options(job: ScoreJob) -> None:
