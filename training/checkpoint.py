@@ -42,6 +42,7 @@ class Checkpoint:
     # with --ema: the optimizer's own weights and how many updates the average has had (resume-only)
     train_state: dict[str, torch.Tensor] | None = None
     ema_updates: int = 0
+    corpus_description: str = ""  # the corpora as a bundle's manifest describes them ("" in older checkpoints)
 
     def build_model(self) -> CharRNN:
         model = CharRNN(self.model_config)
@@ -71,6 +72,7 @@ def save_checkpoint(ckpt: Checkpoint, path: Path) -> None:
         "command": ckpt.command,
         "train_state": ckpt.train_state,
         "ema_updates": ckpt.ema_updates,
+        "corpus_description": ckpt.corpus_description,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -108,6 +110,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             command=str(payload.get("command", "")),
             train_state=payload.get("train_state"),
             ema_updates=int(payload.get("ema_updates", 0)),
+            corpus_description=str(payload.get("corpus_description", "")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: checkpoint is missing or has a malformed field ({exc})") from exc

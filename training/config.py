@@ -16,6 +16,8 @@ from typing import TypeVar
 from textgen.service import bundle
 from textgen.service.bundle import CELLS  # the cells a bundle may hold (torch-free)
 
+from .corpus import SOURCE_SEPARATOR
+
 INITS = ("uniform", "orthogonal")
 ITERATORS = ("sequential", "random")
 DEVICES = ("auto", "cpu", "cuda")
@@ -68,7 +70,12 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     # data
-    corpus: str = _option("pydoc", "A UTF-8 file, a folder of .txt files, or 'pydoc' (built in).")
+    corpus: str = _option("pydoc", "A UTF-8 file, a folder of .txt files, or a built-in corpus: 'pydoc' (the "
+                          "pydoc topics) or 'stdlib' (the standard library's docstrings). Several, separated by "
+                          "commas (pydoc,stdlib), train on their training parts together; each keeps its own "
+                          "held-out 10%.")
+    min_char_count: int = _option(1, "Characters seen fewer times in the training text have no id of their own: "
+                                  "they map to the unknown id.")
     iterator: str = _option("sequential", "sequential: carry the state across batches, detached at each boundary "
                             "(truncated BPTT); random: every batch starts from a fresh state.", ITERATORS)
     bptt: int = _option(50, "Unroll length T: characters per training window, and the gradient's horizon.")
@@ -115,6 +122,10 @@ class TrainConfig:
                            flag="--out")
 
     def __post_init__(self) -> None:
+        if not isinstance(self.corpus, str):  # several corpora given as a list (a repeated --corpus)
+            self.corpus = SOURCE_SEPARATOR.join(self.corpus)
+        if self.min_char_count < 1:
+            raise ValueError(f"min_char_count must be >= 1, not {self.min_char_count}")
         for name, allowed in (("device", DEVICES), ("precision", PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")

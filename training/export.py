@@ -573,7 +573,7 @@ def export_checkpoint(checkpoint: str | Path | Checkpoint, out_dir: str | Path, 
         ckpt.build_model(),
         ckpt.vocab,
         out_dir,
-        corpus=ckpt.train_config.corpus,
+        corpus=ckpt.corpus_description or ckpt.train_config.corpus,  # older checkpoints: the corpus option
         metrics=ckpt.metrics,
         train_steps=ckpt.step,
         command=ckpt.command,

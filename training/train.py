@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -18,7 +19,7 @@ from textgen.service.vocab import Vocab
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import RESUME_OVERRIDES, TrainConfig
-from .corpus import load_corpus
+from .corpus import load_corpora
 from .data import batches_per_epoch, epoch_batches
 from .errors import CorpusError, TrainingError
 from .model import CharRNN
@@ -183,28 +184,56 @@ class _Log:
 
 @dataclass
 class _Data:
-    """The corpus as ids: the training part and the held-out last 10%, in the vocabulary of the run."""
+    """The corpora as ids: the training text (every corpus's training part) and each corpus's held-out last 10%,
+    in the vocabulary of the run."""
 
     vocab: Vocab
     train_ids: Tensor  # (N,)
-    val_ids: Tensor  # (M,)
+    val_ids: dict[str, Tensor]  # corpus name -> (M,)
     n_batches: int  # batches per epoch
+    corpus: str = ""  # how the manifest describes the corpora (names, and the stdlib's size and Python)
+
+    @property
+    def n_val(self) -> int:
+        return sum(len(v) for v in self.val_ids.values())
+
+
+def build_vocab(text: str, min_count: int = 1) -> Vocab:
+    """The characters of ``text`` seen at least ``min_count`` times, in code-point order (1: all of them)."""
+    if min_count <= 1:
+        return Vocab.build(text)
+    counts = Counter(text)
+    return Vocab(sorted(c for c, n in counts.items() if n >= min_count))
 
 
 def load_data(cfg: TrainConfig, vocab: Vocab | None = None) -> _Data:
-    """Read and encode ``cfg.corpus`` with ``vocab`` (a resumed run's), or with one built from the training part."""
-    train_text, val_text = load_corpus(cfg.corpus).split()
+    """Read and encode ``cfg.corpus`` (one or more corpora) with ``vocab`` (a resumed run's), or with one built
+    from the training text."""
+    corpora = load_corpora(cfg.corpus)
+    train_text = corpora.train_text()
     if vocab is None:
-        vocab = Vocab.build(train_text)
+        vocab = build_vocab(train_text, cfg.min_char_count)
     train_ids = torch.from_numpy(vocab.encode(train_text))
-    val_ids = torch.from_numpy(vocab.encode(val_text))
+    val_ids = {name: torch.from_numpy(vocab.encode(text)) for name, text in corpora.held_out().items()}
     n_batches = batches_per_epoch(len(train_ids), cfg.batch_size, cfg.bptt, cfg.iterator)
     if n_batches == 0:
         raise CorpusError(f"{cfg.corpus}: {len(train_ids)} training characters are too few for "
                           f"batch_size {cfg.batch_size} x bptt {cfg.bptt}")
-    if len(val_ids) < 2:
-        raise CorpusError(f"{cfg.corpus}: held-out part is too short to evaluate")
-    return _Data(vocab, train_ids, val_ids, n_batches)
+    for name, ids in val_ids.items():
+        if len(ids) < 2:
+            raise CorpusError(f"{name}: held-out part is too short to evaluate")
+    return _Data(vocab, train_ids, val_ids, n_batches, corpora.describe())
+
+
+def evaluate_held_out(model: CharRNN, val_ids: dict[str, Tensor], streams: int) -> dict[str, float]:
+    """The held-out figures over all corpora together (loss, perplexity, bpc: every prediction counts once) and,
+    with several corpora, each one's loss as ``loss:NAME``; each corpus is scored on its own, from the initial
+    state."""
+    parts = {name: evaluate(model, ids, streams) for name, ids in val_ids.items()}
+    result = figures(sum(s for s, _ in parts.values()), sum(n for _, n in parts.values()))
+    if len(parts) > 1:
+        result.update({f"loss:{name}": figures(*part)["loss"] for name, part in parts.items()})
+    return result
 
 
 def _weights(m: nn.Module) -> dict[str, Tensor]:
@@ -229,6 +258,7 @@ class _Run:
     last_val: dict[str, float] = field(default_factory=dict)  # held-out figures of the latest evaluation
     best_val: dict[str, float] = field(default_factory=dict)  # ... and of the best one
     eval_seconds: float = 0.0  # how long the latest evaluation took
+    corpus_description: str = ""  # how a bundle's manifest describes the corpora (see corpus.Corpora.describe)
 
     @classmethod
     def start(cls, cfg: TrainConfig, vocab: Vocab, command: str, device: torch.device) -> _Run:
@@ -335,12 +365,13 @@ class _Run:
             elapsed=self.elapsed, best_val_loss=self.best, metrics=self.last_val, command=self.command,
             train_state=_weights(self.model) if averaged is not None else None,
             ema_updates=int(averaged.n_averaged) if averaged is not None else 0,
+            corpus_description=self.corpus_description,
         )
 
-    def evaluate_and_save(self, val_ids: Tensor, log: _Log, out: Path) -> None:
-        """Score the held-out text, log the figures, save last.pt, and best.pt when they are the best so far."""
+    def evaluate_and_save(self, val_ids: dict[str, Tensor], log: _Log, out: Path) -> None:
+        """Score the held-out texts, log the figures, save last.pt, and best.pt when they are the best so far."""
         t0 = time.perf_counter()
-        self.last_val = figures(*evaluate(self.scored, val_ids, self.cfg.eval_streams))
+        self.last_val = evaluate_held_out(self.scored, val_ids, self.cfg.eval_streams)
         self.eval_seconds = time.perf_counter() - t0
         self.elapsed += self.eval_seconds  # evaluations count in the time budget
         log.write({"step": self.step, "split": "val", **self.last_val, "elapsed": round(self.elapsed, 3)})
@@ -383,6 +414,7 @@ def train(
 
     data = load_data(cfg, resumed.vocab if resumed is not None else None)
     run = _Run.start(cfg, data.vocab, command, device)
+    run.corpus_description = data.corpus
     if resumed is not None:
         run.restore(resumed)
     out = Path(cfg.out_dir)
@@ -391,7 +423,7 @@ def train(
     n_params = sum(p.numel() for p in run.model.parameters())
     where = describe_device(device)
     echo(f"{cfg.cell} x{cfg.num_layers} H={cfg.hidden_size}: {n_params:,} parameters, vocab {data.vocab.size}, "
-         f"{len(data.train_ids):,} training / {len(data.val_ids):,} held-out characters, "
+         f"{len(data.train_ids):,} training / {data.n_val:,} held-out characters, "
          f"{data.n_batches} batches per epoch; on {where}, {cfg.precision}")
 
     if resumed is None:
@@ -437,7 +469,8 @@ def train(
     tokens_per_s = run.step * B * T / max(run.elapsed, 1e-9) if resumed is None else float("nan")
     plot_curves(out / "metrics.jsonl", out / "curves.png")
     last = run.last_val
-    echo(f"step {run.step}: held-out loss {last['loss']:.4f} nats/char, perplexity {last['perplexity']:.3f}, "
+    each = "".join(f", {k[5:]} {v:.4f}" for k, v in last.items() if k.startswith("loss:"))
+    echo(f"step {run.step}: held-out loss {last['loss']:.4f} nats/char{each}, perplexity {last['perplexity']:.3f}, "
          f"{last['bpc']:.4f} bits/char; best {run.best:.4f}; {run.elapsed:.0f} s; checkpoints in {out}/")
     return TrainResult(steps=run.step, elapsed=run.elapsed, best_val=run.best_val, last_val=run.last_val,
                        tokens_per_s=tokens_per_s, out_dir=out)
