@@ -30,9 +30,11 @@ RESUME_OVERRIDES = ("max_steps", "time_budget", "out_dir", "threads", "device")
 _T = TypeVar("_T")
 
 
-def _option(default: _T, help: str, choices: tuple[str, ...] = (), flag: str = "") -> _T:
-    """A field with its command-line help, its choices (if any) and its flag (if not ``--field-name``)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+def _option(default: _T, help: str, choices: tuple[str, ...] = (), flag: str = "", multiple: bool = False) -> _T:
+    """A field with its command-line help, its choices (if any), its flag (if not ``--field-name``), and whether
+    the option may be repeated (``multiple``: the values arrive as a tuple, which the field joins into one
+    value, see ``TrainConfig.__post_init__``)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "multiple": multiple})
 
 
 @dataclass
@@ -72,8 +74,8 @@ class TrainConfig:
     # data
     corpus: str = _option("pydoc", "A UTF-8 file, a folder of .txt files, or a built-in corpus: 'pydoc' (the "
                           "pydoc topics) or 'stdlib' (the standard library's docstrings). Several, separated by "
-                          "commas (pydoc,stdlib), train on their training parts together; each keeps its own "
-                          "held-out 10%.")
+                          "commas (pydoc,stdlib), train on their training parts together; each "
+                          "keeps its own held-out 10%.", multiple=True)
     min_char_count: int = _option(1, "Characters seen fewer times in the training text have no id of their own: "
                                   "they map to the unknown id.")
     iterator: str = _option("sequential", "sequential: carry the state across batches, detached at each boundary "
