@@ -22,6 +22,10 @@ measures the inter-token latency of 16 streams while another client feeds a 100,
     python bench/serve_load.py                       # everything (about 15 minutes on 2 cores)
     python bench/serve_load.py --models noop,default --streams 1,64 --skip-long
     python bench/serve_load.py --json results.json   # also write the raw figures
+    python bench/serve_load.py --server-python /tmp/before-venv/bin/python   # serve another install
+
+``--server-python`` runs ``textgen serve`` with another interpreter (another install of the package: before and
+after a change, bench/ab_serve_load.py); the load generator and the raw decode rate stay on this one.
 
 Needs the ``train`` extra (torch) to export the random-weight models; exports are cached in ``--models-dir``.
 """
@@ -234,9 +238,18 @@ def raw_decode_rate(model: str, batch: int, seconds: float = 3.0) -> float:
 # --------------------------------------------------------------------------------------------- server
 
 
+def server_package(python: str) -> str:
+    """Where ``python`` imports ``textgen.service`` from (as the server subprocess will: same cwd and env)."""
+    out = subprocess.run([python, "-c", "import textgen.service as s; print(s.__file__)"], capture_output=True,
+                         text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{python} cannot import textgen.service: {out.stderr[-2000:]}")
+    return str(Path(out.stdout.strip()).parent)
+
+
 class Server:
-    def __init__(self, model: str, batching: str, extra: list[str]):
-        cmd = [sys.executable, "-c", "from textgen.service.cli import main; main()", "serve", *SERVER_FLAGS,
+    def __init__(self, model: str, batching: str, extra: list[str], python: str | None = None):
+        cmd = [python or sys.executable, "-c", "from textgen.service.cli import main; main()", "serve", *SERVER_FLAGS,
                "--batching", batching, *extra]
         if model != "default":
             cmd += ["--model", model]
@@ -290,7 +303,10 @@ def main_bench(args: argparse.Namespace) -> None:
             paths[name] = str(export_random_gru(int(name), models_dir / f"gru{name}"))
     models = args.models.split(",")
     streams = [int(x) for x in args.streams.split(",")]
-    report: dict[str, Any] = {"command": " ".join(sys.argv), "raw": {}, "rows": [], "long": []}
+    report: dict[str, Any] = {"command": " ".join(sys.argv), "server_python": args.server_python,
+                              "server_package": server_package(args.server_python), "raw": {}, "rows": [], "long": []}
+    if args.server_python != sys.executable:
+        print(f"# server: {args.server_python} (textgen.service from {report['server_package']})", flush=True)
 
     print(f"# raw onnxruntime decode rate (1 thread), batch {args.raw_batch}", flush=True)
     for name in models:
@@ -306,7 +322,7 @@ def main_bench(args: argparse.Namespace) -> None:
     for name in models:
         big = name.isdigit() and int(name) >= 1024
         for batching in args.batching.split(","):
-            server = Server(paths[name], batching, args.server_args.split())
+            server = Server(paths[name], batching, args.server_args.split(), args.server_python)
             try:
                 for n in streams:
                     tokens, chars = (args.big_tokens, args.big_prompt) if big else (args.tokens, args.prompt_chars)
@@ -337,7 +353,7 @@ def main_bench(args: argparse.Namespace) -> None:
             if name not in paths:
                 continue
             for batching in args.batching.split(","):
-                server = Server(paths[name], batching, args.server_args.split())
+                server = Server(paths[name], batching, args.server_args.split(), args.server_python)
                 try:
                     r = run_client("long", server.address, streams=16, long_chars=args.long_chars, seed=1)
                 finally:
@@ -414,6 +430,8 @@ def main() -> None:
     p.add_argument("--long-models", default="default,512")
     p.add_argument("--skip-long", action="store_true")
     p.add_argument("--server-args", default="", help="extra `textgen serve` flags, e.g. '--stream-window 1'")
+    p.add_argument("--server-python", default=sys.executable,
+                   help="interpreter that runs `textgen serve` (default: this one; the load generator stays on this)")
     p.add_argument("--models-dir", default=None, help="cache of the exported random-weight models")
     p.add_argument("--json", default=None)
     args = p.parse_args()
