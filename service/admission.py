@@ -3,10 +3,10 @@
 grpc.aio reads and parses a unary request before the servicer runs, so a limit checked in the servicer still
 lets a flood of 1,000,000-character Score calls into memory, only to refuse them. For CreateSession, Feed and
 Score this interceptor serves the method as request-streaming instead: its handler runs before anything is
-read, counts the call (:meth:`TextgenCore.enter_call`, refused beyond ``--max-concurrent-calls`` with
-RESOURCE_EXHAUSTED), reads the one request message, and then calls the servicer's own method. A refused call's
-message is never read: past HTTP/2's first window the client does not even send it. The count is released when
-the call ends, however it ends (``context.add_done_callback``).
+read, counts the call (:meth:`~textgen.service.interface.Core.enter_call`, refused beyond ``--max-concurrent-
+calls`` with RESOURCE_EXHAUSTED), reads the one request message, and then calls the servicer's own method. A
+refused call's message is never read: past HTTP/2's first window the client does not even send it. The count
+is released when the call ends, however it ends (``context.add_done_callback``).
 
 Admitted calls read their message :data:`READS_AT_ONCE` at a time. Until a request is parsed nobody knows how
 long its text is, and the limit on characters in the server (``--max-queued-chars``) can only be checked
@@ -22,17 +22,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
-from .core import TextgenCore
 from .errors import LimitExceeded
+from .interface import Core
 from .logs import log_request
 from .servicer import refuse
-
-if TYPE_CHECKING:
-    from .remote import RemoteCore
 
 SERVICE = "/textgen.v1.TextgenService/"
 ADMITTED = frozenset(SERVICE + name for name in ("CreateSession", "Feed", "Score"))
@@ -40,7 +37,7 @@ READS_AT_ONCE = 4  # admitted requests being received and parsed at once (each u
 
 
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, core: TextgenCore | RemoteCore, count: Callable[[str, str], None] | None = None):
+    def __init__(self, core: Core, count: Callable[[str, str], None] | None = None):
         self.core = core
         self.count = count
         self._reads: asyncio.Semaphore | None = None  # made on the server's event loop, at the first call

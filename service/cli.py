@@ -221,7 +221,7 @@ def serve(**options: Any) -> None:
     import asyncio
 
     from textgen.service.config import ProcessPlan, ServerConfig
-    from textgen.service.memory import limit_malloc_arenas
+    from textgen.service.heap import limit_malloc_arenas
 
     limit_malloc_arenas()  # before any thread of the server starts
     config = ServerConfig(**options)
@@ -232,7 +232,7 @@ def serve(**options: Any) -> None:
                                         "sockets: one process")
     config = config.replace(workers=plan.workers, shards=plan.shards)
     if plan.split:
-        from textgen.service.processes import serve_processes as run
+        from textgen.service.procs.supervisor import serve_processes as run
     else:
         from textgen.service.server import serve as run
     sys.exit(asyncio.run(run(config, why=plan.why)))

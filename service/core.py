@@ -17,24 +17,36 @@ from __future__ import annotations
 
 import asyncio
 import math
-import secrets
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, nullcontext
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .config import ServerConfig
-from .engine import Engine
-from .errors import InvalidRequest, LimitExceeded, MessageGiven, SessionEmpty, ShuttingDown, StreamStalled
-from .memory import LARGE_TEXT
+from .engine.base import Engine, Produced
+from .engine.batching import FEW_STREAMS
+from .errors import InvalidRequest, LimitExceeded, MessageGiven, SessionEmpty, StreamStalled
+from .heap import LARGE_TEXT
+from .interface import (
+    CallGate,
+    FeedResult,
+    FinishEvent,
+    FinishReason,
+    GenerateParams,
+    HealthListener,
+    ModelFacts,
+    ScoreResult,
+    SessionInfo,
+    TokenEvent,
+)
 from .metrics import Metrics
-from .sampling import RowSampler, SamplingParams
+from .sampling import RowSampler
 from .session_blob import SessionBlob, model_fingerprint, session_key
-from .sessions import Session, SessionBackend, SessionInfo
+from .sessions import Session, SessionBackend
 
 if TYPE_CHECKING:
     from .runtime import ModelRuntime
@@ -44,7 +56,11 @@ MAX_UNKNOWN_LISTED = 64  # unknown characters a reply lists (their count is give
 ENCODE_INLINE_CHARS = 16_384  # longer texts are encoded off the event loop
 MAX_STOP_CHARS = 64
 
-
+# Messages of one stream out at once (cut, not yet delivered) while fewer than FEW_STREAMS streams run: across
+# processes a lone stream's next message need not wait for the round trip of the last one. With more streams
+# one at a time: their messages then carry more tokens each, and fewer messages cost less. (In one process the
+# consumer delivers each message before it asks for the next: one at a time whatever this says.)
+IN_FLIGHT = 2
 
 # How much a stream's least gap between messages grows per running stream, up to --stream-interval-ms.
 GAP_PER_STREAM = 0.0002
@@ -57,36 +73,18 @@ def message_gap(interval: float, streams: int) -> float:
     lone stream is held back by 0.2 ms at most, less than one decode step."""
     return min(interval, streams * GAP_PER_STREAM)
 
-class FinishReason:
-    LENGTH = "length"
-    STOP = "stop"
-    CANCELLED = "cancelled"
-
-
-@dataclass(frozen=True)
-class GenerateParams:
-    session_id: str = ""
-    prompt: str = ""
-    max_tokens: int = 0  # 0 = the server's limit
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop: tuple[str, ...] = ()
-    logprobs: bool = False
-
 
 @dataclass(frozen=True, slots=True)
-class TokenEvent:
-    text: str  # one character per token
-    token_ids: tuple[int, ...]
-    logprobs: tuple[float, ...] | None  # of each drawn token under the model's own distribution (raw logits)
+class Pace:
+    """When a stream's next message may be cut: after ``delay`` seconds (0: now), and with ``fresh`` only from
+    the tokens of the engine's next round (not from those computed already)."""
+
+    delay: float = 0.0
+    fresh: bool = False
 
 
-@dataclass(frozen=True)
-class FinishEvent:
-    reason: str
-    prompt_tokens: int
-    generated_tokens: int
-    session_tokens: int
-    seed: int
+NOW = Pace()
+NEXT_ROUND = Pace(fresh=True)
 
 
 @dataclass(frozen=True)
@@ -98,39 +96,13 @@ class Encoded:
     unknown_count: int
 
 
-@dataclass(frozen=True)
-class FeedResult:
-    tokens_consumed: int
-    unknown_chars: list[str]
-    session_tokens: int
-    unknown_count: int = 0
-
-
-@dataclass(frozen=True)
-class ScoreResult:
-    nll: float
-    predictions: int
-    token_count: int
-    unknown_chars: list[str]
-    unknown_count: int = 0
-
-    @property
-    def loss(self) -> float:
-        return self.nll / self.predictions if self.predictions else 0.0
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.loss)
-
-    @property
-    def bits_per_char(self) -> float:
-        return self.loss / math.log(2)
-
-
 class Generation:
-    """One Generate stream's rules, free of how its messages travel: :meth:`cut` turns the tokens the engine
-    computed into the next message (at most the tokens left, up to a stop string), :meth:`delivered` moves
-    the session past that message once it was handed to gRPC, :meth:`finish` is the final event."""
+    """One Generate stream's rules, free of how its messages travel: :meth:`pace` says when the next message may
+    be cut, :meth:`cut` turns the tokens the engine computed into that message (at most the tokens left, up to
+    a stop string), :meth:`delivered` moves the session past the oldest message out once it was handed to the
+    client, :meth:`finish` is the final event. Both transports (:meth:`TextgenCore.generate` in one process,
+    an engine shard's relay across processes) follow the same :meth:`pace`, so a stream's messages have the
+    same sizes for the same load whichever carries them; they only move the messages."""
 
     def __init__(self, core: TextgenCore, s: Session, prompt_tokens: int, max_tokens: int, stops: tuple[str, ...],
                  sampler: RowSampler, p: GenerateParams, start: float, ended: Callable[[], bool] | None):
@@ -156,6 +128,28 @@ class Generation:
         self._out: deque[tuple[np.ndarray, int, int]] = deque()
         assert s.pending is not None  # checked by the caller (SessionEmpty)
         self.stream = core.engine.open_stream(s.state, s.pending, sampler, max_tokens, p.logprobs)
+        self.interval = core.config.stream_interval_ms / 1000.0
+
+    def pace(self, now: float, after_delivery: bool) -> Pace | None:
+        """When the next message may be cut; None: not before a delivery (the window of messages out is full,
+        or the last message is out). The policy, in order:
+
+        * at most :data:`IN_FLIGHT` messages out while fewer than FEW_STREAMS streams run, else one;
+        * ``--stream-interval-ms``: at least :func:`message_gap` after the previous message (the tokens
+          computed meanwhile then leave together);
+        * right after a delivery (``after_delivery``), while several streams run and this one has tokens left
+          to compute: the engine's next round, whose tokens for all the streams leave together, one message per
+          round rather than one per delivery. A lone stream sends what it has at once: nobody to batch with.
+        """
+        if self.last_cut or len(self._out) >= (IN_FLIGHT if self.core.streams < FEW_STREAMS else 1):
+            return None
+        if self.interval and self.last is not None:
+            wait = self.last + message_gap(self.interval, self.core.streams) - now
+            if wait > 0:
+                return Pace(delay=wait)
+        if after_delivery and self.core.streams > 1 and self.stream.produced < self.stream.max_tokens:
+            return NEXT_ROUND
+        return NOW
 
     def stopped(self) -> bool:
         """The server (or this stream's front end) is shutting down: the stream finishes now, CANCELLED."""
@@ -164,7 +158,7 @@ class Generation:
             self.done = True
         return self.done and self.reason == FinishReason.CANCELLED
 
-    def cut(self, items: list[Any]) -> TokenEvent:
+    def cut(self, items: list[Produced]) -> TokenEvent:
         """The next message from the computed ``items`` (token, state, logprob) (at least one)."""
         chars = self.core._chars
         left = self.max_tokens - self.generated - self.in_flight_tokens
@@ -220,32 +214,10 @@ class Generation:
         return FinishEvent(self.reason, self.prompt_tokens, self.generated, self.session.tokens, self.seed)
 
 
-class CallGate:
-    """What the admission interceptor and every call ask of a core, in one process or a front end: the count of
-    CreateSession, Feed and Score calls (``--max-concurrent-calls``) and whether the server still takes work."""
-
-    config: ServerConfig
-    stopping: bool
-    calls: int = 0
-
-    def _check_open(self) -> None:
-        if self.stopping:
-            raise ShuttingDown("the server is shutting down")
-
-    def enter_call(self) -> None:
-        """Admission of a CreateSession, Feed or Score call, counted from before its request is read (by
-        :class:`~textgen.service.admission.AdmissionInterceptor`) until it ends: beyond --max-concurrent-calls
-        it is refused at once with RESOURCE_EXHAUSTED, so a flood of large requests is neither read nor queued."""
-        if self.calls >= self.config.max_concurrent_calls:
-            raise LimitExceeded(f"{self.calls} CreateSession/Feed/Score calls are running, the server's limit "
-                                "(--max-concurrent-calls); retry later", exhausted=True)
-        self.calls += 1
-
-    def leave_call(self) -> None:
-        self.calls -= 1
-
-
 class TextgenCore(CallGate):
+    """The :class:`~textgen.service.interface.Core` that runs the model: in a one-process server, and inside each
+    engine shard (service/procs/shard.py), where a front end's RemoteCore forwards its calls."""
+
     def __init__(self, runtime: ModelRuntime, engine: Engine, config: ServerConfig, store: SessionBackend,
                  metrics: Metrics):
         self.runtime = runtime
@@ -262,6 +234,29 @@ class TextgenCore(CallGate):
         self._chars = [runtime.decode([i]) for i in range(runtime.vocab_size)]  # token id -> its text
         self.fingerprint = model_fingerprint(runtime.manifest.to_public_dict())  # in exported session blobs
         self.session_key = session_key(config.session_key)
+        self.on_health: HealthListener | None = None  # (nothing here changes between two sweeps)
+
+    # -- lifecycle and upkeep (service/upkeep.py)
+    async def start(self) -> None:
+        pass  # the engine's thread starts with its first call
+
+    async def close(self) -> None:
+        self.engine.close()
+        await self.store.close()
+
+    def sweep(self) -> bool:
+        """Drop expired sessions; True when large texts came and went (malloc's arenas are worth trimming)."""
+        self.store.sweep()
+        if self.trim_pending and not self.texts:
+            self.trim_pending = False
+            return True
+        return False
+
+    def idle(self) -> bool:
+        return not self.calls and not self.streams and not self.texts
+
+    async def health(self) -> dict[str, bool]:
+        return {"store": await self.store.check()}
 
     # -- validation
     async def _text(self, text: str, what: str, limit: int, flag: str, *, allow_empty: bool = False) -> Encoded:
@@ -395,7 +390,7 @@ class TextgenCore(CallGate):
                          ended: Callable[[], bool] | None = None) -> AsyncIterator[Generation]:
         """Open a Generate stream: check the request, feed its prompt, hold its session (busy) and its engine
         stream for as long as the block runs. How the messages travel is the caller's: :meth:`generate`
-        yields them; an engine shard sends them to its front end (service/shard.py)."""
+        yields them; an engine shard sends them to its front end (service/procs/shard.py)."""
         start = time.perf_counter()
         self._check_open()
         max_tokens, stops = self._generate_checks(p)
@@ -430,15 +425,14 @@ class TextgenCore(CallGate):
         """The stream's events (see the module's docstring); it finishes early with CANCELLED when the server
         stops or ``ended()`` becomes true (a front end that is shutting down, for an engine shard)."""
         async with self.generation(p, ended) as gen:
-            interval = self.config.stream_interval_ms / 1000.0
+            after_delivery = False
             while not gen.done:
                 if gen.stopped():
                     break
-                if interval and gen.last is not None:  # --stream-interval-ms: let this message gather more
-                    wait = gen.last + message_gap(interval, self.streams) - time.perf_counter()
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                items = await gen.stream.next()
+                pace = gen.pace(time.perf_counter(), after_delivery) or NOW  # (one message out at a time here)
+                if pace.delay:
+                    await asyncio.sleep(pace.delay)
+                items = await gen.stream.next(pace.fresh)
                 if gen.stopped():
                     break
                 event = gen.cut(items)
@@ -451,6 +445,7 @@ class TextgenCore(CallGate):
                     raise
                 # Resumed: the consumer delivered the message. Only now does the session move past its tokens.
                 gen.delivered()
+                after_delivery = True
             gen.stream.close()
             finish = gen.finish()
         # After the block: the session is saved (a shared store may fail that: the stream ends with its error
@@ -487,9 +482,6 @@ class TextgenCore(CallGate):
         self.metrics.scored_tokens.inc(len(ids))
         return ScoreResult(out.nll, out.predictions, len(ids), enc.unknown_chars, enc.unknown_count)
 
-    def model_info(self) -> dict[str, Any]:
+    def model_info(self) -> ModelFacts:
         return dict(self.runtime.manifest.to_public_dict())
 
-
-def new_seed() -> int:
-    return secrets.randbits(64)

@@ -3,7 +3,7 @@
 * ``FakeRuntime(mode="fixed")``: the no-op runtime. Every step returns the same logits instantly and leaves the
   state as it was, so a load test measures the service (gRPC, sessions, sampling, streaming) and not the
   model. ``textgen serve`` does not use it; benchmarks build a server around it
-  (``TextgenServer(config, runtime=FakeRuntime("fixed"))``).
+  (``local_core(config, FakeRuntime("fixed"))`` in service/assembly.py).
 * ``FakeRuntime(mode="rnn")``: a tiny random-weight tanh RNN, so that logits depend on the whole history.
   Unit tests of the service logic use it where the ONNX runtime is not the point.
 

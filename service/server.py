@@ -1,8 +1,9 @@
 """The gRPC server: the textgen service, health checking, reflection, metrics endpoint and graceful shutdown.
 
-:class:`TextgenServer` assembles the parts around one runtime and can be started and stopped inside any event
-loop (the tests run several in one process). :func:`serve` is ``textgen serve``: configure logging, start,
-print the bound ports, wait for SIGTERM/SIGINT, then shut down gracefully:
+:class:`TextgenServer` serves a ready :class:`~textgen.service.interface.Core` (built by
+:mod:`textgen.service.assembly` in one process, or a front end's RemoteCore) over gRPC, and can be started and
+stopped inside any event loop (the tests run several in one process). :func:`serve` is ``textgen serve``:
+configure logging, build the core, start, print the bound ports, wait for SIGTERM/SIGINT, then shut down gracefully:
 
 1. health turns NOT_SERVING (for every service name) and stays so;
 2. the gRPC server refuses new calls; running calls keep going for up to ``--grace-seconds``;
@@ -18,12 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
-import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -33,29 +32,21 @@ from grpc_reflection.v1alpha import reflection
 from . import logs
 from .admission import AdmissionInterceptor
 from .config import ServerConfig, is_loopback
-from .core import TextgenCore
-from .engine import Engine
 from .errors import InputError
-from .memory import IDLE_TRIM_BYTES, release_free_memory, resident_bytes
+from .interface import Core
 from .metrics import Metrics
 from .proto import textgen_pb2 as pb
 from .proto import textgen_pb2_grpc as pb_grpc
-from .remote import RemoteCore
-from .scheduler import make_engine
 from .security import TokenAuthInterceptor, TokenStore, server_credentials
 from .servicer import TextgenServicer
-from .session_blob import model_fingerprint
-from .sessions import SessionBackend, SessionStore, StoreEvents
-from .store_redis import RedisSessionStore, connect, reachable, redacted
-
-if TYPE_CHECKING:
-    from .runtime import ModelRuntime
+from .store_redis import redacted
+from .upkeep import SWEEP_SECONDS, Upkeep
 
 log = logging.getLogger("textgen.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextgenService"].full_name  # "textgen.v1.TextgenService"
-SWEEP_SECONDS = 1.0
-FAKE_MODELS = ("fake:fixed", "fake:rnn")  # --model values that serve service/fake_runtime.py (load tests)
+# How a part behind the core that stopped working is logged (health is NOT_SERVING meanwhile).
+HEALTH_PARTS = {"store": "session store unreachable", "shards": "an engine shard is away"}
 
 
 def _grpc_host(host: str) -> str:
@@ -88,74 +79,49 @@ def server_options(cfg: ServerConfig, reuse_port: bool = False) -> list[tuple[st
     return options
 
 
-def load_model(cfg: ServerConfig) -> ModelRuntime:
-    """The runtime --model names: a bundle (the packaged one by default) or a fake model for load tests."""
-    if cfg.model in FAKE_MODELS:
-        from .fake_runtime import FakeRuntime
-
-        return FakeRuntime(cfg.model.split(":", 1)[1])
-    from .runtime import load_bundle
-
-    return load_bundle(cfg.model, intra_op_threads=cfg.intra_op_threads, inter_op_threads=cfg.inter_op_threads)
+def check_security(cfg: ServerConfig) -> None:
+    """What the server would refuse (a bad certificate, key or tokens file), refused in one line before any model
+    loads or process starts."""
+    server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+    if cfg.auth_tokens_file is not None:
+        TokenStore(cfg.auth_tokens_file)
 
 
-def make_core(cfg: ServerConfig, runtime: ModelRuntime, m: Metrics, engine: Engine | None = None, *,
-              clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
-              id_prefix: str = "") -> TextgenCore:
-    """Sessions, the engine and the request logic around one runtime: what a server (or an engine shard) runs."""
-    events = StoreEvents(created=m.sessions.inc, evicted=m.evictions.inc, expired=m.expirations.inc)
-    store: SessionBackend
-    if cfg.session_store == "memory":
-        store = SessionStore(cfg.max_sessions, eviction=cfg.eviction, clock=clock, wall_clock=wall_clock,
-                             events=events, id_prefix=id_prefix)
-    else:
-        store = RedisSessionStore(cfg.session_store, fingerprint=model_fingerprint(runtime.manifest.to_public_dict()),
-                                  state_size=runtime.state_size, max_local=cfg.max_sessions,
-                                  lease_seconds=cfg.session_lease, id_prefix=id_prefix, events=events,
-                                  wall_clock=wall_clock)
-    return TextgenCore(runtime, engine or make_engine(runtime, cfg, m), cfg, store, m)
+def security_summary(cfg: ServerConfig) -> str:
+    """What protects the port, in words: "plaintext", "TLS", "mutual TLS", each "+ tokens" if so."""
+    text = "mutual TLS" if cfg.tls_client_ca else "TLS" if cfg.tls else "plaintext"
+    return text + (" + tokens" if cfg.auth_tokens_file else "")
 
 
 class TextgenServer:
-    def __init__(self, config: ServerConfig, runtime: ModelRuntime | None = None, *,
-                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
-                 engine: Engine | None = None,
-                 sweep_seconds: float = SWEEP_SECONDS, shard_addresses: list[str] | None = None):
+    """The gRPC server around a ready ``core``: the textgen service, health, reflection, /metrics and upkeep.
+    The server owns the core from :meth:`start` on (it closes it in :meth:`stop`). ``reuse_port``: front ends
+    share their port with SO_REUSEPORT."""
+
+    def __init__(self, config: ServerConfig, core: Core, metrics: Metrics, *, sweep_seconds: float = SWEEP_SECONDS,
+                 reuse_port: bool = False):
         self.config = config
-        self.shard_addresses = shard_addresses  # a front end: the model runs in these engine shards
-        self.runtime = runtime
-        self.clock = clock
-        self.wall_clock = wall_clock
-        self.sweep_seconds = sweep_seconds
-        self._engine = engine
+        self.core = core
+        self.metrics = metrics
+        self.reuse_port = reuse_port
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopped = False
         self.tokens: TokenStore | None = None
-        self._rss_after_trim = 0  # resident bytes after the last malloc_trim (at the start before one)
+        self.health = HealthServicer()
         self._health_parts: dict[str, bool] = {}  # "shards", "store": False while that part is away
-        self._store_probe: Any = None  # a Redis client that pings the shared session store
+        self.upkeep = Upkeep(core, on_health=self._set_health, every=sweep_seconds)
 
     async def start(self) -> None:
         cfg = self.config
         credentials = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
         if cfg.auth_tokens_file is not None:
             self.tokens = TokenStore(cfg.auth_tokens_file)
-        self.metrics = m = Metrics()
-        self.core: TextgenCore | RemoteCore
-        if self.shard_addresses is not None:
-            self.core = RemoteCore(cfg, self.shard_addresses, m, on_health=self._shards_health)
-            await self.core.start()
-            self.store, self.engine = None, None
-        else:
-            self.runtime = self.runtime or load_model(cfg)
-            m.set_model(self.runtime.manifest.to_public_dict())
-            self.core = make_core(cfg, self.runtime, m, self._engine, clock=self.clock, wall_clock=self.wall_clock)
-            self.store, self.engine = self.core.store, self.core.engine
-            store = self.store
-            m.track_sessions(lambda: len(store))
+        m = self.metrics
+        self.core.on_health = self._set_health
+        await self.core.start()
 
         def count(method: str, code: str) -> None:
             m.requests.labels(method, code).inc()
@@ -163,10 +129,9 @@ class TextgenServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [] if self.tokens is None else [TokenAuthInterceptor(
             self.tokens, protect_reflection=cfg.auth_reflection, count=count)]
         interceptors.append(AdmissionInterceptor(self.core, count=count))  # after auth: strangers are not counted
-        options = server_options(cfg, reuse_port=self.shard_addresses is not None)
-        self._server = server = grpc.aio.server(interceptors=interceptors, options=options)
+        self._server = server = grpc.aio.server(interceptors=interceptors,
+                                                options=server_options(cfg, reuse_port=self.reuse_port))
         pb_grpc.add_TextgenServiceServicer_to_server(TextgenServicer(self.core, m), server)
-        self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
@@ -182,12 +147,7 @@ class TextgenServer:
         if not self.port:
             raise InputError(f"cannot listen on {address} (--host/--port)")
         await server.start()
-        if cfg.session_store != "memory":  # its own connection: a front end has no store, its shards do
-            self._store_probe = connect(cfg.session_store)
-            if not await reachable(self._store_probe):
-                self._health_parts["store"] = False
-                log.error("session store unreachable: health NOT_SERVING until it answers",
-                          extra={"fields": {"store": redacted(cfg.session_store)}})
+        await self.upkeep.check_health()  # NOT_SERVING from the start while the session store is away
         healthy = all(self._health_parts.values())
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING if healthy
@@ -198,8 +158,7 @@ class TextgenServer:
             except OSError as exc:
                 raise InputError(f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port} "
                                  f"(--metrics-host/--metrics-port): {exc.strerror or exc}") from exc
-        self._rss_after_trim = resident_bytes() or 0
-        self._tasks.append(asyncio.create_task(self._sweep_forever()))
+        self._tasks.append(asyncio.create_task(self.upkeep.run_forever()))
         if credentials is None and not is_loopback(cfg.host):
             log.warning("serving plaintext gRPC on a non-loopback address (--insecure)",
                         extra={"fields": {"host": cfg.host}})
@@ -208,10 +167,7 @@ class TextgenServer:
                                               "security": self.security_summary()}})
 
     def security_summary(self) -> str:
-        """What protects the port, in words: "plaintext", "TLS", "mutual TLS", each "+ tokens" if so."""
-        cfg = self.config
-        text = "mutual TLS" if cfg.tls_client_ca else "TLS" if cfg.tls else "plaintext"
-        return text + (" + tokens" if cfg.auth_tokens_file else "")
+        return security_summary(self.config)
 
     def reload_tokens(self) -> bool:
         """SIGHUP: re-read --auth-tokens-file (a failed read keeps the old tokens and logs a warning)."""
@@ -220,54 +176,24 @@ class TextgenServer:
             return False
         return self.tokens.reload()
 
-    def _shards_health(self, healthy: bool) -> None:
-        """A front end: NOT_SERVING while one of its engine shards is away."""
-        self._set_health("shards", healthy)
-
     def _set_health(self, part: str, ok: bool) -> None:
-        """SERVING while every part is (the engine shards, the session store), NOT_SERVING otherwise."""
+        """SERVING while every part behind the core works (the engine shards, the session store), NOT_SERVING
+        otherwise; each change of a part is logged."""
         if self._health_parts.get(part, True) == ok:
             return
         self._health_parts[part] = ok
-        if self._stopped:
+        what = HEALTH_PARTS.get(part, part)
+        fields = {"fields": {"store": redacted(self.config.session_store)}} if part == "store" else None
+        if ok:
+            log.info("%s: back", what, extra=fields)
+        else:
+            log.error("%s: health NOT_SERVING until it is back", what, extra=fields)
+        if self._stopped or self._server is None:
             return
         healthy = all(self._health_parts.values())
         status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             self._tasks.append(asyncio.create_task(self.health.set(name, status)))
-
-    async def _check_store(self) -> None:
-        """A shared session store: health follows whether it answers (checked every sweep)."""
-        if self._store_probe is None:
-            return
-        ok = await reachable(self._store_probe)
-        if ok != self._health_parts.get("store", True):
-            if ok:
-                log.info("session store reachable again", extra={"fields": {"store": redacted(
-                    self.config.session_store)}})
-            else:
-                log.error("session store unreachable: health NOT_SERVING", extra={"fields": {"store": redacted(
-                    self.config.session_store)}})
-        self._set_health("store", ok)
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.sweep_seconds)
-            await self._check_store()
-            core = self.core
-            large = False  # large texts came and went
-            if isinstance(core, TextgenCore) and self.store is not None:  # (a front end's shards do this)
-                self.store.sweep()
-                large = core.trim_pending and not core.texts
-            idle = not core.calls and not core.streams
-            grown = idle and (rss := resident_bytes()) is not None and rss - self._rss_after_trim > IDLE_TRIM_BYTES
-            if large or grown:  # ... or the server is idle and holds much more than after the last trim: give
-                if isinstance(core, TextgenCore):  # memory back
-                    core.trim_pending = False
-                if grown:  # nothing runs: a full collection frees what reference cycles hold (grpc.aio's calls)
-                    gc.collect()
-                await asyncio.to_thread(release_free_memory)
-                self._rss_after_trim = resident_bytes() or 0
 
     def end_streams(self) -> None:
         """Make running Generate streams finish now with FINISH_REASON_CANCELLED (and refuse new work)."""
@@ -293,14 +219,7 @@ class TextgenServer:
             for t in self._tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
-            if self.engine is not None:
-                self.engine.close()
-            if isinstance(self.core, RemoteCore):
-                self.core.close()
-            if self.store is not None:
-                await self.store.close()
-            if self._store_probe is not None:
-                await self._store_probe.aclose()
+            await self.core.close()
             self.metrics.close()
         log.info("stopped")
 
@@ -316,36 +235,46 @@ def _announce(line: str) -> None:
 async def serve(config: ServerConfig, *, announce: Callable[[str], None] = _announce, why: str = "") -> int:
     """``textgen serve`` in one process: run until SIGTERM or SIGINT, then shut down gracefully; returns the
     exit code. ``why``: how one process was chosen (logged)."""
+    from .assembly import local_core
+
     logs.configure(config.log_level, config.log_format)
-    server = TextgenServer(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    server: TextgenServer | None = None
 
     def on_signal(signum: int) -> None:
         if stop.is_set():  # the second signal: do not wait for the streams
             log.warning("second signal: ending running streams now")
-            if hasattr(server, "core"):
+            if server is not None:
                 server.end_streams()
         else:
             log.info("signal received", extra={"fields": {"signal": signal.Signals(signum).name}})
             stop.set()
 
+    def on_hup() -> None:
+        if server is not None:
+            server.reload_tokens()
+
     # Handlers first: a signal that arrives while the bundle loads still ends in a clean shutdown.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
+        check_security(config)  # before the model loads: a bad certificate or tokens file fails fast
+        core, metrics = local_core(config)
+        server = TextgenServer(config, core, metrics)
         await server.start()
         host = _grpc_host(config.host)
         metrics_host = _grpc_host(config.metrics_host)
-        metrics = (f"http://{metrics_host}:{server.metrics_port}/metrics" if server.metrics_port is not None
-                   else "off")
-        announce(f"textgen serve: gRPC listening on {host}:{server.port}, metrics {metrics} "
+        url = (f"http://{metrics_host}:{server.metrics_port}/metrics" if server.metrics_port is not None
+               else "off")
+        announce(f"textgen serve: gRPC listening on {host}:{server.port}, metrics {url} "
                  f"({server.security_summary()})")
         log.info("processes", extra={"fields": {"workers": 1, "shards": 1, "chosen": why or "given"}})
         await stop.wait()
     finally:
-        await server.stop()
+        if server is not None:
+            await server.stop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     return 0

@@ -1,4 +1,4 @@
-"""The gRPC face of :class:`~textgen.service.core.TextgenCore`: protobuf in, domain calls, protobuf out.
+"""The gRPC face of a :class:`~textgen.service.interface.Core`: protobuf in, domain calls, protobuf out.
 
 :meth:`TextgenServicer._call` is the one boundary where outcomes become status codes, metrics and the
 request's log line: a :class:`~textgen.service.errors.ServiceError` becomes its ``code`` with its message,
@@ -15,21 +15,18 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import aclosing, contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
-from .core import FinishEvent, FinishReason, GenerateParams, TextgenCore, TokenEvent, new_seed
 from .errors import LimitExceeded, MessageGiven, ServiceError, StreamStalled
+from .interface import Core, FinishEvent, FinishReason, GenerateParams, ModelFacts, SessionInfo, TokenEvent, new_seed
 from .logs import log_request
 from .metrics import Metrics
 from .proto import textgen_pb2 as pb
 from .proto import textgen_pb2_grpc as pb_grpc
 from .sampling import SamplingParams
-from .sessions import SessionInfo, short_id
-
-if TYPE_CHECKING:
-    from .remote import RemoteCore
+from .sessions import short_id
 
 log = logging.getLogger("textgen.server")
 
@@ -69,19 +66,19 @@ def session_message(info: SessionInfo) -> pb.Session:
                       expire_time=_timestamp(info.expire_time), ttl=_duration(info.ttl), busy=info.busy)
 
 
-def model_info_message(d: dict[str, Any]) -> pb.ModelInfo:
+def model_info_message(d: ModelFacts) -> pb.ModelInfo:
     msg = pb.ModelInfo()
     for name in ("cell", "corpus", "exporter", "created"):
-        if isinstance(d.get(name), str):
-            setattr(msg, name, d[name])
+        if isinstance(value := d.get(name), str):
+            setattr(msg, name, value)
     for name in ("num_layers", "hidden_size", "state_size", "vocab_size", "opset", "train_steps"):
-        if isinstance(d.get(name), int):
-            setattr(msg, name, d[name])
+        if isinstance(value := d.get(name), int):
+            setattr(msg, name, value)
     for name in ("held_out_loss", "held_out_perplexity", "held_out_bpc"):
-        if isinstance(d.get(name), int | float):
-            setattr(msg, name, float(d[name]))
-    if isinstance(d.get("sha256"), dict):
-        msg.sha256.update({str(k): str(v) for k, v in d["sha256"].items()})
+        if isinstance(value := d.get(name), int | float):
+            setattr(msg, name, float(value))
+    if isinstance(sha := d.get("sha256"), dict):
+        msg.sha256.update({str(k): str(v) for k, v in sha.items()})
     msg.manifest.update({k: list(v) if isinstance(v, tuple) else v for k, v in d.items()})
     return msg
 
@@ -104,7 +101,7 @@ class ClientGone(Exception):
 
 
 class TextgenServicer(pb_grpc.TextgenServiceServicer):
-    def __init__(self, core: TextgenCore | RemoteCore, metrics: Metrics):
+    def __init__(self, core: Core, metrics: Metrics):
         self.core = core
         self.metrics = metrics
         self._streams_of: dict[str, int] = {}  # peer (one connection) -> its running Generate streams

@@ -13,7 +13,7 @@ at a time works on a session (a second one gets :class:`SessionBusy`). Time come
 monotonic ``clock`` (expiry, LRU) and ``wall_clock`` (the timestamps shown to clients).
 
 Where sessions live is behind one interface, :class:`SessionBackend` (``--session-store``): this module's
-:class:`SessionStore` keeps them in the process (``memory``, the default); :mod:`.store_redis` keeps them in
+:class:`MemorySessionStore` keeps them in the process (``memory``, the default); :mod:`.store_redis` keeps them in
 Redis, shared by replicas (``redis://``). The core uses only that interface: ``opened`` and ``held`` hold a
 session for one call and save it when the call ends, never per token.
 """
@@ -103,7 +103,7 @@ class SessionBackend(Protocol):
     def __len__(self) -> int: ...
 
 
-class SessionStore:
+class MemorySessionStore:
     """Sessions in this process's memory (``--session-store memory``): a cap (``--max-sessions``) with LRU
     eviction or refusal, TTL expiry by a sweep. Its synchronous methods are the primitives; the
     :class:`SessionBackend` methods wrap them."""
@@ -118,7 +118,7 @@ class SessionStore:
         self.clock = clock
         self.wall_clock = wall_clock
         self.events = events or StoreEvents()
-        self.id_prefix = id_prefix  # an engine shard's "<index>.": the id names its shard (service/ipc.py)
+        self.id_prefix = id_prefix  # an engine shard's "<index>.": the id names its shard (service/procs/wire.py)
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._last_sweep = -float("inf")
 

@@ -58,7 +58,6 @@ T = TypeVar("T")
 MAGIC = b"TGS1"
 HEADER = struct.Struct("<4sQqQdd")  # magic, version, pending (-1: none), tokens, created (epoch s), ttl (s)
 VERSION = struct.Struct("<Q")
-VERSION_RANGE = (4, 11)  # the version's bytes in a record (GETRANGE, inclusive)
 NAMESPACE_CHARS = 16  # of the model's fingerprint, in the keys' prefix
 CONNECT_TIMEOUT = 1.0  # seconds
 IO_TIMEOUT = 2.0  # seconds a Redis command may take before the call fails UNAVAILABLE

@@ -13,8 +13,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from textgen.service.assembly import local_core
 from textgen.service.client import TextgenClient
 from textgen.service.config import ServerConfig
+from textgen.service.core import TextgenCore
 from textgen.service.engine import ThreadEngine
 from textgen.service.server import TextgenServer
 
@@ -58,8 +60,10 @@ class RunningServer:
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop", daemon=True)
         self.thread.start()
         engine = SlowEngine(runtime, decode_delay) if decode_delay else None
-        self.server = TextgenServer(config, runtime, clock=clock or time.monotonic, engine=engine,
-                                    sweep_seconds=sweep_seconds)
+        self.core: TextgenCore
+        self.core, metrics = local_core(config, runtime, engine=engine, clock=clock or time.monotonic)
+        self.engine: Any = self.core.engine  # the tests reach into the engine they chose (step_delay, jobs)
+        self.server = TextgenServer(config, self.core, metrics, sweep_seconds=sweep_seconds)
         self.run(self.server.start())
         self.address = f"127.0.0.1:{self.server.port}"
         self._clients: list[TextgenClient] = []

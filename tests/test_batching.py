@@ -1,4 +1,4 @@
-"""Continuous batching (service/scheduler.py): concurrent streams equal the same requests alone, streams join and
+"""Continuous batching (service/engine/batching.py): concurrent streams equal the same requests alone, streams join and
 leave between steps, prompts are chunked between decode steps, Score keeps its exact figures, the look-ahead
 window, the scheduler's metrics, and the memory of idle sessions."""
 
@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from servicekit import RunningServer, sample_value, wait_until
 
-from textgen.service.engine import ThreadEngine, chunk_length
+from textgen.service.engine import BatchingEngine, ThreadEngine
+from textgen.service.engine.base import chunk_length
 from textgen.service.errors import RpcFailed
 from textgen.service.runtime import load_bundle
 from textgen.service.sampling import RowSampler, SamplingParams
-from textgen.service.scheduler import BatchingEngine
-from textgen.service.sessions import SessionStore
+from textgen.service.sessions import MemorySessionStore
 
 PROMPTS = ["hello, old fiend.\nbe calm! ", "be a fool, hm. ", "on! ", "I deem, I am; me a clan.\n", "a b c d e f"]
 
@@ -106,10 +106,10 @@ def test_concurrent_streams_equal_the_same_requests_alone(make_tiny_bundle: Any,
         off.stop()
     srv = RunningServer(runtime)
     try:
-        assert isinstance(srv.server.engine, BatchingEngine)
+        assert isinstance(srv.engine, BatchingEngine)
         c = srv.client()
         alone = [run_request(c, r) for r in reqs]
-        srv.server.engine.step_delay = 0.002  # steps slow enough that all 24 streams overlap
+        srv.engine.step_delay = 0.002  # steps slow enough that all 24 streams overlap
         before = srv.metrics_text()
         with ThreadPoolExecutor(len(reqs)) as pool:
             together = list(pool.map(lambda r: run_request(srv.client(), r), reqs))
@@ -143,7 +143,7 @@ def test_streams_join_and_leave_between_steps(rt: Any) -> None:
     try:
         c = srv.client()
         short_alone = c.generate_text(PROMPTS[1], max_tokens=10, temperature=0.8, seed=5).text
-        engine: BatchingEngine = srv.server.engine
+        engine: BatchingEngine = srv.engine
         engine.step_delay = 0.01
         sid = c.create_session(PROMPTS[0]).session.session_id
         long_stream = c.generate(session_id=sid, max_tokens=2000)
@@ -184,14 +184,14 @@ def test_a_deadline_stops_a_batched_stream_and_keeps_the_delivered_tokens(rt: An
     srv = RunningServer(rt, max_tokens=100_000)
     try:
         c = srv.client()
-        srv.server.engine.step_delay = 0.005
+        srv.engine.step_delay = 0.005
         sid = c.create_session(PROMPTS[0]).session.session_id
         with pytest.raises(RpcFailed):
             c.generate_text(session_id=sid, max_tokens=100_000, timeout=0.3)
-        assert wait_until(lambda: not c.get_session(sid).busy and srv.server.core.streams == 0)
-        steps = srv.server.engine.steps
+        assert wait_until(lambda: not c.get_session(sid).busy and srv.core.streams == 0)
+        steps = srv.engine.steps
         time.sleep(0.1)
-        assert srv.server.engine.steps <= steps + 1
+        assert srv.engine.steps <= steps + 1
         assert len(PROMPTS[0]) < c.get_session(sid).token_count < len(PROMPTS[0]) + 1000
     finally:
         srv.stop()
@@ -392,7 +392,7 @@ def test_batching_is_on_by_default_and_off_serves_with_the_thread_engine(rt: Any
     for batching, kind in (("on", BatchingEngine), ("off", ThreadEngine)):
         srv = RunningServer(rt, batching=batching, prefill_chunk=8)
         try:
-            assert isinstance(srv.server.engine, kind)
+            assert isinstance(srv.engine, kind)
             c = srv.client()
             sid = c.create_session(PROMPTS[0] * 3).session.session_id
             assert c.generate_text(session_id=sid, max_tokens=20).usage.generated_tokens == 20
@@ -404,7 +404,7 @@ def test_the_scheduler_reports_batch_sizes_step_durations_and_queue_waits(rt: An
     srv = RunningServer(rt)
     try:
         c = srv.client()
-        srv.server.engine.step_delay = 0.002
+        srv.engine.step_delay = 0.002
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda i: c.generate_text(PROMPTS[i % 5], max_tokens=20), range(8)))
         c.score("hello, old fiend.")
@@ -426,7 +426,7 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _fill(store: SessionStore, n: int, state_size: int) -> None:
+def _fill(store: MemorySessionStore, n: int, state_size: int) -> None:
     for i in range(n):
         s = store.create(600.0)
         # As the engines leave it: an owned float32 row and a token id.
@@ -439,12 +439,12 @@ def test_100k_idle_sessions_of_hidden_512_take_at_most_4_KiB_each() -> None:
     n, state_size = 100_000, 512
     gc.collect()
     rss0 = _rss()
-    store = SessionStore(n)
+    store = MemorySessionStore(n)
     _fill(store, n, state_size)
     rss = (_rss() - rss0) / n  # the process's resident memory, allocator overheads included
     del store
     gc.collect()
-    store = SessionStore(n)
+    store = MemorySessionStore(n)
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     _fill(store, n, state_size)

@@ -50,12 +50,12 @@ def test_a_client_that_stops_reading_loses_its_streams_after_the_stall_timeout()
     try:
         sids = [slow.CreateSession(pb.CreateSessionRequest(prompt="hello")).session.session_id for _ in range(8)]
         calls = [slow.Generate(pb.GenerateRequest(session_id=sid, max_tokens=1024)) for sid in sids]
-        assert wait_until(lambda: srv.server.core.streams == 8, timeout=5)
+        assert wait_until(lambda: srv.core.streams == 8, timeout=5)
         other = srv.client()
         with pytest.raises(Exception, match="RESOURCE_EXHAUSTED"):
             other.generate_text("hello", max_tokens=5)
         # Nobody reads: within the stall timeout (and a sweep) every slot is free again.
-        assert wait_until(lambda: srv.server.core.streams == 0, timeout=5)
+        assert wait_until(lambda: srv.core.streams == 0, timeout=5)
         assert len(other.generate_text("hello", max_tokens=5).text) == 5
         for sid, call in zip(sids, calls, strict=True):
             text, code = drain(call)
@@ -76,11 +76,11 @@ def test_a_client_that_vanishes_mid_stream_is_cancelled_without_an_error(caplog:
     channel, slow = stub(srv.address, TINY_WINDOW)
     try:
         calls = [slow.Generate(pb.GenerateRequest(prompt="hello", max_tokens=1024)) for _ in range(8)]
-        assert wait_until(lambda: srv.server.core.streams == 8, timeout=5)
+        assert wait_until(lambda: srv.core.streams == 8, timeout=5)
         time.sleep(0.3)  # the windows fill up: the writes block
         with caplog.at_level(logging.INFO, logger="textgen"):
             channel.close()
-            assert wait_until(lambda: srv.server.core.streams == 0, timeout=5)
+            assert wait_until(lambda: srv.core.streams == 0, timeout=5)
             time.sleep(0.2)
         assert len(calls) == 8
         assert srv.metric("textgen_requests_total", method="Generate", code="INTERNAL") == 0
@@ -96,13 +96,13 @@ def test_streams_per_connection_are_capped() -> None:
     channel, slow = stub(srv.address, TINY_WINDOW)
     try:
         calls = [slow.Generate(pb.GenerateRequest(prompt="hello", max_tokens=1024)) for _ in range(2)]
-        assert wait_until(lambda: srv.server.core.streams == 2, timeout=5)
+        assert wait_until(lambda: srv.core.streams == 2, timeout=5)
         _, code = drain(slow.Generate(pb.GenerateRequest(prompt="hello", max_tokens=3)))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert len(srv.client().generate_text("hello", max_tokens=3).text) == 3  # another connection is served
         for c in calls:
             c.cancel()
-        assert wait_until(lambda: srv.server.core.streams == 0, timeout=5)
+        assert wait_until(lambda: srv.core.streams == 0, timeout=5)
         text, code = drain(slow.Generate(pb.GenerateRequest(prompt="hello", max_tokens=3)))
         assert (len(text), code) == (3, grpc.StatusCode.OK)
     finally:
@@ -129,7 +129,7 @@ def test_feed_score_and_create_session_are_admitted_within_the_caps() -> None:
         t = threading.Thread(target=slow_feed, args=(sid, 580))
         t.start()
         # (calls counts from admission, before the request is read; texts once the feed holds its text)
-        assert wait_until(lambda: srv.server.core.calls == 1 and srv.server.core.texts == 1, timeout=5)
+        assert wait_until(lambda: srv.core.calls == 1 and srv.core.texts == 1, timeout=5)
         with pytest.raises(Exception, match="RESOURCE_EXHAUSTED") as info:
             c.score("b" * 350)  # 580 + 350 characters > --max-queued-chars 600, and 350 > its share
         assert "--max-queued-chars" in str(info.value)
@@ -137,7 +137,7 @@ def test_feed_score_and_create_session_are_admitted_within_the_caps() -> None:
         assert c.score("b" * 250).token_count == 250
         t2 = threading.Thread(target=slow_feed, args=(sid2, 50))
         t2.start()
-        assert wait_until(lambda: srv.server.core.calls == 2, timeout=5)
+        assert wait_until(lambda: srv.core.calls == 2, timeout=5)
         with pytest.raises(Exception, match="RESOURCE_EXHAUSTED") as info:
             c.create_session("hi")
         assert "--max-concurrent-calls" in str(info.value)
@@ -149,7 +149,7 @@ def test_feed_score_and_create_session_are_admitted_within_the_caps() -> None:
         t.join(30)
         t2.join(30)
         assert not errors
-        assert wait_until(lambda: srv.server.core.calls == 0, timeout=5) and srv.server.core.queued_chars == 0
+        assert wait_until(lambda: srv.core.calls == 0, timeout=5) and srv.core.queued_chars == 0
         assert c.score("b" * 150).token_count == 150  # admitted again
         assert srv.metric("textgen_requests_total", method="CreateSession", code="RESOURCE_EXHAUSTED") == 1
     finally:
@@ -185,7 +185,7 @@ def test_a_slow_reader_finds_the_session_ahead_by_at_most_its_receive_window() -
                 read += len(msg.text)
                 time.sleep(0.05)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and read > 0
-        assert wait_until(lambda: srv.server.core.streams == 0, timeout=5)
+        assert wait_until(lambda: srv.core.streams == 0, timeout=5)
         generated = srv.client().get_session(sid).token_count - len("hello")
         assert read <= generated <= read + (1024 // 7) * 4, (read, generated)
         assert generated < 1024  # the window, not the whole stream, was ahead of the reader
@@ -215,22 +215,22 @@ def test_a_reply_too_large_to_send_is_refused_and_counted_as_such() -> None:
 
 def test_memory_is_given_back_after_a_large_text(monkeypatch: pytest.MonkeyPatch) -> None:
     """glibc keeps what worker threads free; after a call with a large text the sweep trims malloc's arenas."""
-    from textgen.service import memory, server
+    from textgen.service import heap, upkeep
 
-    assert memory.release_free_memory() is (memory._malloc_trim() is not None)
+    assert heap.release_free_memory() is (heap._malloc_trim() is not None)
     calls: list[int] = []
     def release() -> bool:
         calls.append(1)
         return True
 
-    monkeypatch.setattr(server, "release_free_memory", release)
+    monkeypatch.setattr(upkeep, "release_free_memory", release)
     srv = RunningServer(FakeRuntime("fixed"), sweep_seconds=0.05)
     try:
         c = srv.client()
         c.score("ab" * 1000)
         time.sleep(0.3)
         assert calls == []  # small texts: nothing to give back
-        c.score("ab" * (memory.LARGE_TEXT // 2))
+        c.score("ab" * (heap.LARGE_TEXT // 2))
         assert wait_until(lambda: calls == [1], timeout=5)
         time.sleep(0.3)
         assert calls == [1]  # once per burst, not at every sweep
@@ -280,12 +280,12 @@ def test_the_server_does_not_grow_receive_windows_by_bdp_probing() -> None:
 def test_malloc_arenas_are_capped_unless_the_environment_says_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
     import ctypes.util
 
-    from textgen.service import memory
+    from textgen.service import heap
 
     glibc = ctypes.util.find_library("c") is not None and hasattr(ctypes.CDLL(None), "mallopt")
     if not glibc:
         pytest.skip("not glibc: there is no arena count to cap")
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    assert memory.limit_malloc_arenas() is True  # mallopt(M_ARENA_MAX, 2) accepted
+    assert heap.limit_malloc_arenas() is True  # mallopt(M_ARENA_MAX, 2) accepted
     monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
-    assert memory.limit_malloc_arenas() is False  # an operator's own setting wins
+    assert heap.limit_malloc_arenas() is False  # an operator's own setting wins

@@ -192,10 +192,10 @@ def test_deadline_exceeded_stops_the_work(rt: Any) -> None:
         sid = c.create_session(PROMPT).session.session_id
         fails(CODE.DEADLINE_EXCEEDED, c.generate_text, session_id=sid, max_tokens=100_000, timeout=0.3)
         assert wait_until(lambda: not c.get_session(sid).busy, timeout=2)
-        jobs = srv.server.engine.jobs
+        jobs = srv.engine.jobs
         time.sleep(0.2)
-        assert srv.server.engine.jobs <= jobs + 1  # no generation goes on behind the client's back
-        assert srv.server.core.streams == 0
+        assert srv.engine.jobs <= jobs + 1  # no generation goes on behind the client's back
+        assert srv.core.streams == 0
         assert wait_until(lambda: srv.metric("textgen_requests_total", method="Generate",
                                              code="DEADLINE_EXCEEDED") == 1)
         # The session is consistent: generated tokens up to the deadline are in it and it keeps working.
@@ -217,9 +217,9 @@ def test_deadline_exceeded_during_feed_and_score_stops_them_and_changes_nothing(
         fails(CODE.DEADLINE_EXCEEDED, c.score, long_text, timeout=0.1)
         fails(CODE.DEADLINE_EXCEEDED, c.create_session, long_text, timeout=0.1)
         time.sleep(0.05)
-        jobs = srv.server.engine.jobs
+        jobs = srv.engine.jobs
         time.sleep(0.2)
-        assert srv.server.engine.jobs <= jobs + 1  # the cut calls do not keep the engine busy
+        assert srv.engine.jobs <= jobs + 1  # the cut calls do not keep the engine busy
         # All or nothing: the session is as it was, and the cut CreateSession left no session behind.
         info = c.get_session(sid)
         assert info.token_count == len(PROMPT) and not info.busy
@@ -238,7 +238,7 @@ def test_a_client_that_disconnects_stops_its_stream(rt: Any) -> None:
         it = iter(stream)
         next(it)
         c.close()  # the whole channel goes away
-        assert wait_until(lambda: srv.server.core.streams == 0, timeout=3)
+        assert wait_until(lambda: srv.core.streams == 0, timeout=3)
         c2 = srv.client()
         assert not c2.get_session(sid).busy
         n = c2.get_session(sid).token_count
@@ -304,7 +304,7 @@ def test_a_bug_is_internal_and_logged_with_its_traceback(rt: Any, caplog: pytest
         def broken() -> dict:
             raise ZeroDivisionError("boom")
 
-        srv.server.core.model_info = broken  # type: ignore[method-assign]
+        srv.core.model_info = broken  # type: ignore[method-assign]
         with caplog.at_level("ERROR", logger="textgen"):
             err = fails(CODE.INTERNAL, srv.client().model_info)
         assert "boom" not in err.details and "GetModelInfo" in err.details

@@ -27,7 +27,7 @@ from textgen.service.sampling import (
     top_k,
     top_p,
 )
-from textgen.service.sessions import Session, SessionStore, StoreEvents
+from textgen.service.sessions import MemorySessionStore, Session, StoreEvents
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 LOGITS = np.array([2.0, 1.0, 0.5, 3.0, -1.0, 0.0], dtype=np.float32)
@@ -91,14 +91,15 @@ def test_the_smallest_temperature_samples_finite_probabilities() -> None:
 # ---------------------------------------------------------------------------------------------- sessions
 
 
-def _store(clock: FakeClock, cap: int = 3, eviction: str = "lru") -> tuple[SessionStore, dict[str, int]]:
+def _store(clock: FakeClock, cap: int = 3, eviction: str = "lru") -> tuple[MemorySessionStore, dict[str, int]]:
     counts = {"created": 0, "evicted": 0, "expired": 0}
 
     def count(key: str) -> Any:
         return lambda n: counts.__setitem__(key, counts[key] + n)
 
     events = StoreEvents(created=count("created"), evicted=count("evicted"), expired=count("expired"))
-    return SessionStore(cap, eviction=eviction, clock=clock, wall_clock=lambda: 1e9 + clock(), events=events), counts
+    store = MemorySessionStore(cap, eviction=eviction, clock=clock, wall_clock=lambda: 1e9 + clock(), events=events)
+    return store, counts
 
 
 def test_ids_are_long_random_and_unique() -> None:

@@ -331,7 +331,7 @@ def test_a_record_round_trips_exactly_and_a_foreign_one_is_refused() -> None:
     assert redacted("redis://user:pw@host:6379/0") == "redis://user:***@host:6379/0"
     assert redacted("redis://host:6379/0?password=pw&db=1") == "redis://host:6379/0?password=***&db=1"
     assert redacted("redis://host:6379/0") == "redis://host:6379/0"
-    from textgen.service.ipc import session_shard
+    from textgen.service.procs.wire import session_shard
 
     assert session_shard("\u00b2.abc", 2, shared=True) in (0, 1)  # a non-ASCII digit is no shard number
     assert session_shard("\u00b2.abc", 2) is None

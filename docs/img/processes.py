@@ -120,7 +120,7 @@ def draw() -> str:
           leading=14)
     rect(ix, 236, iw, 66, INNER)
     text(ix + 8, 252, "RemoteCore", size=12, bold=True)
-    lines(ix + 8, 267, ["TextgenCore's methods, forwarded to", "the shard its session id names;",
+    lines(ix + 8, 267, ["a Core: each call a wire message to", "the shard its session id names;",
                         "one ZeroMQ DEALER socket per shard"], size=11, leading=14)
     lines(ix, 320, ["also: health, reflection; health is", "NOT_SERVING while a shard is down"], size=11,
           leading=14, color=GREY)
@@ -137,10 +137,10 @@ def draw() -> str:
     text(jx + 8, 144, "event loop: TextgenCore", size=12, bold=True)
     text(jx + 8, 159, "sessions (hidden state, pending token), limits", size=11)
     badge(jx + 14, 176, 2)
-    lines(gx, 180, ["its Generate stream gets the tokens;", "a `tok` record joins the front end's batch"], size=11,
+    lines(gx, 180, ["its Generate stream gets the tokens;", "at its pace a `Tok` joins the front end's batch"], size=11,
           leading=14)
     badge(jx + 14, 210, 6)
-    lines(gx, 214, ["on `ack`: the session is committed past", "them (the session is the text delivered)"],
+    lines(gx, 214, ["on `Ack`: the session is committed past", "them (the session is the text delivered)"],
           size=11, leading=14)
     rect(jx, 256, jw, 88, INNER)
     text(jx + 8, 272, "scheduler thread (BatchingEngine)", size=12, bold=True)
@@ -158,10 +158,10 @@ def draw() -> str:
     badge(wx0 + 16, 254, 5)
     badge(wx1 - 16, 284, 3)
     cx = (wx0 + wx1) / 2
-    text(cx + 8, 244, "requests, `ack`", size=10.5, anchor="middle")
-    text(cx - 6, 300, "`tok`, `fin`, `ok`/`err`", size=10.5, anchor="middle")
+    text(cx + 8, 244, "calls, `Ack`", size=10.5, anchor="middle")
+    text(cx - 6, 300, "`Tok`, `Fin`, `Ok`/`Err`", size=10.5, anchor="middle")
     lines(cx, 124, ["ZeroMQ", "DEALER → ROUTER", "over ipc://"], size=11, leading=14, anchor="middle")
-    lines(cx, 178, ["msgpack batches:", "one message per", "loop turn and", "direction"], size=10.5, leading=13,
+    lines(cx, 178, ["typed msgpack", "batches: one per", "loop turn and", "direction"], size=10.5, leading=13,
           anchor="middle", color=GREY)
     lines(cx, 324, ["every front end", "to every shard"], size=10.5, leading=13, anchor="middle", color=GREY)
 

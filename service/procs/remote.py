@@ -1,6 +1,6 @@
-"""A front end's view of the engine shards: :class:`RemoteCore` has the methods of
-:class:`~textgen.service.core.TextgenCore` that the gRPC servicer calls, and forwards them to the shard that
-holds the session (its id names it), or to the next shard in turn for new sessions and one-shot calls.
+"""A front end's view of the engine shards: :class:`RemoteCore` is a :class:`~textgen.service.interface.Core`
+that forwards every call (a message of :mod:`.wire`) to the shard that holds the session (its id names it), or
+to the next shard in turn for new sessions and one-shot calls.
 
 A shard that goes away (its process died) fails every call waiting on it with UNAVAILABLE at once and makes the
 front end's health NOT_SERVING until a shard is back at that address (the parent restarts it; its sessions are
@@ -12,34 +12,36 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncGenerator, Callable
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncGenerator
+from typing import TypeVar
 
+import msgspec
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
-from . import ipc
-from .config import ServerConfig
-from .core import CallGate, FeedResult, FinishEvent, GenerateParams, ScoreResult, TokenEvent
-from .errors import MessageGiven, SessionNotFound, ShuttingDown, StreamStalled
-from .metrics import Metrics
-from .sessions import SessionInfo, short_id
+from ..config import ServerConfig
+from ..errors import MessageGiven, SessionNotFound, ShuttingDown, StreamStalled
+from ..interface import (
+    CallGate,
+    FeedResult,
+    FinishEvent,
+    GenerateParams,
+    HealthListener,
+    ModelFacts,
+    ScoreResult,
+    SessionInfo,
+    TokenEvent,
+)
+from ..metrics import Metrics
+from ..sessions import short_id
+from . import wire
+from .child import shard_deaths
 
 log = logging.getLogger("textgen.frontend")
 
-
-def shard_deaths_file(address: str) -> Path:
-    """Beside a shard's ``ipc://`` socket: how many times its process died, written by the parent."""
-    return Path(address.removeprefix("ipc://")).with_suffix(".deaths")
-
-
-def _deaths(address: str) -> int:
-    try:
-        return int(shard_deaths_file(address).read_text())
-    except (OSError, ValueError):
-        return 0
+R = TypeVar("R")
+HEALTH_TIMEOUT = 1.0  # seconds a shard may take to say how its session store is
 
 
 class ShardGone(ShuttingDown):
@@ -59,27 +61,29 @@ class _Link:
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self.sock.connect(address)
         self.up = False
-        self.deaths = _deaths(address)  # the parent's count of this shard's deaths, as last read
+        self.deaths = shard_deaths(address)  # the parent's count of this shard's deaths, as last read
         self.calls: set[int] = set()  # calls waiting on this shard
-        self.out: list[ipc.Record] = []
+        self.out: list[wire.Record] = []
 
 
 class RemoteCore(CallGate):
-    def __init__(self, config: ServerConfig, addresses: list[str], metrics: Metrics,
-                 on_health: Callable[[bool], None] | None = None):
+    """A front end's :class:`~textgen.service.interface.Core`: each call goes to an engine shard over
+    :mod:`.wire`; admission (--max-concurrent-calls) counts this front end's calls."""
+
+    def __init__(self, config: ServerConfig, addresses: list[str], metrics: Metrics):
         self.config = config
         self.metrics = metrics
-        self.on_health = on_health
+        self.on_health: HealthListener | None = None
         self.ctx = zmq.asyncio.Context()
         self.links = [_Link(self.ctx, i, a) for i, a in enumerate(addresses)]
         self.calls = 0  # CreateSession, Feed and Score calls in this front end (--max-concurrent-calls)
         self.streams = 0
         self._stopping = False
-        self.info: dict[str, Any] = {}
+        self.info: ModelFacts = {}
         self._ids = itertools.count(1)
         self._turn = itertools.count()
-        self._waiting: dict[int, asyncio.Future[tuple[str, Any]]] = {}
-        self._streams: dict[int, asyncio.Queue[tuple[str, Any]]] = {}
+        self._waiting: dict[int, asyncio.Future[wire.ToFrontEnd]] = {}
+        self._streams: dict[int, asyncio.Queue[wire.ToFrontEnd]] = {}
         self._flush_soon = False
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -91,15 +95,35 @@ class RemoteCore(CallGate):
         async with asyncio.timeout(timeout):
             while not all(link.up for link in self.links):
                 await asyncio.sleep(0.01)
-        self.info = await self._call(self.links[0], "info")
+        self.info = await self._call(self.links[0], wire.ModelInfo())
 
-    def close(self) -> None:
+    async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
         for link in self.links:
             link.monitor.close(0)
             link.sock.close(0)
         self.ctx.term()
+
+    # -- upkeep: the shards do the sweeping; health is theirs too
+    def sweep(self) -> bool:
+        return False
+
+    def idle(self) -> bool:
+        return not self.calls and not self.streams
+
+    async def health(self) -> dict[str, bool]:
+        """"shards": every shard connected; "store": every shard reaches its session store (when they answer
+        within :data:`HEALTH_TIMEOUT`: a busy shard's silence says nothing about the store)."""
+        if not self.healthy:
+            return {"shards": False}
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT):
+                parts = await asyncio.gather(*(self._call(link, wire.Health()) for link in self.links))
+        except (TimeoutError, wire.RemoteError):
+            return {"shards": self.healthy}
+        store = all(p.get("store", True) for p in parts)
+        return {"shards": self.healthy, "store": store}
 
     @property
     def stopping(self) -> bool:
@@ -110,7 +134,7 @@ class RemoteCore(CallGate):
         """Set when the front end shuts down: the shards finish its running streams with CANCELLED."""
         if value and not self._stopping:
             for link in self.links:
-                self._send(link, [0, ipc.STOP, None])
+                self._send(link, wire.Record(0, wire.Stop()))
         self._stopping = value
 
     @property
@@ -118,7 +142,7 @@ class RemoteCore(CallGate):
         return all(link.up for link in self.links)
 
     # -- the wire
-    def _send(self, link: _Link, record: ipc.Record) -> None:
+    def _send(self, link: _Link, record: wire.Record) -> None:
         link.out.append(record)
         if not self._flush_soon:
             self._flush_soon = True
@@ -129,21 +153,26 @@ class RemoteCore(CallGate):
         for link in self.links:
             if link.out:
                 records, link.out = link.out, []
-                link.sock.send(ipc.pack(records))
+                link.sock.send(wire.pack(records))
 
     async def _read(self, link: _Link) -> None:
         while True:
             data = await link.sock.recv()
-            for call, kind, body in ipc.unpack(data):
-                waiter = self._waiting.pop(call, None)
+            try:
+                replies = wire.unpack_replies(data)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:  # a bug in the shard: say so, go on
+                log.error("unreadable message from engine shard %d: %s", link.index, exc)
+                continue
+            for reply in replies:
+                waiter = self._waiting.pop(reply.call, None)
                 if waiter is not None:
-                    link.calls.discard(call)
+                    link.calls.discard(reply.call)
                     if not waiter.done():
-                        waiter.set_result((kind, body))
+                        waiter.set_result(reply.body)
                     continue
-                queue = self._streams.get(call)
+                queue = self._streams.get(reply.call)
                 if queue is not None:
-                    queue.put_nowait((kind, body))
+                    queue.put_nowait(reply.body)
 
     async def _watch(self, link: _Link) -> None:
         while True:
@@ -156,13 +185,13 @@ class RemoteCore(CallGate):
                 log.error("engine shard %d went away", link.index)
                 self._fail(link)
             if self.on_health is not None and self.healthy != was:
-                self.on_health(self.healthy)
+                self.on_health("shards", self.healthy)
 
     def check_shards(self) -> None:
         """The parent signalled that a shard died: fail the calls that waited on it. This does not rest on the
         socket's disconnect event alone, which a front end was seen to miss (its stream then waited for ever)."""
         for link in self.links:
-            deaths = _deaths(link.address)
+            deaths = shard_deaths(link.address)
             if deaths != link.deaths:
                 link.deaths = deaths
                 log.error("engine shard %d died (the parent restarts it)", link.index)
@@ -170,19 +199,19 @@ class RemoteCore(CallGate):
 
     def _fail(self, link: _Link) -> None:
         """Every call waiting on ``link``'s shard ends with UNAVAILABLE."""
-        reason = ("engine shard went away (the server restarts it; sessions it held are lost)", )
+        gone = wire.Err("UNAVAILABLE", "engine shard went away (the server restarts it; sessions it held are lost)")
         for call in list(link.calls):
             link.calls.discard(call)
             waiter = self._waiting.pop(call, None)
             if waiter is not None and not waiter.done():
-                waiter.set_result((ipc.ERR, ["UNAVAILABLE", reason[0]]))
+                waiter.set_result(gone)
             queue = self._streams.get(call)
             if queue is not None:
-                queue.put_nowait((ipc.ERR, ["UNAVAILABLE", reason[0]]))
+                queue.put_nowait(gone)
 
     def _link_of(self, session_id: str) -> _Link:
         # With a shared store (Redis) any shard can serve any session: ids of other replicas' shards too.
-        k = ipc.session_shard(session_id, len(self.links), shared=self.config.session_store != "memory")
+        k = wire.session_shard(session_id, len(self.links), shared=self.config.session_store != "memory")
         if k is None:
             raise SessionNotFound(f"session {short_id(session_id)!r} not found (unknown, expired, evicted or deleted)")
         return self._usable(self.links[k])
@@ -199,98 +228,99 @@ class RemoteCore(CallGate):
             raise ShardGone("engine shard unavailable (it is being restarted); retry later")
         return link
 
-    async def _call(self, link: _Link, method: str, *args: Any) -> Any:
+    async def _call(self, link: _Link, request: wire.Call[R]) -> R:
         call = next(self._ids)
-        waiter: asyncio.Future[tuple[str, Any]] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[wire.ToFrontEnd] = asyncio.get_running_loop().create_future()
         self._waiting[call] = waiter
         link.calls.add(call)
-        self._send(link, [call, ipc.CALL, [method, list(args)]])
+        self._send(link, wire.Record(call, request))  # type: ignore[arg-type]  # (every Call is in ToShard)
         try:
-            kind, body = await waiter
+            body = await waiter
         except asyncio.CancelledError:
             self._waiting.pop(call, None)
             link.calls.discard(call)
-            self._send(link, [call, ipc.CANCEL, None])
+            self._send(link, wire.Record(call, wire.Cancel()))
             raise
-        if kind == ipc.ERR:
-            raise ipc.RemoteError(*body)
-        return body
+        if isinstance(body, wire.Ok):
+            return request.decode_reply(body.result)
+        if isinstance(body, wire.Err):
+            raise wire.RemoteError(body.code, body.message)
+        raise wire.RemoteError("INTERNAL", f"engine shard answered a call with {type(body).__name__}")
 
-    # -- what the servicer calls (admission: CallGate; --max-concurrent-calls counts per front end)
+    # -- the Core's calls (admission: CallGate; --max-concurrent-calls counts per front end)
     async def create_session(self, prompt: str = "", ttl: float | None = None) -> tuple[SessionInfo, FeedResult]:
         self._check_open()
-        info, fed = await self._call(self._next_link(), "create", prompt, ttl)
-        return SessionInfo(**info), FeedResult(**fed)
+        return await self._call(self._next_link(), wire.CreateSession(prompt, ttl))
 
     async def feed(self, session_id: str, text: str) -> FeedResult:
         self._check_open()
-        return FeedResult(**await self._call(self._link_of(session_id), "feed", session_id, text))
+        return await self._call(self._link_of(session_id), wire.Feed(session_id, text))
 
     async def score(self, text: str, session_id: str = "", update_session: bool = False) -> ScoreResult:
         self._check_open()
         link = self._link_of(session_id) if session_id else self._next_link()
-        return ScoreResult(**await self._call(link, "score", text, session_id, update_session))
+        return await self._call(link, wire.Score(text, session_id, update_session))
 
     async def get_session(self, session_id: str) -> SessionInfo:
-        return SessionInfo(**await self._call(self._link_of(session_id), "get", session_id))
+        return await self._call(self._link_of(session_id), wire.GetSession(session_id))
 
     async def delete_session(self, session_id: str) -> None:
-        await self._call(self._link_of(session_id), "delete", session_id)
+        await self._call(self._link_of(session_id), wire.DeleteSession(session_id))
 
     async def fork_session(self, session_id: str, ttl: float | None = None) -> SessionInfo:
         self._check_open()
-        return SessionInfo(**await self._call(self._link_of(session_id), "fork", session_id, ttl))
+        return await self._call(self._link_of(session_id), wire.ForkSession(session_id, ttl))
 
     async def export_session(self, session_id: str) -> bytes:
-        return bytes(await self._call(self._link_of(session_id), "export", session_id))
+        return await self._call(self._link_of(session_id), wire.ExportSession(session_id))
 
     async def import_session(self, blob: bytes, ttl: float | None = None) -> SessionInfo:
         """Into the next shard in turn: the shards share the parent's --session-key and the model."""
         self._check_open()
-        return SessionInfo(**await self._call(self._next_link(), "import", blob, ttl))
+        return await self._call(self._next_link(), wire.ImportSession(blob, ttl))
 
-    def model_info(self) -> dict[str, Any]:
+    def model_info(self) -> ModelFacts:
         return dict(self.info)
 
     async def generate(self, p: GenerateParams) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
         self._check_open()
         link = self._link_of(p.session_id) if p.session_id else self._next_link()
         call = next(self._ids)
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        queue: asyncio.Queue[wire.ToFrontEnd] = asyncio.Queue()
         self._streams[call] = queue
         link.calls.add(call)
-        s = p.sampling
-        self._send(link, [call, ipc.GENERATE, {
-            "session_id": p.session_id, "prompt": p.prompt, "max_tokens": p.max_tokens, "stop": list(p.stop),
-            "logprobs": p.logprobs, "sampling": {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
-                                                 "seed": s.seed}}])
+        self._send(link, wire.Record(call, wire.Generate(p)))
         self.streams += 1  # (textgen_streams_in_flight is the shard's count: /metrics sums the processes)
         ended = False  # the shard ended the stream (or was told how it ended): no cancel to send
         try:
             while True:
-                kind, body = await queue.get()
-                if kind == ipc.TOK:
-                    text, ids, lps = body
+                body = await queue.get()
+                if isinstance(body, wire.Tok):
+                    n = len(body.token_ids)
                     try:
-                        yield TokenEvent(text, tuple(ids), tuple(lps) if lps is not None else None)
+                        yield TokenEvent(body.text, tuple(body.token_ids),
+                                         tuple(body.logprobs) if body.logprobs is not None else None)
                     except StreamStalled as exc:
                         ended = True
-                        self._send(link, [call, ipc.STALL, str(exc)])  # the shard commits this message too
+                        self._send(link, wire.Record(call, wire.Stall(str(exc))))  # the shard commits it too
                         raise
                     except MessageGiven:
-                        self._send(link, [call, ipc.ACK, len(ids)])  # commit it, then the cancel (finally)
+                        self._send(link, wire.Record(call, wire.Ack(n)))  # commit it, then the cancel (finally)
                         raise
-                    self._send(link, [call, ipc.ACK, len(ids)])  # gRPC took it: the session may move on
-                elif kind == ipc.FIN:
+                    self._send(link, wire.Record(call, wire.Ack(n)))  # gRPC took it: the session may move on
+                elif isinstance(body, wire.Fin):
                     ended = True
-                    yield FinishEvent(*body)
+                    yield body.event
                     return
+                elif isinstance(body, wire.Err):
+                    ended = True
+                    raise wire.RemoteError(body.code, body.message)
                 else:
                     ended = True
-                    raise ipc.RemoteError(*body)
+                    raise wire.RemoteError("INTERNAL", "engine shard answered a stream with a unary reply")
         finally:
             self._streams.pop(call, None)
             link.calls.discard(call)
             self.streams -= 1
             if not ended:
-                self._send(link, [call, ipc.CANCEL, None])
+                self._send(link, wire.Record(call, wire.Cancel()))

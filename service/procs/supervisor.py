@@ -1,8 +1,8 @@
 """``textgen serve --workers N --shards M``: gRPC front ends and engine shards in separate processes.
 
-The parent process holds no gRPC object and no model. It starts M engine shards (service/shard.py), each
-listening on an ``ipc://`` socket in a private folder, then N front ends (a :class:`TextgenServer` whose core is
-a :class:`~textgen.service.remote.RemoteCore`) that all listen on the same port with SO_REUSEPORT, so the kernel
+The parent process holds no gRPC object and no model. It starts M engine shards (:mod:`.shard`), each
+listening on an ``ipc://`` socket in a private folder, then N front ends (:mod:`.frontend`: a gRPC server whose
+core is a :class:`~.remote.RemoteCore`) that all listen on the same port with SO_REUSEPORT, so the kernel
 spreads connections over them. Children are *spawned* (fresh interpreters): nothing of the parent's state,
 gRPC's above all, is copied into them. The parent then serves ``/metrics`` for all of them (prometheus-client's
 multiprocess mode: every child writes its samples to files in the private folder, the parent's collector sums
@@ -34,14 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import logs
-from .config import ServerConfig
-from .errors import InputError
-from .memory import limit_malloc_arenas
-from .metrics import model_labels
-from .remote import shard_deaths_file
-from .security import TokenStore, server_credentials
-from .shard import report_start_errors
+from .. import logs
+from ..config import ServerConfig
+from ..errors import InputError
+from ..metrics import model_labels
+from .child import record_shard_death
 
 log = logging.getLogger("textgen.server")
 
@@ -53,53 +50,6 @@ RESTART_WINDOW = 60.0
 def share(limit: int, among: int) -> int:
     """One process's part of a server-wide limit (rounded up: the parts add up to at least the limit)."""
     return max(1, -(-limit // among))
-
-
-def frontend_main(config: ServerConfig, index: int, addresses: list[str], ready: Any) -> None:
-    """A front end's entry point: a gRPC server whose core forwards to the shards."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    limit_malloc_arenas()
-    logs.configure(config.log_level, config.log_format, frontend=index)
-    with report_start_errors(ready):
-        asyncio.run(_run_frontend(config, index, addresses, ready))
-
-
-async def _run_frontend(config: ServerConfig, index: int, addresses: list[str], ready: Any) -> None:
-    from .remote import RemoteCore
-    from .server import TextgenServer
-
-    server = TextgenServer(config, shard_addresses=addresses)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_term() -> None:
-        if stop.is_set():
-            server.end_streams()  # the second signal: do not wait for the streams
-        stop.set()
-
-    loop.add_signal_handler(signal.SIGTERM, on_term)
-    loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)
-    # the parent's word that a shard died (and was started again): see RemoteCore.check_shards
-    def on_shard_death() -> None:
-        core = getattr(server, "core", None)
-        if isinstance(core, RemoteCore):  # (not yet made while the front end starts)
-            core.check_shards()
-
-    loop.add_signal_handler(signal.SIGUSR1, on_shard_death)
-    from .shard import watch_parent
-
-    orphaned = asyncio.create_task(watch_parent(stop.set))
-    try:
-        await server.start()
-        ready.send(("ready", os.getpid()))
-        ready.close()
-        await stop.wait()
-    finally:
-        orphaned.cancel()
-        await server.stop()
-        # drained: a late signal (the parent passes a second one on) must not turn exit 0 into "killed"
-        loop.remove_signal_handler(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @dataclass
@@ -167,6 +117,7 @@ class Processes:
         self._hold = s  # kept until the front ends listen, so that nobody else takes the port meanwhile
 
     def start(self) -> None:
+        from .frontend import frontend_main
         from .shard import shard_main
 
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)  # inherited by the spawned children
@@ -197,11 +148,13 @@ class Processes:
         from prometheus_client import CollectorRegistry, Info, start_http_server
         from prometheus_client.multiprocess import MultiProcessCollector
 
+        from ..assembly import model_facts
+
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(self.metrics_dir))
         # prometheus-client's multiprocess mode has no Info metric: the parent exports the model's facts itself
         Info("textgen_model", "The served model (manifest fields).", registry=registry).info(
-            model_labels(self._model_facts()))
+            model_labels(model_facts(self.config)))
         host = self.config.metrics_host.strip("[]")
         try:
             server, _ = start_http_server(self.config.metrics_port, addr=host, registry=registry)
@@ -210,19 +163,6 @@ class Processes:
                              f"(--metrics-host/--metrics-port): {exc.strerror or exc}") from exc
         self._http = server
         self.metrics_port = int(server.server_port)
-
-    def _model_facts(self) -> dict[str, Any]:
-        """The served bundle's public manifest (read, not loaded: the parent holds no model)."""
-        from .server import FAKE_MODELS
-
-        if self.config.model in FAKE_MODELS:
-            from .fake_runtime import FakeRuntime
-
-            return FakeRuntime(self.config.model.split(":", 1)[1]).manifest.to_public_dict()
-        from .bundle import read_manifest
-        from .runtime import default_bundle_path
-
-        return read_manifest(self.config.model or default_bundle_path()).to_public_dict()
 
     def check(self) -> None:
         """Start again any child that died; too many deaths of one child in a row stop the server."""
@@ -238,11 +178,7 @@ class Processes:
             log.error("%s process %d died (exit %s); starting it again", child.kind, child.index, code,
                       extra={"fields": {"pid": pid}})
             if child.kind == "shard":  # the front ends fail the calls that waited on it (RemoteCore.check_shards)
-                deaths = shard_deaths_file(self.addresses[child.index])
-                count = int(deaths.read_text()) if deaths.exists() else 0
-                tmp = deaths.with_suffix(".tmp")
-                tmp.write_text(str(count + 1))
-                tmp.replace(deaths)
+                record_shard_death(self.addresses[child.index])
                 self.signal_all("front end", signal.SIGUSR1)
             if len(child.deaths) >= RESTARTS:
                 raise InputError(f"the {child.kind} process {child.index} died {RESTARTS} times in "
@@ -291,13 +227,10 @@ async def serve_processes(config: ServerConfig, *, announce: Callable[[str], Non
                           why: str = "") -> int:
     """``textgen serve`` with front ends and shards apart: run until SIGTERM or SIGINT; the exit code. ``why``:
     how the process counts were chosen (logged)."""
-    from .server import TextgenServer, _grpc_host
+    from ..server import _grpc_host, check_security, security_summary
 
     logs.configure(config.log_level, config.log_format)
-    # What a front end would refuse, refused here in one line before any process starts.
-    server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
-    if config.auth_tokens_file is not None:
-        TokenStore(config.auth_tokens_file)
+    check_security(config)  # what a front end would refuse, refused here in one line before any process starts
     procs = Processes(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -319,7 +252,7 @@ async def serve_processes(config: ServerConfig, *, announce: Callable[[str], Non
                    if procs.metrics_port is not None else "off")
         w, sh = config.workers, config.shards
         announce(f"textgen serve: gRPC listening on {_grpc_host(config.host)}:{procs.port}, metrics {metrics} "
-                 f"({TextgenServer(config).security_summary()}) with {w} front end{'s' * (w > 1)} and {sh} "
+                 f"({security_summary(config)}) with {w} front end{'s' * (w > 1)} and {sh} "
                  f"engine shard{'s' * (sh > 1)}")
         log.info("processes", extra={"fields": {"workers": w, "shards": sh, "chosen": why or "given"}})
         while not stop.is_set():

@@ -1,6 +1,6 @@
 """Continuous batching: one scheduler thread owns the model and runs the decode steps of all streams together.
 
-:class:`BatchingEngine` implements :class:`~textgen.service.engine.Engine`. Its compute thread loops:
+:class:`BatchingEngine` implements :class:`~textgen.service.engine.base.Engine`. Its compute thread loops:
 
 1. take what the event loop handed over since the last round (new streams, prompt and score jobs, wake-ups);
 2. **decode**: every open Generate stream that may compute another token goes into one batch: the pending
@@ -25,7 +25,7 @@ commits the state of the last token it delivered.
 Determinism: a row's result does not depend on the batch. Decode rows of a batched step equal the same step
 alone (onnxruntime's kernels compute each row the same way at any batch size for these graphs; the tests
 check it for every cell), the sampling is row by row, and prompt chunks follow
-:func:`~textgen.service.engine.chunk_length` whatever else runs. Score runs each text alone (batch 1) through
+:func:`~textgen.service.engine.base.chunk_length` whatever else runs. Score runs each text alone (batch 1) through
 ``Runtime.step`` in chunks, and sums the per-position NLL over the same 4096-token blocks as
 ``Runtime.score_ids``, so its figures are that method's to the last bit.
 
@@ -50,14 +50,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .engine import SCORE_CHUNK, Produced, ScoreOutcome, TokenStream, chunk_length, sequence
-from .nll import block_sum, token_nll
-from .sampling import RowSampler, sample_logits
+from ..nll import block_sum, token_nll
+from ..sampling import RowSampler, sample_logits
+from .base import SCORE_CHUNK, Produced, ScoreOutcome, TokenStream, chunk_length, sequence
 
 if TYPE_CHECKING:
-    from .config import ServerConfig
-    from .engine import Engine
-    from .runtime import ModelRuntime
+    from ..runtime import ModelRuntime
 
 log = logging.getLogger("textgen.scheduler")
 
@@ -100,20 +98,20 @@ class _Stream:
         self.waiter: asyncio.Future[None] | None = None
         self.error: BaseException | None = None
         # loop: called once per round that brought tokens (or an error), instead of waking next(): an engine
-        # shard sends them on from there (service/shard.py) without a coroutine per stream
+        # shard sends them on from there (service/procs/shard.py) without a coroutine per stream
         self.listener: Callable[[], None] | None = None
 
-    async def next(self) -> list[Produced]:
-        if not self.buffer:
-            if self.error is not None:
-                raise self.error
+    async def next(self, fresh: bool = False) -> list[Produced]:
+        # fresh: wait for the next round that brings tokens even if some are here (one is coming: the caller
+        # has just delivered, so the window has room)
+        if (not self.buffer or (fresh and self.produced < self.max_tokens)) and self.error is None:
             self.waiter = self.engine._loop.create_future()
             try:
                 await self.waiter
             finally:
                 self.waiter = None
-            if not self.buffer and self.error is not None:
-                raise self.error
+        if not self.buffer and self.error is not None:
+            raise self.error
         items, self.buffer = self.buffer, []
         return items
 
@@ -168,7 +166,6 @@ class BatchingEngine:
             raise ValueError("max_batch >= 1, prefill_chunk >= 2 and window >= 1 are required")
         self.runtime = runtime
         self.state_size = int(runtime.state_size)
-        self.vocab_size = int(runtime.vocab_size)
         self.metrics = metrics
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
@@ -469,13 +466,3 @@ class BatchingEngine:
             j.nll += block_sum(j.parts[0] if len(j.parts) == 1 else np.concatenate(j.parts))
             j.parts = []
             j.blocks += 1
-
-
-def make_engine(runtime: ModelRuntime, config: ServerConfig, metrics: Any = None) -> Engine:
-    """The engine ``config`` asks for: :class:`BatchingEngine` (``--batching on``) or the ThreadEngine."""
-    from .engine import ThreadEngine
-
-    if config.batching == "off":
-        return ThreadEngine(runtime, feed_chunk=config.prefill_chunk)
-    return BatchingEngine(runtime, metrics=metrics, max_batch=config.max_batch, prefill_chunk=config.prefill_chunk,
-                          window=config.stream_window)

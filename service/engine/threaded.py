@@ -1,22 +1,7 @@
-"""The compute side of the service: model calls run off the event loop, on dedicated thread(s).
+"""``--batching off``: each model call is its own job on one worker thread, one token per ``next()``.
 
-:class:`Engine` is the interface the rest of the service uses (coroutines unless noted; the arrays are owned
-by the caller afterwards and never mutated):
-
-* ``feed(state, pending, ids) -> (state, pending)``: consume ``ids`` after a session's (state, pending).
-* ``open_stream(state, pending, sampler, max_tokens, logprobs) -> TokenStream`` (not a coroutine): generate
-  from a session end. ``await stream.next()`` returns the tokens computed since the last call (at least one),
-  each as ``(token, state, logprob)``, ``state`` being the session end's state once that token is delivered;
-  ``stream.delivered(n)`` says n of them were handed to gRPC; ``stream.close()`` ends the stream at once.
-* ``score(ids, state, pending, keep_state) -> ScoreOutcome``: summed NLL of ``ids`` (and the new session end).
-
-Two implementations: :class:`ThreadEngine` (``--batching off``) runs each call as its own job on a single
-worker thread, one token per ``next()``; :class:`textgen.service.scheduler.BatchingEngine` (the default) runs
-the decode steps of all streams as one batched step and interleaves prompt chunks.
-
-Prompt chunks never have a single token unless the whole advance is one token: the one-step graph
-(model_step.onnx) and the sequence graphs round differently in the last bits, and a state must not depend on
-where a long prompt happened to be cut (:func:`chunk_length`).
+Kept for comparison and for tests that slow a job down (tests/servicekit.py); the default is
+:class:`~textgen.service.engine.batching.BatchingEngine`. Engine shards need the batching engine.
 """
 
 from __future__ import annotations
@@ -25,89 +10,44 @@ import asyncio
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from .nll import SUM_BLOCK, block_sum, token_nll
-from .sampling import RowSampler, sample_logits
+from ..nll import SUM_BLOCK, block_sum, token_nll
+from ..sampling import RowSampler, sample_logits
+from .base import FEED_CHUNK, SCORE_CHUNK, Produced, ScoreOutcome, TokenStream, chunk_length, sequence
 
 if TYPE_CHECKING:
-    from .runtime import ModelRuntime
+    from ..runtime import ModelRuntime
 
 T = TypeVar("T")
-
-SCORE_CHUNK = SUM_BLOCK  # one sum block per call: the cuts of Runtime.score_ids, the same figures
-FEED_CHUNK = 1024
-
-
-@dataclass(frozen=True)
-class ScoreOutcome:
-    nll: float  # summed negative log-likelihood, nats
-    predictions: int
-    state: np.ndarray | None  # the session end after the text (keep_state=True), else None
-    pending: int | None
-
-
-Produced = tuple[int, np.ndarray, float | None]  # token, the state that goes with it as pending, logprob
-
-
-class TokenStream(Protocol):
-    async def next(self) -> list[Produced]: ...
-
-    def delivered(self, n: int) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class Engine(Protocol):
-    state_size: int
-    vocab_size: int
-
-    async def feed(self, state: np.ndarray | None, pending: int | None,
-                   ids: np.ndarray) -> tuple[np.ndarray, int]: ...
-
-    def open_stream(self, state: np.ndarray | None, pending: int, sampler: RowSampler, max_tokens: int,
-                    logprobs: bool) -> TokenStream: ...
-
-    async def score(self, ids: np.ndarray, state: np.ndarray | None = None, pending: int | None = None,
-                    keep_state: bool = False) -> ScoreOutcome: ...
-
-    def close(self) -> None: ...
-
-
-def sequence(pending: int | None, ids: np.ndarray) -> np.ndarray:
-    """The tokens a session still has to run through the model: its pending token, then ``ids``."""
-    ids = np.asarray(ids, dtype=np.int64)
-    return ids if pending is None else np.concatenate([np.array([pending], dtype=np.int64), ids])
-
-
-def chunk_length(remaining: int, chunk: int) -> int:
-    """Tokens of the next prompt chunk: at most ``chunk`` (3 when chunk is 2), never leaving a 1-token tail."""
-    n = min(remaining, chunk)
-    if remaining - n == 1:
-        n = n - 1 if n > 2 else n + 1
-    return n
 
 
 class _ThreadStream:
     """ThreadEngine's stream: one decode-and-sample job per ``next()``, nothing computed ahead."""
 
     def __init__(self, engine: ThreadEngine, state: np.ndarray | None, token: int, sampler: RowSampler,
-                 logprobs: bool):
+                 max_tokens: int, logprobs: bool):
         self.engine = engine
+        self.max_tokens = max_tokens
+        self.produced = 0
+        self.listener: Callable[[], None] | None = None  # never called: nothing is computed ahead
         self.state = state
         self.token = token
         self.sampler = sampler
         self.logprobs = logprobs
 
-    async def next(self) -> list[Produced]:
+    async def next(self, fresh: bool = False) -> list[Produced]:
         e = self.engine
         token, state, lp = await e._run(e._sample_step, e._state(self.state), self.token, self.sampler,
                                         self.logprobs)
         self.state, self.token = state, token
+        self.produced += 1
         return [(token, state, lp)]
+
+    def take(self) -> list[Produced]:
+        return []  # nothing is computed before next() asks for it
 
     def delivered(self, n: int) -> None:
         pass
@@ -119,8 +59,6 @@ class _ThreadStream:
 class ThreadEngine:
     def __init__(self, runtime: ModelRuntime, *, feed_chunk: int = FEED_CHUNK, score_chunk: int = SCORE_CHUNK):
         self.runtime = runtime
-        self.state_size = int(runtime.state_size)
-        self.vocab_size = int(runtime.vocab_size)
         self.feed_chunk = feed_chunk
         self.score_chunk = score_chunk
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="textgen-engine")
@@ -172,7 +110,7 @@ class ThreadEngine:
 
     def open_stream(self, state: np.ndarray | None, pending: int, sampler: RowSampler, max_tokens: int,
                     logprobs: bool) -> TokenStream:
-        return _ThreadStream(self, state, int(pending), sampler, logprobs)
+        return _ThreadStream(self, state, int(pending), sampler, max_tokens, logprobs)
 
     async def score(self, ids: np.ndarray, state: np.ndarray | None = None, pending: int | None = None,
                     keep_state: bool = False) -> ScoreOutcome:

@@ -1,0 +1,97 @@
+"""The engine's interface: what the rest of the service asks of the code that runs the model.
+
+:class:`Engine` (coroutines unless noted; the arrays are owned by the caller afterwards and never mutated):
+
+* ``feed(state, pending, ids) -> (state, pending)``: consume ``ids`` after a session's (state, pending).
+* ``open_stream(state, pending, sampler, max_tokens, logprobs) -> TokenStream`` (not a coroutine): generate
+  from a session end; see :class:`TokenStream`.
+* ``score(ids, state, pending, keep_state) -> ScoreOutcome``: summed NLL of ``ids`` (and the new session end).
+
+Two implementations: :class:`~textgen.service.engine.batching.BatchingEngine` (the default) runs the decode
+steps of all streams as one batched step and interleaves prompt chunks;
+:class:`~textgen.service.engine.threaded.ThreadEngine` (``--batching off``) runs each call as its own job on a
+single worker thread, one token per ``next()``.
+
+Prompt chunks never have a single token unless the whole advance is one token: the one-step graph
+(model_step.onnx) and the sequence graphs round differently in the last bits, and a state must not depend on
+where a long prompt happened to be cut (:func:`chunk_length`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from ..nll import SUM_BLOCK
+from ..sampling import RowSampler
+
+SCORE_CHUNK = SUM_BLOCK  # one sum block per call: the cuts of Runtime.score_ids, the same figures
+FEED_CHUNK = 1024
+
+
+@dataclass(frozen=True)
+class ScoreOutcome:
+    nll: float  # summed negative log-likelihood, nats
+    predictions: int
+    state: np.ndarray | None  # the session end after the text (keep_state=True), else None
+    pending: int | None
+
+
+Produced = tuple[int, np.ndarray, float | None]  # token, the state that goes with it as pending, logprob
+
+
+class TokenStream(Protocol):
+    """One Generate stream inside an engine. Tokens are computed ahead of delivery (up to the engine's window);
+    each comes with the state that goes with it, so that the caller commits exactly what it delivered.
+
+    * ``await next(fresh)``: the tokens computed since the last call (at least one); with ``fresh``, only once
+      the engine's next round brought some (a round's tokens of all streams then leave together);
+    * ``take()``: what ``next`` would return, without waiting (possibly nothing);
+    * ``delivered(n)``: n of them were handed to the client; the window moves on;
+    * ``close()``: the stream ends at once;
+    * ``listener``: called on the event loop once per round that brought this stream tokens (or an error),
+      for a caller that is driven by the rounds instead of awaiting ``next`` (an engine shard's relay);
+    * ``produced`` / ``max_tokens``: tokens computed so far, and at most.
+    """
+
+    listener: Callable[[], None] | None
+    produced: int
+    max_tokens: int
+
+    async def next(self, fresh: bool = False) -> list[Produced]: ...
+
+    def take(self) -> list[Produced]: ...
+
+    def delivered(self, n: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Engine(Protocol):
+    async def feed(self, state: np.ndarray | None, pending: int | None,
+                   ids: np.ndarray) -> tuple[np.ndarray, int]: ...
+
+    def open_stream(self, state: np.ndarray | None, pending: int, sampler: RowSampler, max_tokens: int,
+                    logprobs: bool) -> TokenStream: ...
+
+    async def score(self, ids: np.ndarray, state: np.ndarray | None = None, pending: int | None = None,
+                    keep_state: bool = False) -> ScoreOutcome: ...
+
+    def close(self) -> None: ...
+
+
+def sequence(pending: int | None, ids: np.ndarray) -> np.ndarray:
+    """The tokens a session still has to run through the model: its pending token, then ``ids``."""
+    ids = np.asarray(ids, dtype=np.int64)
+    return ids if pending is None else np.concatenate([np.array([pending], dtype=np.int64), ids])
+
+
+def chunk_length(remaining: int, chunk: int) -> int:
+    """Tokens of the next prompt chunk: at most ``chunk`` (3 when chunk is 2), never leaving a 1-token tail."""
+    n = min(remaining, chunk)
+    if remaining - n == 1:
+        n = n - 1 if n > 2 else n + 1
+    return n
