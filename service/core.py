@@ -135,18 +135,19 @@ class Generation:
         or the last message is out). The policy, in order:
 
         * at most :data:`IN_FLIGHT` messages out while fewer than FEW_STREAMS streams run, else one;
-        * ``--stream-interval-ms``: at least :func:`message_gap` after the previous message (the tokens
-          computed meanwhile then leave together);
-        * right after a delivery (``after_delivery``), while several streams run and this one has tokens left
-          to compute: the engine's next round, whose tokens for all the streams leave together, one message per
-          round rather than one per delivery. A lone stream sends what it has at once: nobody to batch with.
+        * ``--stream-interval-ms``: at least :func:`message_gap` after the previous message, then the tokens
+          computed meanwhile leave together;
+        * without it, right after a delivery (``after_delivery``), while several streams run and this one has
+          tokens left to compute: the engine's next round (``TokenStream.next(fresh=True)``, or its listener),
+          whose tokens for all the streams leave together, one message per round rather than one per delivery.
+          The engine calls back even when its window keeps it from computing this stream. A lone stream sends
+          what it has at once: nobody to batch with.
         """
         if self.last_cut or len(self._out) >= (IN_FLIGHT if self.core.streams < FEW_STREAMS else 1):
             return None
         if self.interval and self.last is not None:
             wait = self.last + message_gap(self.interval, self.core.streams) - now
-            if wait > 0:
-                return Pace(delay=wait)
+            return Pace(delay=wait) if wait > 0 else NOW
         if after_delivery and self.core.streams > 1 and self.stream.produced < self.stream.max_tokens:
             return NEXT_ROUND
         return NOW

@@ -335,6 +335,34 @@ def test_a_stream_runs_at_most_its_window_ahead_and_sends_what_it_has(rt: Any) -
         token = tok
 
 
+def test_waiting_for_the_next_round_ends_even_when_the_window_is_full(rt: Any) -> None:
+    """``next(fresh=True)`` waits for the engine's next round; a stream whose window is full is not computed in
+    it, and the wait must end all the same (a front end's relay and the one-process stream once waited for
+    ever there, when the window shrank below what a stream had computed ahead). The listener is called too."""
+    async def go() -> tuple[int, int, int]:
+        engine = BatchingEngine(rt, window=3)
+        try:
+            state, pending = await engine.feed(None, None, rt.encode(PROMPTS[0]))
+            stream = engine.open_stream(state, pending, sampler(temperature=1.0, seed=3), 100, False)
+            await asyncio.sleep(0.2)
+            assert stream.produced == 3  # type: ignore[attr-defined]  # the window is full
+            async with asyncio.timeout(5):
+                items = await stream.next(fresh=True)
+            calls: list[int] = []
+            stream.listener = lambda: calls.append(1)
+            stream.want_round()  # still full (nothing delivered): the next round calls back anyway
+            async with asyncio.timeout(5):
+                while not calls:
+                    await asyncio.sleep(0.01)
+            stream.close()
+            return len(items), stream.produced, len(calls)  # type: ignore[attr-defined]
+        finally:
+            engine.close()
+
+    taken, produced, calls = run(go())
+    assert taken == 3 and produced == 3 and calls == 1
+
+
 def test_a_cancelled_feed_stops_between_chunks(rt: Any) -> None:
     async def go() -> tuple[int, int]:
         engine = BatchingEngine(rt, prefill_chunk=4)

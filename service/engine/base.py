@@ -47,8 +47,11 @@ class TokenStream(Protocol):
     """One Generate stream inside an engine. Tokens are computed ahead of delivery (up to the engine's window);
     each comes with the state that goes with it, so that the caller commits exactly what it delivered.
 
-    * ``await next(fresh)``: the tokens computed since the last call (at least one); with ``fresh``, only once
-      the engine's next round brought some (a round's tokens of all streams then leave together);
+    * ``await next(fresh)``: the tokens computed since the last call (at least one); with ``fresh``, only after
+      the engine's next round (a round's tokens of all streams then leave together): a round that computes
+      nothing for this stream (its window is full) still ends the wait;
+    * ``want_round()``: the listener is called after the engine's next round, whether or not it computed
+      anything for this stream (the ``fresh`` of a caller driven by the listener);
     * ``take()``: what ``next`` would return, without waiting (possibly nothing);
     * ``delivered(n)``: n of them were handed to the client; the window moves on;
     * ``close()``: the stream ends at once;
@@ -64,6 +67,8 @@ class TokenStream(Protocol):
     async def next(self, fresh: bool = False) -> list[Produced]: ...
 
     def take(self) -> list[Produced]: ...
+
+    def want_round(self) -> None: ...
 
     def delivered(self, n: int) -> None: ...
 

@@ -79,7 +79,7 @@ class _Stream:
     """One Generate stream inside the scheduler (also the :class:`TokenStream` its caller holds)."""
 
     __slots__ = ("buffer", "closed", "engine", "enqueued", "error", "listener", "logprobs", "max_tokens", "produced",
-                 "sampler", "sent", "started", "state", "token", "waiter")
+                 "sampler", "sent", "started", "state", "token", "waiter", "wants_round")
 
     def __init__(self, engine: BatchingEngine, state: np.ndarray, token: int, sampler: RowSampler,
                  max_tokens: int, logprobs: bool):
@@ -100,11 +100,13 @@ class _Stream:
         # loop: called once per round that brought tokens (or an error), instead of waking next(): an engine
         # shard sends them on from there (service/procs/shard.py) without a coroutine per stream
         self.listener: Callable[[], None] | None = None
+        self.wants_round = False  # loop: call back after the next round even if it computes nothing here
 
     async def next(self, fresh: bool = False) -> list[Produced]:
-        # fresh: wait for the next round that brings tokens even if some are here (one is coming: the caller
-        # has just delivered, so the window has room)
-        if (not self.buffer or (fresh and self.produced < self.max_tokens)) and self.error is None:
+        fresh = fresh and self.produced < self.max_tokens  # (no round would come for a stream that is done)
+        if (not self.buffer or fresh) and self.error is None:
+            if fresh:
+                self.want_round()
             self.waiter = self.engine._loop.create_future()
             try:
                 await self.waiter
@@ -121,6 +123,10 @@ class _Stream:
             raise self.error
         items, self.buffer = self.buffer, []
         return items
+
+    def want_round(self) -> None:
+        self.wants_round = True
+        self.engine._wake_soon()
 
     def delivered(self, n: int) -> None:
         self.sent += n
@@ -278,12 +284,23 @@ class BatchingEngine:
 
     def _deliver(self, produced: list[tuple[_Stream, int, np.ndarray, float | None]],
                  done: list[tuple[_Job, Any, BaseException | None]],
-                 failed: list[tuple[_Stream, BaseException]]) -> None:
-        """On the loop: hand a round's results to their streams and jobs."""
+                 failed: list[tuple[_Stream, BaseException]], released: list[_Stream]) -> None:
+        """On the loop: hand a round's results to their streams and jobs; wake the streams that wanted this
+        round although it computed nothing for them (``released``: their window is full)."""
         listeners: dict[_Stream, Callable[[], None]] = {}
+        for s in released:
+            if s.closed or not s.wants_round:
+                continue
+            s.wants_round = False
+            if s.listener is not None:
+                listeners[s] = s.listener
+            w = s.waiter
+            if w is not None and not w.done():
+                w.set_result(None)
         for s, token, state, lp in produced:
             if s.closed:
                 continue
+            s.wants_round = False
             s.buffer.append((token, state, lp))
             if s.listener is not None:
                 listeners[s] = s.listener
@@ -332,6 +349,7 @@ class BatchingEngine:
             failed: list[tuple[_Stream, BaseException]] = []
             # 2. decode: every open stream whose window allows another token
             ready: list[_Stream] = []
+            released: list[_Stream] = []  # streams that want this round but whose window is full
             keep: list[_Stream] = []
             # A wide window only pays when many streams share the steps (their messages carry more tokens);
             # a few streams computing far ahead would only keep the GIL from the loop that sends their tokens.
@@ -342,6 +360,8 @@ class BatchingEngine:
                 keep.append(s)
                 if s.produced - s.sent < window:
                     ready.append(s)
+                elif s.wants_round:
+                    released.append(s)
             active = keep
             if len(ready) > self.max_batch:
                 ready = ready[:self.max_batch]
@@ -361,9 +381,9 @@ class BatchingEngine:
             if jobs:
                 self._prefill(jobs, done, decoding=bool(active))
             # 4. results back to the loop, one call per round
-            if produced or done or failed:
+            if produced or done or failed or released:
                 try:
-                    self._loop.call_soon_threadsafe(self._deliver, produced, done, failed)
+                    self._loop.call_soon_threadsafe(self._deliver, produced, done, failed, released)
                 except RuntimeError:  # the loop is closed: the server is gone
                     return
             idle = not ready and not jobs

@@ -49,6 +49,9 @@ class _ThreadStream:
     def take(self) -> list[Produced]:
         return []  # nothing is computed before next() asks for it
 
+    def want_round(self) -> None:
+        pass  # no rounds: next() computes one token when asked
+
     def delivered(self, n: int) -> None:
         pass
 

@@ -183,7 +183,10 @@ class _Relay:
                     self._end(gen.finish())
                 return
             pace = gen.pace(time.perf_counter(), after_delivery)
-            if pace is None or pace.fresh:  # a delivery, or the engine's next round, calls pump again
+            if pace is None:  # a delivery calls pump again
+                return
+            if pace.fresh:  # the engine's next round calls pump again
+                gen.stream.want_round()
                 return
             if pace.delay:
                 self._timer = asyncio.get_running_loop().call_later(pace.delay, self._after_gap)
