@@ -36,8 +36,27 @@ ID_BYTES = 24  # 192 random bits, 32 URL-safe characters
 CAP_SWEEP_SECONDS = 1.0
 
 
+@dataclass
+class Rewind:
+    """What a session needs to be rewound exactly to any count within its last Generate: the session end when
+    that Generate started (``state``, ``pending`` after ``tokens`` tokens) and the ids it generated since (the
+    tokens delivered). Rewinding to ``tokens + j`` feeds ``ids[:j]`` again from that end (about 10 us a token):
+    O(state + one Generate's tokens) of memory, whatever the session's history."""
+
+    state: np.ndarray | None
+    pending: int
+    tokens: int
+    ids: list[int]
+
+    @property
+    def end(self) -> int:
+        """The count the session has when nothing was rewound since."""
+        return self.tokens + len(self.ids)
+
+
 class Session:
-    __slots__ = ("busy", "created_wall", "dirty", "id", "last_used", "pending", "state", "tokens", "ttl", "version")
+    __slots__ = ("busy", "created_wall", "dirty", "id", "last_used", "pending", "rewind", "state", "tokens", "ttl",
+                 "version")
 
     def __init__(self, sid: str, ttl: float, now: float, wall: float):
         self.id = sid
@@ -50,6 +69,7 @@ class Session:
         self.busy = False
         self.version = 0  # a shared store's record version this copy was loaded from or saved as
         self.dirty = False  # committed to since it was loaded or saved
+        self.rewind: Rewind | None = None  # the last Generate's start and tokens (None: nothing to rewind)
 
     def commit(self, state: np.ndarray, pending: int, consumed: int) -> None:
         """The session now ends ``consumed`` tokens later, with this state and pending token."""
