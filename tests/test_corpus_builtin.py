@@ -267,9 +267,19 @@ def test_known_word_fraction_fails_on_made_up_words(training_words: set[str]) ->
     assert known_word_fraction("Retrun the vlaue of the atribute.", training_words) == pytest.approx(3 / 6)
 
 
-def test_packaged_default_bundle_held_out_figure_matches_its_manifest() -> None:
+def test_packaged_default_bundle_scores_pydocs_held_out_text() -> None:
     rt = load_bundle(None, intra_op_threads=1)
     figure = held_out(rt, "pydoc")
     assert figure.predictions == len(load_corpus("pydoc").split()[1]) - 1
-    # the manifest's figure comes from 16 side-by-side streams, this one from one: close, not equal
-    assert figure.loss == pytest.approx(rt.manifest.held_out_loss, abs=0.03)
+    if _packaged_is_pydoc_only():
+        # its manifest's figure is on the same text, from 16 side-by-side streams (this one is one): close
+        assert figure.loss == pytest.approx(rt.manifest.held_out_loss, abs=0.03)
+    else:  # a model of several corpora: the manifest's figure is over all their held-out parts
+        assert rt.manifest.corpus.startswith("pydoc + stdlib (")
+
+
+@pytest.mark.xfail(_packaged_is_pydoc_only(), strict=True,
+                   reason="the pydoc-only default bundle (before issue 28) scores 1.376 nats/char")
+def test_packaged_default_bundle_meets_issue_28s_held_out_target() -> None:
+    rt = load_bundle(None, intra_op_threads=1)
+    assert held_out(rt, "pydoc").loss <= 1.30
