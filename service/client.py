@@ -154,8 +154,12 @@ class TextgenClient:
             request.ttl.FromNanoseconds(int(ttl * 1e9))
         return self._call("CreateSession", request, timeout)
 
-    def feed(self, session_id: str, text: str, *, timeout: float | None = None) -> pb.FeedResponse:
-        return self._call("Feed", pb.FeedRequest(session_id=session_id, text=text), timeout)
+    def feed(self, session_id: str, text: str, *, session_tokens: int | None = None,
+             timeout: float | None = None) -> pb.FeedResponse:
+        """Feed ``text``; with ``session_tokens``, first rewind the session exactly to that count (an empty
+        ``text`` then only rewinds: e.g. to the text a cancelled Generate really delivered)."""
+        return self._call("Feed", pb.FeedRequest(session_id=session_id, text=text, session_tokens=session_tokens),
+                          timeout)
 
     def get_session(self, session_id: str, *, timeout: float | None = None) -> pb.Session:
         return self._call("GetSession", pb.GetSessionRequest(session_id=session_id), timeout)
@@ -183,10 +187,13 @@ class TextgenClient:
     # -- generation
     def generate(self, prompt: str = "", *, session_id: str = "", max_tokens: int = 0, temperature: float = 0.0,
                  top_k: int = 0, top_p: float | None = None, seed: int | None = None, stop: Iterable[str] = (),
-                 logprobs: bool = False, timeout: float | None = None) -> GenerateStream:
-        """Start a Generate stream: from ``session_id`` (after feeding ``prompt``, if any) or one-shot."""
+                 logprobs: bool = False, session_tokens: int | None = None,
+                 timeout: float | None = None) -> GenerateStream:
+        """Start a Generate stream: from ``session_id`` (after rewinding it to ``session_tokens`` and feeding
+        ``prompt``, if given) or one-shot."""
         request = pb.GenerateRequest(session_id=session_id, prompt=prompt, max_tokens=max_tokens,
-                                     temperature=temperature, top_k=top_k, stop=list(stop), logprobs=logprobs)
+                                     temperature=temperature, top_k=top_k, stop=list(stop), logprobs=logprobs,
+                                     session_tokens=session_tokens)
         if top_p is not None:
             request.top_p = top_p
         if seed is not None:
@@ -201,9 +208,9 @@ class TextgenClient:
 
     # -- scoring, model
     def score(self, text: str, *, session_id: str = "", update_session: bool = False,
-              timeout: float | None = None) -> pb.ScoreResponse:
-        return self._call("Score", pb.ScoreRequest(text=text, session_id=session_id,
-                                                   update_session=update_session), timeout)
+              session_tokens: int | None = None, timeout: float | None = None) -> pb.ScoreResponse:
+        return self._call("Score", pb.ScoreRequest(text=text, session_id=session_id, update_session=update_session,
+                                                   session_tokens=session_tokens), timeout)
 
     def model_info(self, *, timeout: float | None = None) -> pb.ModelInfo:
         return self._call("GetModelInfo", pb.GetModelInfoRequest(), timeout)

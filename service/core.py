@@ -29,7 +29,7 @@ import numpy as np
 from .config import ServerConfig
 from .engine.base import Engine, Produced
 from .engine.batching import FEW_STREAMS
-from .errors import InvalidRequest, LimitExceeded, MessageGiven, SessionEmpty, StreamStalled
+from .errors import InvalidRequest, LimitExceeded, MessageGiven, SessionEmpty, SessionRewindRefused, StreamStalled
 from .heap import LARGE_TEXT
 from .interface import (
     CallGate,
@@ -120,13 +120,15 @@ class Generation:
         self.reason = FinishReason.LENGTH
         self.generated = 0
         self.last: float | None = None  # when the previous message was cut
+        self.last_delivered: float | None = None  # when the previous message was handed to the client
         self.done = False  # the stream has nothing more to send but its finish
         self.last_cut = False  # the message that ends the stream (stop string, max_tokens) has been cut
         self.in_flight_tokens = 0
         # the messages cut and not yet delivered, oldest first: (state, last token, tokens); one at a time from
         # generate(), a few in flight from an engine shard
-        self._out: deque[tuple[np.ndarray, int, int]] = deque()
+        self._out: deque[tuple[np.ndarray, int, tuple[int, ...]]] = deque()
         assert s.pending is not None  # checked by the caller (SessionEmpty)
+        s.start_generation()  # until something else changes it, the session can be rewound into this Generate
         self.stream = core.engine.open_stream(s.state, s.pending, sampler, max_tokens, p.logprobs)
         self.interval = core.config.stream_interval_ms / 1000.0
 
@@ -135,8 +137,9 @@ class Generation:
         or the last message is out). The policy, in order:
 
         * at most :data:`IN_FLIGHT` messages out while fewer than FEW_STREAMS streams run, else one;
-        * ``--stream-interval-ms``: at least :func:`message_gap` after the previous message, then the tokens
-          computed meanwhile leave together;
+        * ``--stream-interval-ms``: at least :func:`message_gap` after the previous message was delivered (in
+          one process it is written at once; across processes its acknowledgement comes back a round trip
+          later), then the tokens computed meanwhile leave together;
         * without it, right after a delivery (``after_delivery``), while several streams run and this one has
           tokens left to compute: the engine's next round (``TokenStream.next(fresh=True)``, or its listener),
           whose tokens for all the streams leave together, one message per round rather than one per delivery.
@@ -145,8 +148,8 @@ class Generation:
         """
         if self.last_cut or len(self._out) >= (IN_FLIGHT if self.core.streams < FEW_STREAMS else 1):
             return None
-        if self.interval and self.last is not None:
-            wait = self.last + message_gap(self.interval, self.core.streams) - now
+        if self.interval and self.last_delivered is not None:
+            wait = self.last_delivered + message_gap(self.interval, self.core.streams) - now
             return Pace(delay=wait) if wait > 0 else NOW
         if after_delivery and self.core.streams > 1 and self.stream.produced < self.stream.max_tokens:
             return NEXT_ROUND
@@ -188,7 +191,7 @@ class Generation:
         for _ in range(n - 1):  # tokens that travel in one message arrive together
             m.inter_token_latency.observe(0.0)
         self.last = now
-        self._out.append((state, token, n))
+        self._out.append((state, token, event.token_ids))
         self.in_flight_tokens += n
         if self.reason == FinishReason.STOP or self.generated + self.in_flight_tokens >= self.max_tokens:
             self.last_cut = True
@@ -202,9 +205,11 @@ class Generation:
     def delivered(self) -> None:
         """The oldest message :meth:`cut` and not yet delivered was handed to gRPC: the session moves past its
         tokens."""
-        state, token, n = self._out.popleft()
+        state, token, ids = self._out.popleft()
+        n = len(ids)
         self.in_flight_tokens -= n
-        self.session.commit(state, token, n)
+        self.session.commit(state, token, n, ids)
+        self.last_delivered = time.perf_counter()
         self.stream.delivered(n)
         self.generated += n
         self.core.metrics.generated_tokens.inc(n)
@@ -332,12 +337,37 @@ class TextgenCore(CallGate):
         s.commit(state, pending, len(ids))
         self.metrics.prompt_tokens.inc(len(ids))
 
-    async def feed(self, session_id: str, text: str) -> FeedResult:
+    async def _rewind(self, s: Session, count: int | None) -> None:
+        """``session_tokens``: bring the session back to ``count`` tokens, exactly as its last Generate had it
+        after delivering that many: from the Generate's start, its first tokens run again one step at a time
+        (the one-step graph, as decoding ran them; a Feed of the same text, whose chunks run through the
+        sequence graphs, may differ in the last bits)."""
+        if count is None or count == s.tokens:
+            return
+        low = s.rewindable_to
+        if not low <= count <= s.tokens:
+            where = f"{low}..{s.tokens}" if low < s.tokens else f"only {s.tokens}: nothing to rewind"
+            raise SessionRewindRefused(f"session_tokens={count}, but the session holds {s.tokens} tokens and can be "
+                                       f"rewound to {where} (the text of its last Generate, if nothing changed it "
+                                       "since)")
+        r = s.rewind
+        assert r is not None  # (low < s.tokens)
+        j = count - r.tokens
+        if j == 0:
+            state, pending = r.state, r.pending
+        else:  # one token per step, as the Generate ran them: its states, bit for bit
+            state, pending = await self.engine.replay(r.state, r.pending, np.asarray(r.ids[:j], dtype=np.int64))
+        del r.ids[j:]
+        s.state, s.pending, s.tokens, s.dirty = state, pending, count, True
+
+    async def feed(self, session_id: str, text: str, session_tokens: int | None = None) -> FeedResult:
         self._check_open()
         with self._admit(text):
-            enc = await self._prompt(text, "text")
+            enc = await self._prompt(text, "text", allow_empty=session_tokens is not None)
             async with self.store.held(session_id) as s:
-                await self._feed(s, enc.ids)
+                await self._rewind(s, session_tokens)
+                if len(enc.ids):
+                    await self._feed(s, enc.ids)
             return FeedResult(len(enc.ids), enc.unknown_chars, s.tokens, enc.unknown_count)
 
     # -- moving sessions: fork, export, import (O(state), whatever the history's length)
@@ -384,6 +414,8 @@ class TextgenCore(CallGate):
                 raise InvalidRequest(f"each stop string must have 1..{MAX_STOP_CHARS} characters, got {s!r}"[:200])
         if not p.session_id and not p.prompt:
             raise InvalidRequest("one-shot Generate (no session_id) needs a prompt")
+        if not p.session_id and p.session_tokens is not None:
+            raise InvalidRequest("session_tokens needs a session_id")
         return p.max_tokens or self.config.max_tokens, p.stop
 
     @asynccontextmanager
@@ -403,10 +435,10 @@ class TextgenCore(CallGate):
         self.streams += 1
         self.metrics.streams_in_flight.inc()
         try:
-            # one-shot: a private session nobody else can see
             # one-shot: a private session nobody else can see. The session is saved when the block ends,
             # however it ends (a shared store writes it then: once per Generate, never per token).
             async with self.store.held(p.session_id) if p.session_id else nullcontext(Session("", 0, 0, 0)) as s:
+                await self._rewind(s, p.session_tokens)
                 if len(ids):
                     await self._feed(s, ids)
                 if s.pending is None:
@@ -454,14 +486,19 @@ class TextgenCore(CallGate):
         yield finish
 
     # -- scoring
-    async def score(self, text: str, session_id: str = "", update_session: bool = False) -> ScoreResult:
+    async def score(self, text: str, session_id: str = "", update_session: bool = False,
+                    session_tokens: int | None = None) -> ScoreResult:
         self._check_open()
         if update_session and not session_id:
             raise InvalidRequest("update_session needs a session_id")
+        if session_tokens is not None and not update_session:
+            raise InvalidRequest("session_tokens needs update_session (a Score that does not update the session "
+                                 "leaves it as it is)")
         with self._admit(text):
-            return await self._score(text, session_id, update_session)
+            return await self._score(text, session_id, update_session, session_tokens)
 
-    async def _score(self, text: str, session_id: str, update_session: bool) -> ScoreResult:
+    async def _score(self, text: str, session_id: str, update_session: bool,
+                     session_tokens: int | None) -> ScoreResult:
         enc = await self._text(text, "text", self.config.max_score_chars, "--max-score-chars")
         ids = enc.ids
         if not session_id:
@@ -471,6 +508,7 @@ class TextgenCore(CallGate):
             out = await self.engine.score(ids)
         elif update_session:
             async with self.store.held(session_id) as s:
+                await self._rewind(s, session_tokens)
                 out = await self.engine.score(ids, s.state, s.pending, keep_state=True)
                 s.commit(out.state, out.pending, len(ids))  # type: ignore[arg-type]
                 self.metrics.prompt_tokens.inc(len(ids))

@@ -21,6 +21,8 @@
     │   │                        lease had expired): nothing of this call was saved
     │   ├── StoreUnavailable     UNAVAILABLE: the session store (Redis) cannot be reached; nothing half-written
     │   ├── SessionUnreadable    DATA_LOSS: the session store holds a record this server cannot read
+    │   ├── SessionLost          DATA_LOSS: the session's record vanished from the store while a call held it
+    │   │                        (FLUSHALL, eviction, a Redis that restarted empty): this call was not saved
     │   └── ShuttingDown         UNAVAILABLE: the server is draining
     └── RpcFailed                the client side: a call to the server failed (.code is the grpc.StatusCode)
 
@@ -99,6 +101,12 @@ class SessionEmpty(ServiceError):
     code = "FAILED_PRECONDITION"
 
 
+class SessionRewindRefused(ServiceError):
+    """``session_tokens`` names a count the session cannot be rewound to."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class StreamStalled(ServiceError):
     code = "DEADLINE_EXCEEDED"
 
@@ -112,6 +120,10 @@ class StoreUnavailable(ServiceError):
 
 
 class SessionUnreadable(ServiceError):
+    code = "DATA_LOSS"
+
+
+class SessionLost(ServiceError):
     code = "DATA_LOSS"
 
 

@@ -45,6 +45,7 @@ class GenerateParams:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     logprobs: bool = False
+    session_tokens: int | None = None  # with a session: rewind it exactly to this count first
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +109,10 @@ class Core(Protocol):
     ``await health()`` how each part behind the core is (a part missing from it is fine). ``on_health`` is
     told at once when a part changes between sweeps (an engine shard that went away).
 
+    ``session_tokens`` (Feed, Generate, an updating Score): the count the client believes the session holds;
+    a session that holds more (text of its last Generate the client never read) is first rewound exactly to
+    it, and one that cannot be is FAILED_PRECONDITION (:class:`~textgen.service.errors.SessionRewindRefused`).
+
     Admission (:mod:`textgen.service.admission`): ``enter_call``/``leave_call`` count the CreateSession, Feed
     and Score calls from before their request is read. Shutdown: ``stopping = True`` refuses new work and makes
     running streams finish now with FINISH_REASON_CANCELLED.
@@ -129,8 +134,9 @@ class Core(Protocol):
     def leave_call(self) -> None: ...
 
     async def create_session(self, prompt: str = "", ttl: float | None = None) -> tuple[SessionInfo, FeedResult]: ...
-    async def feed(self, session_id: str, text: str) -> FeedResult: ...
-    async def score(self, text: str, session_id: str = "", update_session: bool = False) -> ScoreResult: ...
+    async def feed(self, session_id: str, text: str, session_tokens: int | None = None) -> FeedResult: ...
+    async def score(self, text: str, session_id: str = "", update_session: bool = False,
+                    session_tokens: int | None = None) -> ScoreResult: ...
     async def get_session(self, session_id: str) -> SessionInfo: ...
     async def delete_session(self, session_id: str) -> None: ...
     async def fork_session(self, session_id: str, ttl: float | None = None) -> SessionInfo: ...

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from .errors import LimitExceeded, MessageGiven, ServiceError, StreamStalled
+from .errors import InvalidRequest, LimitExceeded, MessageGiven, ServiceError, StreamStalled
 from .interface import Core, FinishEvent, FinishReason, GenerateParams, ModelFacts, SessionInfo, TokenEvent, new_seed
 from .logs import log_request
 from .metrics import Metrics
@@ -60,10 +60,20 @@ def _ttl(request: Any) -> float | None:
     return request.ttl.ToNanoseconds() / 1e9 if request.HasField("ttl") else None
 
 
+def _session_tokens(request: Any) -> int | None:
+    """A request's optional ``session_tokens`` (a rewind first); None when unset."""
+    if not request.HasField("session_tokens"):
+        return None
+    if request.session_tokens < 0:
+        raise InvalidRequest(f"session_tokens must be >= 0, got {request.session_tokens}")
+    return int(request.session_tokens)
+
+
 def session_message(info: SessionInfo) -> pb.Session:
     return pb.Session(session_id=info.session_id, token_count=info.token_count,
                       create_time=_timestamp(info.create_time), last_used_time=_timestamp(info.last_used_time),
-                      expire_time=_timestamp(info.expire_time), ttl=_duration(info.ttl), busy=info.busy)
+                      expire_time=_timestamp(info.expire_time), ttl=_duration(info.ttl), busy=info.busy,
+                      rewindable_to=info.token_count if info.rewindable_to is None else info.rewindable_to)
 
 
 def model_info_message(d: ModelFacts) -> pb.ModelInfo:
@@ -178,7 +188,7 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
 
     async def Feed(self, request: pb.FeedRequest, context: Any) -> pb.FeedResponse:
         async def work(fields: dict[str, Any]) -> pb.FeedResponse:
-            r = await self.core.feed(request.session_id, request.text)
+            r = await self.core.feed(request.session_id, request.text, _session_tokens(request))
             fields["tokens"] = r.tokens_consumed
             return pb.FeedResponse(tokens_consumed=r.tokens_consumed, unknown_chars=r.unknown_chars,
                                    session_tokens=r.session_tokens, unknown_char_count=r.unknown_count)
@@ -192,7 +202,7 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
                 session_id=request.session_id, prompt=request.prompt, max_tokens=request.max_tokens,
                 sampling=SamplingParams(temperature=request.temperature, top_k=request.top_k,
                                         top_p=request.top_p if request.HasField("top_p") else 1.0, seed=seed),
-                stop=tuple(request.stop), logprobs=request.logprobs)
+                stop=tuple(request.stop), logprobs=request.logprobs, session_tokens=_session_tokens(request))
             fields["generated"] = 0
             stall = self.core.config.stream_stall_timeout or None
 
@@ -261,7 +271,8 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
 
     async def Score(self, request: pb.ScoreRequest, context: Any) -> pb.ScoreResponse:
         async def work(fields: dict[str, Any]) -> pb.ScoreResponse:
-            r = await self.core.score(request.text, request.session_id, request.update_session)
+            r = await self.core.score(request.text, request.session_id, request.update_session,
+                                      _session_tokens(request))
             fields["tokens"] = r.token_count
             return pb.ScoreResponse(nll=r.nll, loss=r.loss, perplexity=r.perplexity, bits_per_char=r.bits_per_char,
                                     token_count=r.token_count, predictions=r.predictions,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -71,10 +71,28 @@ class Session:
         self.dirty = False  # committed to since it was loaded or saved
         self.rewind: Rewind | None = None  # the last Generate's start and tokens (None: nothing to rewind)
 
-    def commit(self, state: np.ndarray, pending: int, consumed: int) -> None:
-        """The session now ends ``consumed`` tokens later, with this state and pending token."""
+    def commit(self, state: np.ndarray, pending: int, consumed: int, generated: Sequence[int] | None = None) -> None:
+        """The session now ends ``consumed`` tokens later, with this state and pending token. ``generated``: the
+        ids of tokens its running Generate delivered (kept for a rewind); any other change ends what can be
+        rewound."""
+        r = self.rewind
+        if generated is not None and r is not None and r.end == self.tokens:
+            r.ids.extend(generated)
+        else:
+            self.rewind = None
         self.state, self.pending, self.tokens = state, pending, self.tokens + consumed
         self.dirty = True
+
+    def start_generation(self) -> None:
+        """From now on, until something else changes the session, it can be rewound to any count from here."""
+        assert self.pending is not None
+        self.rewind = Rewind(self.state, self.pending, self.tokens, [])
+
+    @property
+    def rewindable_to(self) -> int:
+        """The least count this session can be rewound to (its own count when there is nothing to rewind)."""
+        r = self.rewind
+        return r.tokens if r is not None and r.end == self.tokens else self.tokens
 
     def expires_at(self) -> float:
         return self.last_used + self.ttl
@@ -89,6 +107,7 @@ class SessionInfo:
     expire_time: float
     ttl: float
     busy: bool
+    rewindable_to: int | None = None  # the least count a rewind may ask for; None: token_count (none possible)
 
 
 @dataclass
@@ -263,6 +282,7 @@ class MemorySessionStore:
             expire_time=wall + (s.expires_at() - now),
             ttl=s.ttl,
             busy=s.busy,
+            rewindable_to=s.rewindable_to,
         )
 
 

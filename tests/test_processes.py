@@ -338,3 +338,19 @@ def test_fork_export_and_import_across_shards(server: Server, rt: Any) -> None:
     want = reference_greedy(rt, PROMPT, 20)
     for s in (sid, fork, *moved):
         assert c.generate_text(session_id=s, max_tokens=20).text == want
+
+
+def test_a_rewind_across_processes_is_the_session_a_stopped_generate_would_leave(server: Server) -> None:
+    """session_tokens travels the wire: a session cut short by a rewind on its shard equals a session whose
+    Generate stopped at that count (the same probe NLL to the last bit, the same continuation)."""
+    c = server.client()
+    sid = c.create_session(PROMPT).session.session_id
+    out = c.generate_text(session_id=sid, max_tokens=30, temperature=0.7, seed=9).text
+    assert c.get_session(sid).rewindable_to == len(PROMPT)
+    fed = c.feed(sid, "", session_tokens=len(PROMPT) + 12)
+    assert fed.session_tokens == len(PROMPT) + 12
+    ref = c.create_session(PROMPT).session.session_id
+    assert c.generate_text(session_id=ref, max_tokens=12, temperature=0.7, seed=9).text == out[:12]
+    assert c.score("more text", session_id=sid).nll == c.score("more text", session_id=ref).nll
+    with pytest.raises(RpcFailed, match="FAILED_PRECONDITION"):
+        c.feed(sid, "", session_tokens=len(PROMPT) + 31)

@@ -3,6 +3,8 @@
 :class:`Engine` (coroutines unless noted; the arrays are owned by the caller afterwards and never mutated):
 
 * ``feed(state, pending, ids) -> (state, pending)``: consume ``ids`` after a session's (state, pending).
+* ``replay(state, pending, ids) -> (state, pending)``: the same, one token per call of the one-step graph, as
+  decoding ran them: the states a Generate had after delivering ``ids`` (a rewind rebuilds them bit for bit).
 * ``open_stream(state, pending, sampler, max_tokens, logprobs) -> TokenStream`` (not a coroutine): generate
   from a session end; see :class:`TokenStream`.
 * ``score(ids, state, pending, keep_state) -> ScoreOutcome``: summed NLL of ``ids`` (and the new session end).
@@ -78,6 +80,9 @@ class TokenStream(Protocol):
 class Engine(Protocol):
     async def feed(self, state: np.ndarray | None, pending: int | None,
                    ids: np.ndarray) -> tuple[np.ndarray, int]: ...
+
+    async def replay(self, state: np.ndarray | None, pending: int,
+                     ids: np.ndarray) -> tuple[np.ndarray, int]: ...
 
     def open_stream(self, state: np.ndarray | None, pending: int, sampler: RowSampler, max_tokens: int,
                     logprobs: bool) -> TokenStream: ...

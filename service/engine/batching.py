@@ -143,11 +143,11 @@ class _Stream:
 class _Job:
     """A Feed (advance a state over tokens) or a Score (also sum the NLL of each next token)."""
 
-    __slots__ = ("blocks", "cancelled", "enqueued", "future", "keep_state", "n", "nll", "parts", "pos", "score",
-                 "seq", "started", "state")
+    __slots__ = ("blocks", "cancelled", "enqueued", "future", "keep_state", "n", "nll", "one_by_one", "parts", "pos",
+                 "score", "seq", "started", "state")
 
     def __init__(self, seq: np.ndarray, n: int, state: np.ndarray, future: asyncio.Future[Any], score: bool,
-                 keep_state: bool = False):
+                 keep_state: bool = False, one_by_one: bool = False):
         self.seq = seq  # the tokens; the job runs seq[:n] through the model (score: and predicts seq[1:n + 1])
         self.n = n
         self.pos = 0
@@ -155,6 +155,7 @@ class _Job:
         self.future = future
         self.score = score
         self.keep_state = keep_state
+        self.one_by_one = one_by_one  # a replay: chunks of one token (the one-step graph, as decoding ran them)
         self.cancelled = False  # set by the loop when the caller goes away
         self.started = False
         self.enqueued = time.perf_counter()
@@ -241,6 +242,16 @@ class BatchingEngine:
             return start.copy(), int(seq[-1])
         out = await self._submit(_Job(seq, len(seq) - 1, start, loop.create_future(), score=False))
         return out, int(seq[-1])
+
+    async def replay(self, state: np.ndarray | None, pending: int,
+                     ids: np.ndarray) -> tuple[np.ndarray, int]:
+        loop = self._bind()
+        seq = sequence(pending, ids)
+        if len(seq) < 2:
+            raise ValueError("replay needs at least one token after the pending one")
+        start = self._zero if state is None else state
+        job = _Job(seq, len(seq) - 1, start, loop.create_future(), score=False, one_by_one=True)
+        return await self._submit(job), int(seq[-1])
 
     async def score(self, ids: np.ndarray, state: np.ndarray | None = None, pending: int | None = None,
                     keep_state: bool = False) -> ScoreOutcome:
@@ -431,13 +442,15 @@ class BatchingEngine:
             if head.score:
                 self._score_chunk(head, cap)
             else:
-                L = chunk_length(head.n - head.pos, cap)
+                def length(j: _Job) -> int:
+                    return 1 if j.one_by_one else chunk_length(j.n - j.pos, cap)
+
+                L = length(head)
                 width = min(self.max_batch, max(1, self.prefill_tokens // L))  # jobs in this call at most
                 if len(jobs) and width > 1:
                     rest: deque[_Job] = deque()
                     for j in jobs:
-                        if (not j.score and not j.cancelled and len(group) < width
-                                and chunk_length(j.n - j.pos, cap) == L):
+                        if not j.score and not j.cancelled and len(group) < width and length(j) == L:
                             group.append(j)
                         elif not j.cancelled:
                             rest.append(j)

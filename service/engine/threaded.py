@@ -107,6 +107,13 @@ class ThreadEngine:
             a = b
         return np.array(s[0], dtype=np.float32), int(seq[-1])
 
+    async def replay(self, state: np.ndarray | None, pending: int,
+                     ids: np.ndarray) -> tuple[np.ndarray, int]:
+        s = self._state(state)
+        for token in [pending, *np.asarray(ids, dtype=np.int64)[:-1]]:
+            s = await self._run(self._advance, s, np.array([token], dtype=np.int64))
+        return np.array(s[0], dtype=np.float32), int(ids[-1])
+
     async def decode(self, state: np.ndarray | None, token: int) -> tuple[np.ndarray, np.ndarray]:
         """One raw step: the logits after ``token`` and the new state (not part of :class:`Engine`)."""
         return await self._run(self._decode, self._state(state), int(token))

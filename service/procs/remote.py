@@ -252,14 +252,15 @@ class RemoteCore(CallGate):
         self._check_open()
         return await self._call(self._next_link(), wire.CreateSession(prompt, ttl))
 
-    async def feed(self, session_id: str, text: str) -> FeedResult:
+    async def feed(self, session_id: str, text: str, session_tokens: int | None = None) -> FeedResult:
         self._check_open()
-        return await self._call(self._link_of(session_id), wire.Feed(session_id, text))
+        return await self._call(self._link_of(session_id), wire.Feed(session_id, text, session_tokens))
 
-    async def score(self, text: str, session_id: str = "", update_session: bool = False) -> ScoreResult:
+    async def score(self, text: str, session_id: str = "", update_session: bool = False,
+                    session_tokens: int | None = None) -> ScoreResult:
         self._check_open()
         link = self._link_of(session_id) if session_id else self._next_link()
-        return await self._call(link, wire.Score(text, session_id, update_session))
+        return await self._call(link, wire.Score(text, session_id, update_session, session_tokens))
 
     async def get_session(self, session_id: str) -> SessionInfo:
         return await self._call(self._link_of(session_id), wire.GetSession(session_id))

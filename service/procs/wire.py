@@ -70,9 +70,10 @@ class Feed(Call[FeedResult], frozen=True, tag="feed"):
     reply = FeedResult
     session_id: str
     text: str
+    session_tokens: int | None = None
 
     async def run(self, core: Core) -> FeedResult:
-        return await core.feed(self.session_id, self.text)
+        return await core.feed(self.session_id, self.text, self.session_tokens)
 
 
 class Score(Call[ScoreResult], frozen=True, tag="score"):
@@ -81,9 +82,10 @@ class Score(Call[ScoreResult], frozen=True, tag="score"):
     text: str
     session_id: str
     update_session: bool
+    session_tokens: int | None = None
 
     async def run(self, core: Core) -> ScoreResult:
-        return await core.score(self.text, self.session_id, self.update_session)
+        return await core.score(self.text, self.session_id, self.update_session, self.session_tokens)
 
 
 class GetSession(Call[SessionInfo], frozen=True, tag="get"):

@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18textgen/v1/textgen.proto\x12\ntextgen.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"P\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"*\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"%\n\x15\x45xportSessionResponse\x12\x0c\n\x04\x62lob\x18\x01 \x01(\x0c\"L\n\x14ImportSessionRequest\x12\x0c\n\x04\x62lob\x18\x01 \x01(\x0c\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"N\n\x14\x43reateSessionRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x87\x01\n\x15\x43reateSessionResponse\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.textgen.v1.Session\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x03\x12\x15\n\runknown_chars\x18\x03 \x03(\t\x12\x1a\n\x12unknown_char_count\x18\x04 \x01(\x03\"\xfe\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_used_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04\x62usy\x18\x07 \x01(\x08\"/\n\x0b\x46\x65\x65\x64Request\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"r\n\x0c\x46\x65\x65\x64Response\x12\x17\n\x0ftokens_consumed\x18\x01 \x01(\x03\x12\x15\n\runknown_chars\x18\x02 \x03(\t\x12\x16\n\x0esession_tokens\x18\x03 \x01(\x03\x12\x1a\n\x12unknown_char_count\x18\x04 \x01(\x03\"\xc7\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x10\n\x08logprobs\x18\t \x01(\x08\x42\x08\n\x06_top_pB\x07\n\x05_seed\"@\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x18\n\x10generated_tokens\x18\x02 \x01(\x03\x12\x16\n\x0esession_tokens\x18\x03 \x01(\x03\"\xad\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12*\n\x08logprobs\x18\x02 \x03(\x0b\x32\x18.textgen.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.textgen.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.textgen.v1.Usage\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"H\n\x0cScoreRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x16\n\x0eupdate_session\x18\x03 \x01(\x08\"\xb2\x01\n\rScoreResponse\x12\x0b\n\x03nll\x18\x01 \x01(\x01\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x12\n\nperplexity\x18\x03 \x01(\x01\x12\x15\n\rbits_per_char\x18\x04 \x01(\x01\x12\x13\n\x0btoken_count\x18\x05 \x01(\x03\x12\x13\n\x0bpredictions\x18\x06 \x01(\x03\x12\x15\n\runknown_chars\x18\x07 \x03(\t\x12\x1a\n\x12unknown_char_count\x18\x08 \x01(\x03\"\x15\n\x13GetModelInfoRequest\"\xe2\x03\n\tModelInfo\x12\x0c\n\x04\x63\x65ll\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x03 \x01(\x05\x12\x12\n\nstate_size\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x0e\n\x06\x63orpus\x18\x06 \x01(\t\x12\x1a\n\rheld_out_loss\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13held_out_perplexity\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x0cheld_out_bpc\x18\t \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05opset\x18\n \x01(\x05\x12\x31\n\x06sha256\x18\x0b \x03(\x0b\x32!.textgen.v1.ModelInfo.Sha256Entry\x12\x10\n\x08\x65xporter\x18\x0c \x01(\t\x12\x0f\n\x07\x63reated\x18\r \x01(\t\x12\x13\n\x0btrain_steps\x18\x0e \x01(\x03\x12)\n\x08manifest\x18\x0f \x01(\x0b\x32\x17.google.protobuf.Struct\x1a-\n\x0bSha256Entry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x10\n\x0e_held_out_lossB\x16\n\x14_held_out_perplexityB\x0f\n\r_held_out_bpc*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xea\x05\n\x0eTextgenService\x12T\n\rCreateSession\x12 .textgen.v1.CreateSessionRequest\x1a!.textgen.v1.CreateSessionResponse\x12\x39\n\x04\x46\x65\x65\x64\x12\x17.textgen.v1.FeedRequest\x1a\x18.textgen.v1.FeedResponse\x12G\n\x08Generate\x12\x1b.textgen.v1.GenerateRequest\x1a\x1c.textgen.v1.GenerateResponse0\x01\x12@\n\nGetSession\x12\x1d.textgen.v1.GetSessionRequest\x1a\x13.textgen.v1.Session\x12T\n\rDeleteSession\x12 .textgen.v1.DeleteSessionRequest\x1a!.textgen.v1.DeleteSessionResponse\x12<\n\x05Score\x12\x18.textgen.v1.ScoreRequest\x1a\x19.textgen.v1.ScoreResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.textgen.v1.GetModelInfoRequest\x1a\x15.textgen.v1.ModelInfo\x12\x42\n\x0b\x46orkSession\x12\x1e.textgen.v1.ForkSessionRequest\x1a\x13.textgen.v1.Session\x12T\n\rExportSession\x12 .textgen.v1.ExportSessionRequest\x1a!.textgen.v1.ExportSessionResponse\x12\x46\n\rImportSession\x12 .textgen.v1.ImportSessionRequest\x1a\x13.textgen.v1.Sessionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18textgen/v1/textgen.proto\x12\ntextgen.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"P\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"*\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"%\n\x15\x45xportSessionResponse\x12\x0c\n\x04\x62lob\x18\x01 \x01(\x0c\"L\n\x14ImportSessionRequest\x12\x0c\n\x04\x62lob\x18\x01 \x01(\x0c\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"N\n\x14\x43reateSessionRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x87\x01\n\x15\x43reateSessionResponse\x12$\n\x07session\x18\x01 \x01(\x0b\x32\x13.textgen.v1.Session\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x03\x12\x15\n\runknown_chars\x18\x03 \x03(\t\x12\x1a\n\x12unknown_char_count\x18\x04 \x01(\x03\"\x95\x02\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_used_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04\x62usy\x18\x07 \x01(\x08\x12\x15\n\rrewindable_to\x18\x08 \x01(\x03\"_\n\x0b\x46\x65\x65\x64Request\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1b\n\x0esession_tokens\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x11\n\x0f_session_tokens\"r\n\x0c\x46\x65\x65\x64Response\x12\x17\n\x0ftokens_consumed\x18\x01 \x01(\x03\x12\x15\n\runknown_chars\x18\x02 \x03(\t\x12\x16\n\x0esession_tokens\x18\x03 \x01(\x03\x12\x1a\n\x12unknown_char_count\x18\x04 \x01(\x03\"\xf7\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x1b\n\x0esession_tokens\x18\n \x01(\x03H\x02\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seedB\x11\n\x0f_session_tokens\"@\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x18\n\x10generated_tokens\x18\x02 \x01(\x03\x12\x16\n\x0esession_tokens\x18\x03 \x01(\x03\"\xad\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12*\n\x08logprobs\x18\x02 \x03(\x0b\x32\x18.textgen.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.textgen.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.textgen.v1.Usage\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"x\n\x0cScoreRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x16\n\x0eupdate_session\x18\x03 \x01(\x08\x12\x1b\n\x0esession_tokens\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x11\n\x0f_session_tokens\"\xb2\x01\n\rScoreResponse\x12\x0b\n\x03nll\x18\x01 \x01(\x01\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x12\n\nperplexity\x18\x03 \x01(\x01\x12\x15\n\rbits_per_char\x18\x04 \x01(\x01\x12\x13\n\x0btoken_count\x18\x05 \x01(\x03\x12\x13\n\x0bpredictions\x18\x06 \x01(\x03\x12\x15\n\runknown_chars\x18\x07 \x03(\t\x12\x1a\n\x12unknown_char_count\x18\x08 \x01(\x03\"\x15\n\x13GetModelInfoRequest\"\xe2\x03\n\tModelInfo\x12\x0c\n\x04\x63\x65ll\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x03 \x01(\x05\x12\x12\n\nstate_size\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x0e\n\x06\x63orpus\x18\x06 \x01(\t\x12\x1a\n\rheld_out_loss\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13held_out_perplexity\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x0cheld_out_bpc\x18\t \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05opset\x18\n \x01(\x05\x12\x31\n\x06sha256\x18\x0b \x03(\x0b\x32!.textgen.v1.ModelInfo.Sha256Entry\x12\x10\n\x08\x65xporter\x18\x0c \x01(\t\x12\x0f\n\x07\x63reated\x18\r \x01(\t\x12\x13\n\x0btrain_steps\x18\x0e \x01(\x03\x12)\n\x08manifest\x18\x0f \x01(\x0b\x32\x17.google.protobuf.Struct\x1a-\n\x0bSha256Entry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x10\n\x0e_held_out_lossB\x16\n\x14_held_out_perplexityB\x0f\n\r_held_out_bpc*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xea\x05\n\x0eTextgenService\x12T\n\rCreateSession\x12 .textgen.v1.CreateSessionRequest\x1a!.textgen.v1.CreateSessionResponse\x12\x39\n\x04\x46\x65\x65\x64\x12\x17.textgen.v1.FeedRequest\x1a\x18.textgen.v1.FeedResponse\x12G\n\x08Generate\x12\x1b.textgen.v1.GenerateRequest\x1a\x1c.textgen.v1.GenerateResponse0\x01\x12@\n\nGetSession\x12\x1d.textgen.v1.GetSessionRequest\x1a\x13.textgen.v1.Session\x12T\n\rDeleteSession\x12 .textgen.v1.DeleteSessionRequest\x1a!.textgen.v1.DeleteSessionResponse\x12<\n\x05Score\x12\x18.textgen.v1.ScoreRequest\x1a\x19.textgen.v1.ScoreResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.textgen.v1.GetModelInfoRequest\x1a\x15.textgen.v1.ModelInfo\x12\x42\n\x0b\x46orkSession\x12\x1e.textgen.v1.ForkSessionRequest\x1a\x13.textgen.v1.Session\x12T\n\rExportSession\x12 .textgen.v1.ExportSessionRequest\x1a!.textgen.v1.ExportSessionResponse\x12\x46\n\rImportSession\x12 .textgen.v1.ImportSessionRequest\x1a\x13.textgen.v1.Sessionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFO_SHA256ENTRY']._loaded_options = None
   _globals['_MODELINFO_SHA256ENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2417
-  _globals['_FINISHREASON']._serialized_end=2541
+  _globals['_FINISHREASON']._serialized_start=2584
+  _globals['_FINISHREASON']._serialized_end=2708
   _globals['_FORKSESSIONREQUEST']._serialized_start=135
   _globals['_FORKSESSIONREQUEST']._serialized_end=215
   _globals['_EXPORTSESSIONREQUEST']._serialized_start=217
@@ -51,35 +51,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATESESSIONRESPONSE']._serialized_start=459
   _globals['_CREATESESSIONRESPONSE']._serialized_end=594
   _globals['_SESSION']._serialized_start=597
-  _globals['_SESSION']._serialized_end=851
-  _globals['_FEEDREQUEST']._serialized_start=853
-  _globals['_FEEDREQUEST']._serialized_end=900
-  _globals['_FEEDRESPONSE']._serialized_start=902
-  _globals['_FEEDRESPONSE']._serialized_end=1016
-  _globals['_GENERATEREQUEST']._serialized_start=1019
-  _globals['_GENERATEREQUEST']._serialized_end=1218
-  _globals['_TOKENLOGPROB']._serialized_start=1220
-  _globals['_TOKENLOGPROB']._serialized_end=1284
-  _globals['_USAGE']._serialized_start=1286
-  _globals['_USAGE']._serialized_end=1366
-  _globals['_GENERATERESPONSE']._serialized_start=1369
-  _globals['_GENERATERESPONSE']._serialized_end=1542
-  _globals['_GETSESSIONREQUEST']._serialized_start=1544
-  _globals['_GETSESSIONREQUEST']._serialized_end=1583
-  _globals['_DELETESESSIONREQUEST']._serialized_start=1585
-  _globals['_DELETESESSIONREQUEST']._serialized_end=1627
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=1629
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=1652
-  _globals['_SCOREREQUEST']._serialized_start=1654
-  _globals['_SCOREREQUEST']._serialized_end=1726
-  _globals['_SCORERESPONSE']._serialized_start=1729
-  _globals['_SCORERESPONSE']._serialized_end=1907
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1909
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1930
-  _globals['_MODELINFO']._serialized_start=1933
-  _globals['_MODELINFO']._serialized_end=2415
-  _globals['_MODELINFO_SHA256ENTRY']._serialized_start=2311
-  _globals['_MODELINFO_SHA256ENTRY']._serialized_end=2356
-  _globals['_TEXTGENSERVICE']._serialized_start=2544
-  _globals['_TEXTGENSERVICE']._serialized_end=3290
+  _globals['_SESSION']._serialized_end=874
+  _globals['_FEEDREQUEST']._serialized_start=876
+  _globals['_FEEDREQUEST']._serialized_end=971
+  _globals['_FEEDRESPONSE']._serialized_start=973
+  _globals['_FEEDRESPONSE']._serialized_end=1087
+  _globals['_GENERATEREQUEST']._serialized_start=1090
+  _globals['_GENERATEREQUEST']._serialized_end=1337
+  _globals['_TOKENLOGPROB']._serialized_start=1339
+  _globals['_TOKENLOGPROB']._serialized_end=1403
+  _globals['_USAGE']._serialized_start=1405
+  _globals['_USAGE']._serialized_end=1485
+  _globals['_GENERATERESPONSE']._serialized_start=1488
+  _globals['_GENERATERESPONSE']._serialized_end=1661
+  _globals['_GETSESSIONREQUEST']._serialized_start=1663
+  _globals['_GETSESSIONREQUEST']._serialized_end=1702
+  _globals['_DELETESESSIONREQUEST']._serialized_start=1704
+  _globals['_DELETESESSIONREQUEST']._serialized_end=1746
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=1748
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=1771
+  _globals['_SCOREREQUEST']._serialized_start=1773
+  _globals['_SCOREREQUEST']._serialized_end=1893
+  _globals['_SCORERESPONSE']._serialized_start=1896
+  _globals['_SCORERESPONSE']._serialized_end=2074
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2076
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2097
+  _globals['_MODELINFO']._serialized_start=2100
+  _globals['_MODELINFO']._serialized_end=2582
+  _globals['_MODELINFO_SHA256ENTRY']._serialized_start=2478
+  _globals['_MODELINFO_SHA256ENTRY']._serialized_end=2523
+  _globals['_TEXTGENSERVICE']._serialized_start=2711
+  _globals['_TEXTGENSERVICE']._serialized_end=3457
 # @@protoc_insertion_point(module_scope)

@@ -72,7 +72,7 @@ class CreateSessionResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., unknown_chars: _Optional[_Iterable[str]] = ..., unknown_char_count: _Optional[int] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "token_count", "create_time", "last_used_time", "expire_time", "ttl", "busy")
+    __slots__ = ("session_id", "token_count", "create_time", "last_used_time", "expire_time", "ttl", "busy", "rewindable_to")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class Session(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
     TTL_FIELD_NUMBER: _ClassVar[int]
     BUSY_FIELD_NUMBER: _ClassVar[int]
+    REWINDABLE_TO_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     token_count: int
     create_time: _timestamp_pb2.Timestamp
@@ -87,15 +88,18 @@ class Session(_message.Message):
     expire_time: _timestamp_pb2.Timestamp
     ttl: _duration_pb2.Duration
     busy: bool
-    def __init__(self, session_id: _Optional[str] = ..., token_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., busy: _Optional[bool] = ...) -> None: ...
+    rewindable_to: int
+    def __init__(self, session_id: _Optional[str] = ..., token_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., busy: _Optional[bool] = ..., rewindable_to: _Optional[int] = ...) -> None: ...
 
 class FeedRequest(_message.Message):
-    __slots__ = ("session_id", "text")
+    __slots__ = ("session_id", "text", "session_tokens")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     text: str
-    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+    session_tokens: int
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., session_tokens: _Optional[int] = ...) -> None: ...
 
 class FeedResponse(_message.Message):
     __slots__ = ("tokens_consumed", "unknown_chars", "session_tokens", "unknown_char_count")
@@ -110,7 +114,7 @@ class FeedResponse(_message.Message):
     def __init__(self, tokens_consumed: _Optional[int] = ..., unknown_chars: _Optional[_Iterable[str]] = ..., session_tokens: _Optional[int] = ..., unknown_char_count: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("session_id", "prompt", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "logprobs")
+    __slots__ = ("session_id", "prompt", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "logprobs", "session_tokens")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +124,7 @@ class GenerateRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt: str
     max_tokens: int
@@ -129,7 +134,8 @@ class GenerateRequest(_message.Message):
     seed: int
     stop: _containers.RepeatedScalarFieldContainer[str]
     logprobs: bool
-    def __init__(self, session_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., logprobs: _Optional[bool] = ...) -> None: ...
+    session_tokens: int
+    def __init__(self, session_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., logprobs: _Optional[bool] = ..., session_tokens: _Optional[int] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token", "token_id", "logprob")
@@ -182,14 +188,16 @@ class DeleteSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("text", "session_id", "update_session")
+    __slots__ = ("text", "session_id", "update_session", "session_tokens")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     UPDATE_SESSION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     text: str
     session_id: str
     update_session: bool
-    def __init__(self, text: _Optional[str] = ..., session_id: _Optional[str] = ..., update_session: _Optional[bool] = ...) -> None: ...
+    session_tokens: int
+    def __init__(self, text: _Optional[str] = ..., session_id: _Optional[str] = ..., update_session: _Optional[bool] = ..., session_tokens: _Optional[int] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("nll", "loss", "perplexity", "bits_per_char", "token_count", "predictions", "unknown_chars", "unknown_char_count")
