@@ -55,6 +55,7 @@ MAX_STOP_STRINGS = 16
 MAX_UNKNOWN_LISTED = 64  # unknown characters a reply lists (their count is given too)
 ENCODE_INLINE_CHARS = 16_384  # longer texts are encoded off the event loop
 MAX_STOP_CHARS = 64
+MIN_TTL = 1.0  # seconds: the least ttl a request may ask for (every store)
 
 # Messages of one stream out at once (cut, not yet delivered) while fewer than FEW_STREAMS streams run: across
 # processes a lone stream's next message need not wait for the round trip of the last one. With more streams
@@ -286,8 +287,9 @@ class TextgenCore(CallGate):
     def _ttl(self, ttl: float | None) -> float:
         if ttl is None:
             return self.config.session_ttl
-        if not math.isfinite(ttl) or ttl <= 0:
-            raise InvalidRequest(f"ttl must be > 0 seconds, got {ttl:g}")
+        if not math.isfinite(ttl) or ttl < MIN_TTL:
+            raise InvalidRequest(f"ttl must be at least {MIN_TTL:g} s, got {ttl:g}: a session that expires before "
+                                 "its id reaches the client is of no use")
         if ttl > self.config.max_session_ttl:
             raise LimitExceeded(f"ttl {ttl:g} s exceeds the server's maximum of "
                                 f"{self.config.max_session_ttl:g} s (--max-session-ttl)")

@@ -283,6 +283,13 @@ def test_each_bad_input_gets_its_status_code(client: Any, server: RunningServer)
     fails(CODE.NOT_FOUND, client.delete_session, "no-such-session")
     fails(CODE.NOT_FOUND, client.score, "abc", session_id="no-such-session")
     assert "ttl" in fails(CODE.INVALID_ARGUMENT, client.create_session, "abc", ttl=0).details
+    # a ttl that ends before the id reaches the client (1 ns: NOT_FOUND naming an id nobody got, before)
+    for tiny in (1e-9, 0.5):
+        assert "at least 1 s" in fails(CODE.INVALID_ARGUMENT, client.create_session, "abc", ttl=tiny).details
+        sid = client.create_session("abc").session.session_id
+        assert "at least 1 s" in fails(CODE.INVALID_ARGUMENT, client.fork_session, sid, ttl=tiny).details
+        blob = client.export_session(sid)
+        assert "at least 1 s" in fails(CODE.INVALID_ARGUMENT, client.import_session, blob, ttl=tiny).details
     assert "ttl" in fails(CODE.INVALID_ARGUMENT, client.create_session, "abc", ttl=-5).details
     assert "--max-session-ttl" in fails(CODE.INVALID_ARGUMENT, client.create_session, ttl=1e6).details
     assert "prompt" in fails(CODE.INVALID_ARGUMENT, client.generate_text, "", max_tokens=3).details
