@@ -72,6 +72,10 @@ class ServerConfig:
     auth_tokens_file: str | None = None
     auth_reflection: bool = False
     metrics_host: str = "127.0.0.1"
+    # The HTTP front door (docs/http.md): the same core, host, TLS and tokens as the gRPC port.
+    http_port: int = 8000
+    model_name: str | None = None
+    chat_template: str = "{role}: {content}\\n"
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -80,6 +84,10 @@ class ServerConfig:
 
         need(0 <= self.port <= 65535, f"--port must be in 0..65535, not {self.port}")
         need(-1 <= self.metrics_port <= 65535, f"--metrics-port must be in -1..65535, not {self.metrics_port}")
+        need(-1 <= self.http_port <= 65535, f"--http-port must be in -1..65535, not {self.http_port}")
+        need(self.model_name is None or (0 < len(self.model_name) <= 256 and self.model_name.isprintable()),
+             "--model-name must be 1..256 printable characters")
+        need("{content}" in self.chat_template, "--chat-template must contain {content}")
         need(self.max_sessions >= 1, "--max-sessions must be >= 1")
         need(self.session_ttl > 0, "--session-ttl must be > 0 seconds")
         need(self.max_session_ttl >= self.session_ttl,
@@ -338,6 +346,14 @@ SETTINGS: tuple[Setting, ...] = (
                                "default reflection stays open, like health)."),
     Setting("metrics_host", "Address the /metrics endpoint listens on (plain HTTP, no authentication: keep it "
                             "on loopback or a private network; 0.0.0.0 in the container image)."),
+    Setting("http_port", "HTTP port of the OpenAI-compatible API, textgen's JSON routes and the playground "
+                         "(docs/http.md), on --host with the same TLS and tokens as gRPC (0 = pick a free one; "
+                         "-1 = off)."),
+    Setting("model_name", "Model id of the HTTP API (`/v1/models`, the `model` field); default: "
+                          "textgen-CELL-CORPUS from the bundle's manifest."),
+    Setting("chat_template", "How /v1/chat/completions renders each message to text: {role} and {content} are "
+                             "replaced, \\n stands for a newline; the prompt ends with the template's part "
+                             "before {content} for the role assistant."),
 )
 
 

@@ -41,6 +41,8 @@ METRIC_NAMES = {
     "textgen_step_duration_seconds": "histogram",
     "textgen_queue_wait_seconds": "histogram",
     "textgen_model_info": "info",
+    "textgen_http_requests_total": "counter",
+    "textgen_http_request_duration_seconds": "histogram",
 }
 
 
@@ -98,6 +100,12 @@ class Metrics:
         self.queue_wait = Histogram("textgen_queue_wait_seconds",
                                     "Time a Generate stream, Feed or Score waited in the scheduler's queue before "
                                     "its first step or chunk ran.", buckets=TOKEN_BUCKETS, registry=r)
+        # The HTTP front door (service/http/): by route template and HTTP status (499: the client went away).
+        self.http_requests = Counter("textgen_http_requests", "HTTP requests handled, by route and status.",
+                                     ["route", "status"], registry=r)
+        self.http_request_duration = Histogram("textgen_http_request_duration_seconds",
+                                               "Wall time of an HTTP request, from arrival to its last byte.",
+                                               ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.model_info = Info("textgen_model", "The served model (manifest fields).", registry=r)
         self._http: Any = None
 

@@ -106,6 +106,8 @@ class TextgenServer:
         self.reuse_port = reuse_port
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None  # the HTTP door's bound port (--http-port; None when off)
+        self.http: Any = None  # its HttpFront (service/http/server.py)
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopped = False
@@ -152,6 +154,12 @@ class TextgenServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING if healthy
                                   else health_pb2.HealthCheckResponse.NOT_SERVING)
+        if cfg.http_port >= 0:
+            from .http.server import HttpFront
+
+            self.http = HttpFront(cfg, self.core, m, tokens=self.tokens, serving=self.serving,
+                                  reuse_port=self.reuse_port)
+            self.http_port = await self.http.start()
         if cfg.metrics_port >= 0:
             try:
                 self.metrics_port = m.serve_http(cfg.metrics_host.strip("[]"), cfg.metrics_port)
@@ -163,11 +171,16 @@ class TextgenServer:
             log.warning("serving plaintext gRPC on a non-loopback address (--insecure)",
                         extra={"fields": {"host": cfg.host}})
         log.info("serving", extra={"fields": {"port": self.port, "metrics_port": self.metrics_port,
+                                              "http_port": self.http_port,
                                               "model": cfg.model or "(packaged bundle)",
                                               "security": self.security_summary()}})
 
     def security_summary(self) -> str:
         return security_summary(self.config)
+
+    def serving(self) -> bool:
+        """What health says: SERVING while started, not shutting down, and every part behind the core works."""
+        return self._server is not None and not self._stopped and all(self._health_parts.values())
 
     def reload_tokens(self) -> bool:
         """SIGHUP: re-read --auth-tokens-file (a failed read keeps the old tokens and logs a warning)."""
@@ -211,7 +224,7 @@ class TextgenServer:
         loop = asyncio.get_running_loop()
         timer = loop.call_later(max(0.0, grace - margin), self.end_streams)
         try:
-            await self._server.stop(grace)
+            await asyncio.gather(self._server.stop(grace), *([self.http.stop(grace)] if self.http else []))
         finally:
             timer.cancel()
             for t in self._tasks:
@@ -226,6 +239,13 @@ class TextgenServer:
     async def wait_for_termination(self) -> None:
         assert self._server is not None
         await self._server.wait_for_termination()
+
+
+def http_summary(cfg: ServerConfig, port: int | None) -> str:
+    """The startup line's tail for the HTTP door: ", HTTP http://HOST:PORT" (https with TLS), or ""."""
+    if port is None:
+        return ""
+    return f", HTTP {'https' if cfg.tls else 'http'}://{_grpc_host(cfg.host)}:{port}"
 
 
 def _announce(line: str) -> None:
@@ -269,7 +289,7 @@ async def serve(config: ServerConfig, *, announce: Callable[[str], None] = _anno
         url = (f"http://{metrics_host}:{server.metrics_port}/metrics" if server.metrics_port is not None
                else "off")
         announce(f"textgen serve: gRPC listening on {host}:{server.port}, metrics {url} "
-                 f"({server.security_summary()})")
+                 f"({server.security_summary()}){http_summary(config, server.http_port)}")
         log.info("processes", extra={"fields": {"workers": 1, "shards": 1, "chosen": why or "given"}})
         await stop.wait()
     finally:

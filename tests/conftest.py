@@ -33,11 +33,16 @@ The factories need torch and onnx (the ``train`` extra): tests that use them are
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# `textgen serve` started by a test serves HTTP on a free port, never on the default 8000 that another test's
+# server (or anything on the machine) may hold; a test that wants another value passes --http-port.
+os.environ.setdefault("TEXTGEN_HTTP_PORT", "0")
 
 TINY_CHARS = "\n !,.abcdefghijklmno"
 assert len(set(TINY_CHARS)) == 20

@@ -55,7 +55,7 @@ class RunningServer:
     def __init__(self, runtime: Any, config: ServerConfig | None = None, *, clock: Callable[[], float] | None = None,
                  decode_delay: float = 0.0, sweep_seconds: float = 0.05, **overrides: Any):
         config = (config or ServerConfig()).replace(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0,
-                                                       **overrides})
+                                                       "http_port": -1, **overrides})  # HTTP: http_port=0
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop", daemon=True)
         self.thread.start()

@@ -289,7 +289,7 @@ def test_tokens_file_rules(tmp_path: Path) -> None:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTGEN_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTGEN_") or k == "TEXTGEN_HTTP_PORT"}
     env.update(extra)
     return env
 

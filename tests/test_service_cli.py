@@ -25,7 +25,7 @@ TEXTGEN = [str(Path(sys.executable).parent / "textgen")]  # the console script o
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTGEN_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEXTGEN_") or k == "TEXTGEN_HTTP_PORT"}
     env.update(extra)
     return env
 

@@ -76,8 +76,10 @@ class Processes:
         self.addresses = [f"ipc://{self.folder}/shard-{k}.sock" for k in range(config.shards)]
         self.children: list[_Child] = []
         self.port = config.port
+        self.http_port: int | None = None  # the front ends' shared HTTP port (--http-port), None when off
         self.metrics_port: int | None = None
         self._hold: socket.socket | None = None
+        self._hold_http: socket.socket | None = None
         self._http: Any = None
 
     def _spawn(self, kind: str, index: int, target: Callable[..., None], *args: Any) -> _Child:
@@ -115,6 +117,11 @@ class Processes:
             raise InputError(f"cannot listen on {host}:{self.config.port} (--host/--port): {exc.strerror}") from exc
         self.port = s.getsockname()[1]
         self._hold = s  # kept until the front ends listen, so that nobody else takes the port meanwhile
+        if self.config.http_port >= 0:  # the HTTP door's port, the same way (service/http/server.py)
+            from ..http.server import listen_socket
+
+            self._hold_http = listen_socket(host, self.config.http_port, reuse_port=True)
+            self.http_port = int(self._hold_http.getsockname()[1])
 
     def start(self) -> None:
         from .frontend import frontend_main
@@ -132,13 +139,18 @@ class Processes:
                                             max_streams=share(c.max_streams, sh))
         for k, address in enumerate(self.addresses):
             self._spawn("shard", k, shard_main, shard_config, k, address)
-        fe_config = c.replace(port=self.port, metrics_port=-1, max_concurrent_calls=share(c.max_concurrent_calls, w),
+        fe_config = c.replace(port=self.port, metrics_port=-1,
+                              http_port=-1 if self.http_port is None else self.http_port,
+                              max_concurrent_calls=share(c.max_concurrent_calls, w),
                               max_queued_chars=share(c.max_queued_chars, w))
         for i in range(self.config.workers):
             self._spawn("front end", i, frontend_main, fe_config, i, self.addresses)
         if self._hold is not None:
             self._hold.close()
             self._hold = None
+        if self._hold_http is not None:
+            self._hold_http.close()
+            self._hold_http = None
         if self.config.metrics_port >= 0:
             self._serve_metrics()
         log.info("serving", extra={"fields": {"port": self.port, "metrics_port": self.metrics_port,
@@ -227,7 +239,7 @@ async def serve_processes(config: ServerConfig, *, announce: Callable[[str], Non
                           why: str = "") -> int:
     """``textgen serve`` with front ends and shards apart: run until SIGTERM or SIGINT; the exit code. ``why``:
     how the process counts were chosen (logged)."""
-    from ..server import _grpc_host, check_security, security_summary
+    from ..server import _grpc_host, check_security, http_summary, security_summary
 
     logs.configure(config.log_level, config.log_format)
     check_security(config)  # what a front end would refuse, refused here in one line before any process starts
@@ -253,7 +265,7 @@ async def serve_processes(config: ServerConfig, *, announce: Callable[[str], Non
         w, sh = config.workers, config.shards
         announce(f"textgen serve: gRPC listening on {_grpc_host(config.host)}:{procs.port}, metrics {metrics} "
                  f"({security_summary(config)}) with {w} front end{'s' * (w > 1)} and {sh} "
-                 f"engine shard{'s' * (sh > 1)}")
+                 f"engine shard{'s' * (sh > 1)}{http_summary(config, procs.http_port)}")
         log.info("processes", extra={"fields": {"workers": w, "shards": sh, "chosen": why or "given"}})
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
