@@ -57,7 +57,8 @@ RUN python -m pip --python /opt/textgen/bin/python install --no-cache-dir --no-d
 # packaged model; mount a bundle and set TEXTGEN_MODEL=/path/to/it to serve another one. The grace period
 # stays under `docker stop`'s default 10 s timeout, so a drain finishes before any SIGKILL. ONNX Runtime's
 # usage telemetry is off: a server sends no data of its own anywhere and writes nothing to disk.
-# Security: the image serves plaintext gRPC on all interfaces (TEXTGEN_INSECURE=1; outside a container
+# HTTP (OpenAI-compatible API, JSON routes, playground; docs/http.md) on 8000, with gRPC's TLS and tokens.
+# Security: the image serves plaintext gRPC and HTTP on all interfaces (TEXTGEN_INSECURE=1; outside a container
 # `textgen serve` refuses that) and metrics on all interfaces, as `docker run -p` needs. For TLS and tokens
 # mount certificates and a tokens file and set TEXTGEN_TLS_CERT, TEXTGEN_TLS_KEY, TEXTGEN_AUTH_TOKENS_FILE,
 # and TEXTGEN_TLS_CA for the HEALTHCHECK's `textgen health` (docs/deploy.md, TLS and tokens).
@@ -70,13 +71,14 @@ ENV PATH=/opt/textgen/bin:$PATH \
     TEXTGEN_PORT=50051 \
     TEXTGEN_METRICS_HOST=0.0.0.0 \
     TEXTGEN_METRICS_PORT=9090 \
+    TEXTGEN_HTTP_PORT=8000 \
     TEXTGEN_LOG_LEVEL=info \
     TEXTGEN_LOG_FORMAT=json \
     TEXTGEN_GRACE_SECONDS=8
 
 USER 10001:10001
 WORKDIR /home/textgen
-EXPOSE 50051 9090
+EXPOSE 50051 9090 8000
 
 # gRPC health checking against the local server, on whatever TEXTGEN_PORT the container was given
 # (exit 0 only when SERVING, 1 otherwise). Health needs no token; under TLS `textgen health` reads

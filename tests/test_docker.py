@@ -79,7 +79,7 @@ def test_non_root_user_ports_health_and_entrypoint():
     assert uid.isdigit() and int(uid) != 0, "USER must be a numeric non-root uid (runAsNonRoot)"
 
     exposed = {int(p.split("/")[0]) for word, rest in runtime if word == "EXPOSE" for p in rest.split()}
-    assert exposed == {int(env["TEXTGEN_PORT"]), int(env["TEXTGEN_METRICS_PORT"])}
+    assert exposed == {int(env["TEXTGEN_PORT"]), int(env["TEXTGEN_METRICS_PORT"]), int(env["TEXTGEN_HTTP_PORT"])}
     assert env["TEXTGEN_HOST"] in ("0.0.0.0", "[::]")
 
     health = next(rest for word, rest in runtime if word == "HEALTHCHECK")
@@ -134,7 +134,7 @@ def test_compose_and_prometheus_match_the_image():
     svc = compose["services"]["textgen"]
     assert set(svc.get("environment") or {}) <= KNOWN_ENV
     published = {int(p.split(":")[-1]) for p in svc["ports"]}
-    assert published == {int(env["TEXTGEN_PORT"]), int(env["TEXTGEN_METRICS_PORT"])}
+    assert published == {int(env["TEXTGEN_PORT"]), int(env["TEXTGEN_METRICS_PORT"]), int(env["TEXTGEN_HTTP_PORT"])}
     grace = float(str(svc["stop_grace_period"]).rstrip("s"))
     assert grace > float(env["TEXTGEN_GRACE_SECONDS"])
 

@@ -147,3 +147,38 @@ def test_front_ends_share_the_http_port_and_drain_on_sigterm(served: tuple[subpr
     assert texts == {want}
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
+
+
+def test_the_replicas_http_balancer_config_spreads_requests_and_streams(rt: Any, tmp_path: Path) -> None:
+    """deploy/nginx-http.conf with a local nginx in front of two servers: round robin, streams pass unbuffered."""
+    from realservers import NginxServer, free_port
+
+    site = (Path(__file__).resolve().parents[1] / "deploy" / "nginx-http.conf").read_text()
+    servers = [RunningServer(rt, http_port=0) for _ in range(2)]
+    nginx = None
+    try:
+        for name, srv in zip("ab", servers, strict=True):
+            site, n = re.subn(rf"(?m)^(\s*server\s+)replica-{name}:8000\b", rf"\g<1>127.0.0.1:{srv.server.http_port}",
+                              site)
+            assert n == 1
+        port = free_port()
+        site, n = re.subn(r"(?m)^(\s*listen\s+)8000;", rf"\g<1>127.0.0.1:{port};", site)
+        assert n == 1
+        nginx = NginxServer(tmp_path / "nginx", site, port)
+        want = servers[0].client().generate_text(PROMPT, max_tokens=20).text
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0) as c:
+            model = c.models.list().data[0].id
+            for _ in range(4):
+                got = c.completions.create(model=model, prompt=PROMPT, max_tokens=20, temperature=0)
+                assert got.choices[0].text == want
+                chunks = list(c.completions.create(model=model, prompt=PROMPT, max_tokens=20, temperature=0,
+                                                   stream=True))
+                assert "".join(ch.choices[0].text for ch in chunks) == want and len(chunks) > 2
+        served = [s.metric("textgen_http_requests_total", route="POST /v1/completions", status="200")
+                  for s in servers]
+        assert sum(served) == 8 and min(served) >= 2, served
+    finally:
+        if nginx is not None:
+            nginx.stop()
+        for s in servers:
+            s.stop()

@@ -371,7 +371,8 @@ def test_compose_file_matches_the_balancer_prometheus_and_the_demo() -> None:
     assert (ROOT / mount.split(":")[0]).resolve() == SITE
     site = SITE.read_text()
     assert re.findall(r"(?m)^\s*server\s+([\w.-]+:\d+)", site) == ["replica-a:50051", "replica-b:50051"]  # TEXTGEN_PORT
-    assert re.search(r"(?m)^\s*listen\s+8080\s+http2;", site) and lb["ports"] == ["8080:8080"]
+    assert re.search(r"(?m)^\s*listen\s+8080\s+http2;", site) and lb["ports"][0] == "8080:8080"
+    assert lb["ports"][1:] == ["8000:8000"] and any(v.startswith("./deploy/nginx-http.conf:") for v in lb["volumes"])
     assert {d for d, c in lb["depends_on"].items() if c["condition"] == "service_healthy"} == {"replica-a",
                                                                                                "replica-b"}
 
