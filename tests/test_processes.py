@@ -354,3 +354,49 @@ def test_a_rewind_across_processes_is_the_session_a_stopped_generate_would_leave
     assert c.score("more text", session_id=sid).nll == c.score("more text", session_id=ref).nll
     with pytest.raises(RpcFailed, match="FAILED_PRECONDITION"):
         c.feed(sid, "", session_tokens=len(PROMPT) + 31)
+
+
+def test_a_front_end_killed_mid_stream_frees_its_session_and_stream_slot_at_once(tmp_path: Path) -> None:
+    """SIGKILL of the front end serving a long Generate: the parent reports the death to the shards, which end
+    that stream (its session = the text acknowledged, not busy; its stream slot back) well within the bound
+    documented in docs/api.md (1 s after the parent notices; the parent looks every 0.2 s). Before, the session
+    stayed busy and the slot taken for as long as anyone watched."""
+    srv = Server(tmp_path, "--workers", "1", "--shards", "2", "--max-streams", "2", "--max-tokens", "100000",
+                 "--stream-stall-timeout", "30")
+    try:
+        c = srv.client()
+        sids: dict[int, str] = {}
+        while len(sids) < 2:
+            sid = c.create_session(PROMPT).session.session_id
+            sids.setdefault(int(sid.split(".")[0]), sid)
+        victim = sids[0]
+        stream = c.generate(session_id=victim, max_tokens=100_000, temperature=1.0, seed=4)
+        chunks = iter(stream)
+        next(chunks)
+        assert c.get_session(victim).busy  # the stream holds it
+        fe_pid = next(r["pid"] for r in srv.lines() if r.get("message") == "front end serving")
+        os.kill(fe_pid, signal.SIGKILL)
+        killed = time.monotonic()
+        with pytest.raises(RpcFailed):
+            for _ in chunks:
+                pass
+        # the parent starts a new front end (its clients reconnect); the session is free within the bound
+        fresh = srv.client()
+
+        def free() -> bool:
+            try:
+                return not fresh.get_session(victim).busy
+            except RpcFailed:
+                return False  # (no front end listening yet)
+
+        assert wait_until(free, timeout=20, interval=0.05)
+        freed = time.monotonic() - killed
+        held = fresh.get_session(victim).token_count
+        assert held > len(PROMPT)
+        assert fresh.feed(victim, "more").session_tokens == held + 4  # not FAILED_PRECONDITION (busy)
+        # its shard's stream slot is back (--max-streams 2 is one per shard): a Generate there runs
+        assert len(fresh.generate_text(session_id=victim, max_tokens=5).text) == 5
+        assert _lines_with(srv, "front end serving") >= 2
+        print(f"session free {freed:.2f} s after the SIGKILL of its front end (new front end included)")
+    finally:
+        assert srv.stop() == 0

@@ -39,6 +39,30 @@ def record_shard_death(address: str) -> None:
     tmp.replace(path)
 
 
+def frontend_identity(pid: int) -> bytes:
+    """A front end's ZeroMQ routing id on every shard's socket: the shards key its calls by it, and end them when
+    the parent reports that process dead (:func:`frontend_deaths`)."""
+    return b"fe:%d" % pid
+
+
+def frontend_deaths_file(address: str) -> Path:
+    """In the folder of the shards' sockets: the pids of front ends that died, one a line, written by the parent."""
+    return Path(address.removeprefix("ipc://")).parent / "frontend-deaths"
+
+
+def record_frontend_death(address: str, pid: int) -> None:
+    """The parent: front end ``pid`` is dead (appended whole: one short write)."""
+    with frontend_deaths_file(address).open("a") as f:
+        f.write(f"{pid}\n")
+
+
+def frontend_deaths(address: str) -> set[int]:
+    try:
+        return {int(line) for line in frontend_deaths_file(address).read_text().split()}
+    except (OSError, ValueError):
+        return set()
+
+
 async def watch_parent(on_gone: Callable[[], None], every: float = 1.0) -> None:
     """Call ``on_gone`` once the parent process is gone (killed without passing a signal on): a child never
     outlives its server."""

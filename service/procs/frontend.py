@@ -5,6 +5,7 @@ server's one port (SO_REUSEPORT): the kernel spreads connections over them."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 from typing import Any
@@ -17,10 +18,13 @@ from ..server import TextgenServer
 from .child import report_start_errors, watch_parent
 from .remote import RemoteCore
 
+log = logging.getLogger("textgen.frontend")
+
 
 def frontend_main(config: ServerConfig, index: int, addresses: list[str], ready: Any) -> None:
     """A front end's entry point (spawned by :mod:`.supervisor`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # (a shard's death, reported before our handler is in place)
     limit_malloc_arenas()
     logs.configure(config.log_level, config.log_format, frontend=index)
     with report_start_errors(ready):
@@ -46,6 +50,7 @@ async def _run_frontend(config: ServerConfig, addresses: list[str], ready: Any) 
     orphaned = asyncio.create_task(watch_parent(stop.set))
     try:
         await server.start()
+        log.info("front end serving", extra={"fields": {"pid": os.getpid()}})
         ready.send(("ready", os.getpid()))
         ready.close()
         await stop.wait()

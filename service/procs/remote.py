@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 from collections.abc import AsyncGenerator
 from typing import TypeVar
 
@@ -36,7 +37,7 @@ from ..interface import (
 from ..metrics import Metrics
 from ..sessions import short_id
 from . import wire
-from .child import shard_deaths
+from .child import frontend_identity, shard_deaths
 
 log = logging.getLogger("textgen.frontend")
 
@@ -55,6 +56,7 @@ class _Link:
         self.index = index
         self.address = address
         self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.ROUTING_ID, frontend_identity(os.getpid()))  # the parent names us by our pid
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)

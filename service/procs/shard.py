@@ -36,9 +36,14 @@ from ..heap import limit_malloc_arenas
 from ..interface import FinishEvent
 from ..upkeep import Upkeep
 from . import wire
-from .child import report_start_errors, watch_parent
+from .child import frontend_deaths, frontend_identity, report_start_errors, watch_parent
 
 log = logging.getLogger("textgen.shard")
+
+# Seconds past --stream-stall-timeout that a stream's message may go unacknowledged before the shard ends the
+# stream itself: its front end ends a stalled call at the timeout and says so (Stall); silence past it means the
+# front end is gone (its death is also reported by the parent, usually within a second: drop_dead_frontends).
+ACK_MARGIN = 5.0
 
 
 class ShardServer:
@@ -58,6 +63,7 @@ class ShardServer:
         self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
         self._stopping: set[bytes] = set()  # front ends shutting down: their streams finish now
         self._relays: dict[tuple[bytes, int], _Relay] = {}  # running streams, by (front end, call)
+        self._dead: set[int] = set()  # pids of front ends whose calls were ended
 
     # -- sending: one message per front end per turn of the loop
     def send(self, peer: bytes, call: int, body: wire.ToFrontEnd) -> None:
@@ -148,6 +154,22 @@ class ShardServer:
         except Exception as exc:
             self._error(peer, call, "Generate", exc)
 
+    def drop_dead_frontends(self) -> None:
+        """The parent reported front ends that died (SIGUSR2): end their streams (each session keeps the text
+        acknowledged so far, its lease and stream slot are freed) and cancel their other calls."""
+        for pid in frontend_deaths(self.address) - self._dead:
+            self._dead.add(pid)
+            peer = frontend_identity(pid)
+            self._stopping.discard(peer)
+            ended = [relay for key, relay in self._relays.items() if key[0] == peer]
+            for relay in ended:
+                relay.end_quietly()
+            tasks = [task for key, task in self._tasks.items() if key[0] == peer]
+            for task in tasks:
+                task.cancel()
+            if ended or tasks:
+                log.warning("front end %d died: its %d streams and %d calls ended", pid, len(ended), len(tasks))
+
     def close(self) -> None:
         self.sock.close(0)
         self.ctx.term()
@@ -169,6 +191,9 @@ class _Relay:
         self.server, self.peer, self.call, self.gen = server, peer, call, gen
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._timer: asyncio.TimerHandle | None = None
+        stall = server.core.config.stream_stall_timeout
+        self._ack_limit = stall + ACK_MARGIN if stall else None  # no acknowledgement for that long: ended
+        self._ack_timer: asyncio.TimerHandle | None = None
         self.finish_event: FinishEvent | None = None
         gen.stream.listener = self.pump
         self.pump()  # tokens may be there already
@@ -200,6 +225,8 @@ class _Relay:
         event = gen.cut(items)
         lps = list(event.logprobs) if event.logprobs is not None else None
         self.server.send(self.peer, self.call, wire.Tok(event.text, list(event.token_ids), lps))
+        if self._ack_timer is None and self._ack_limit is not None:
+            self._ack_timer = asyncio.get_running_loop().call_later(self._ack_limit, self._ack_overdue)
 
     def control(self, body: wire.ToShard) -> None:
         if self.finished.done():
@@ -210,10 +237,26 @@ class _Relay:
         if not isinstance(body, wire.Ack | wire.Stall) or not self.gen.in_flight:
             return
         self.gen.delivered()  # ack or stall: gRPC was given the oldest message out
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+            if self.gen.in_flight and self._ack_limit is not None:
+                self._ack_timer = asyncio.get_running_loop().call_later(self._ack_limit, self._ack_overdue)
         if isinstance(body, wire.Stall):
             self.finished.set_result(None)
             return
         self.pump(after_delivery=True)
+
+    def end_quietly(self) -> None:
+        """End the stream as a cancel does: the session keeps the messages acknowledged so far."""
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+    def _ack_overdue(self) -> None:
+        self._ack_timer = None
+        log.warning("a stream's message went unacknowledged for %g s: its front end is gone; stream ended",
+                    self._ack_limit)
+        self.end_quietly()
 
     def _after_gap(self) -> None:
         self._timer = None
@@ -229,14 +272,16 @@ class _Relay:
 
     def close(self) -> None:
         self.gen.stream.listener = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._ack_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._ack_timer = None
 
 
 def shard_main(config: ServerConfig, index: int, address: str, ready: Any) -> None:
     """A shard process's entry point (spawned by :mod:`.supervisor`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles ^C and tells us when to stop
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # (a front end's death, reported while the model loads: none ran)
     limit_malloc_arenas()
     logs.configure(config.log_level, config.log_format, shard=index)
     with report_start_errors(ready):
@@ -255,6 +300,7 @@ async def _run_shard(config: ServerConfig, index: int, address: str, ready: Any)
     metrics = Metrics()
     core = make_core(config, runtime, metrics, id_prefix=f"{index}.")
     server = ShardServer(core, address)
+    loop.add_signal_handler(signal.SIGUSR2, server.drop_dead_frontends)  # the parent: a front end died
     upkeep = Upkeep(core, after_sweep=lambda: metrics.sessions_active.set(len(core.store)))
     ready.send(("ready", os.getpid()))
     ready.close()

@@ -38,7 +38,7 @@ from .. import logs
 from ..config import ServerConfig
 from ..errors import InputError
 from ..metrics import model_labels
-from .child import record_shard_death
+from .child import record_frontend_death, record_shard_death
 
 log = logging.getLogger("textgen.server")
 
@@ -192,6 +192,9 @@ class Processes:
             if child.kind == "shard":  # the front ends fail the calls that waited on it (RemoteCore.check_shards)
                 record_shard_death(self.addresses[child.index])
                 self.signal_all("front end", signal.SIGUSR1)
+            elif pid is not None:  # the shards end its streams and calls (ShardServer.drop_dead_frontends)
+                record_frontend_death(self.addresses[0], pid)
+                self.signal_all("shard", signal.SIGUSR2)
             if len(child.deaths) >= RESTARTS:
                 raise InputError(f"the {child.kind} process {child.index} died {RESTARTS} times in "
                                  f"{RESTART_WINDOW:g} s")
