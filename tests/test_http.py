@@ -96,6 +96,7 @@ def sse_events(raw: bytes) -> list[Any]:
 def test_models_lists_the_served_model_and_another_model_is_404(server: RunningServer, oai: Any) -> None:
     models = oai.models.list().data
     assert len(models) == 1 and models[0].id.startswith("textgen-gru-")
+    assert models[0].created > 1_600_000_000 and models[0].owned_by == "textgen"  # the bundle's export time
     assert oai.models.retrieve(models[0].id).id == models[0].id
     with pytest.raises(openai.NotFoundError) as info:
         oai.completions.create(model="gpt-4", prompt="hello", max_tokens=3)
@@ -258,6 +259,21 @@ def test_session_id_continuation_equals_grpc_continuation(server: RunningServer,
     # n > 1 cannot continue one session
     with pytest.raises(openai.BadRequestError):
         oai.completions.create(model=model, prompt="x", n=2, extra_body={"session_id": sid})
+
+
+def test_model_name_and_chat_template_settings(rt: Any) -> None:
+    srv = RunningServer(rt, http_port=0, model_name="my-model", chat_template="<{role}> {content}\\n\\n")
+    try:
+        status, models = request(srv, "GET", "/v1/models")[:2]
+        assert status == 200 and [m["id"] for m in models["data"]] == ["my-model"]
+        status, got = post(srv, "/v1/chat/completions", {"model": "my-model", "max_tokens": 12, "temperature": 0,
+                                                         "messages": [{"role": "user", "content": "hello"}]})
+        assert status == 200
+        want = srv.client().generate_text("<user> hello\n\n<assistant> ", max_tokens=12).text
+        assert got["choices"][0]["message"]["content"] == want
+        assert got["usage"]["prompt_tokens"] == len("<user> hello\n\n<assistant> ")
+    finally:
+        srv.stop()
 
 
 # ----------------------------------------------------------------------------------------- textgen's routes

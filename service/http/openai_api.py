@@ -15,6 +15,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from ..errors import ServiceError
@@ -109,6 +110,17 @@ def fingerprint(facts: dict[str, object]) -> str:
     return f"fp_{str(first)[:10] or 'textgen'}"
 
 
+def created_seconds(facts: dict[str, object]) -> int:
+    """The bundle's export time (the manifest's ``created``, ISO 8601) in seconds since the epoch; 0 if unknown."""
+    value = facts.get("created")
+    if not isinstance(value, str):
+        return 0
+    try:
+        return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return 0
+
+
 def render_chat(template: str, messages: list[ChatMessage]) -> str:
     """The messages as one text: the template per message ({role}, {content}; ``\\n`` a newline), then the
     template's part before {content} for the assistant, which the model continues."""
@@ -174,7 +186,7 @@ class OpenAIRoutes:
         return {"object": "list", "data": [self.model_card()]}
 
     def model_card(self) -> dict[str, Any]:
-        return {"id": self.model, "object": "model", "created": 0, "owned_by": "textgen"}
+        return {"id": self.model, "object": "model", "created": created_seconds(self.facts), "owned_by": "textgen"}
 
     async def completions(self, ex: Exchange, r: CompletionRequest, fields: dict[str, Any]) -> None:
         self.check_model(r.model)
