@@ -32,11 +32,19 @@ from .logs import log_request
 from .servicer import refuse
 
 SERVICE = "/textgen.v1.TextgenService/"
-ADMITTED = frozenset(SERVICE + name for name in ("CreateSession", "Feed", "Score"))
+# Counted against --max-concurrent-calls from before their request is read: the calls that carry a text or a blob
+# to work on. Every other method of the service is admitted too (read under READS_AT_ONCE), uncounted.
+COUNTED = frozenset(SERVICE + name for name in ("CreateSession", "Feed", "Score", "ImportSession"))
 READS_AT_ONCE = 4  # admitted requests being received and parsed at once (each up to --max-message-bytes)
 
 
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
+    """Every method of the textgen service is served request-streaming: nothing of a request is read before the
+    call is admitted, and at most :data:`READS_AT_ONCE` requests are read at once. The heavy ones (:data:`COUNTED`)
+    are also counted (``--max-concurrent-calls``) and refused at once beyond it. A request of any method may be
+    up to ``--max-message-bytes``: read unbounded, a flood of any of them (even GetSession with a huge id, or
+    ImportSession with junk blobs) would bring its bytes into memory before any check."""
+
     def __init__(self, core: Core, count: Callable[[str, str], None] | None = None):
         self.core = core
         self.count = count
@@ -47,21 +55,24 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method not in ADMITTED or handler.unary_unary is None:
+        method = handler_call_details.method
+        if handler is None or not method.startswith(SERVICE) or handler.request_streaming:
             return handler
-        name = handler_call_details.method.rsplit("/", 1)[-1]
-        unary = handler.unary_unary
+        name = method.rsplit("/", 1)[-1]
+        counted = method in COUNTED
+        inner = handler.unary_unary or handler.unary_stream
 
         async def admitted(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                self.core.enter_call()
-            except LimitExceeded as exc:
-                log_request(name, exc.code, 0.0)
-                if self.count is not None:
-                    self.count(name, exc.code)
-                refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-                return None
-            context.add_done_callback(lambda _: self.core.leave_call())
+            if counted:
+                try:
+                    self.core.enter_call()
+                except LimitExceeded as exc:
+                    log_request(name, exc.code, 0.0)
+                    if self.count is not None:
+                        self.count(name, exc.code)
+                    refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+                    return None
+                context.add_done_callback(lambda _: self.core.leave_call())
             if self._reads is None:
                 self._reads = asyncio.Semaphore(READS_AT_ONCE)
             async with self._reads:  # released once parsed: the servicer checks the text's length right away
@@ -69,8 +80,9 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             if request is grpc.aio.EOF:  # a client that half-closed without its message
                 refuse(context, grpc.StatusCode.INVALID_ARGUMENT, f"{name} needs a request message")
                 return None
-            return await unary(request, context)
+            return await inner(request, context)
 
-        return grpc.stream_unary_rpc_method_handler(  # type: ignore[no-any-return]
-            admitted, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+        make = grpc.stream_stream_rpc_method_handler if handler.response_streaming else \
+            grpc.stream_unary_rpc_method_handler
+        return make(admitted, request_deserializer=handler.request_deserializer,  # type: ignore[no-any-return]
+                    response_serializer=handler.response_serializer)

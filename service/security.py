@@ -222,9 +222,13 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    """A handler that refuses the call without reading its request: served request-streaming whatever the
+    method's shape (grpc.aio reads a unary request whole before the handler runs), ended with a status set on
+    the context rather than ``abort`` (whose exception keeps the call alive in a reference cycle)."""
+    async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
+        context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+        context.set_details(message)
 
-    make: Any = _MAKE_HANDLER[(bool(handler.request_streaming), bool(handler.response_streaming))]
+    make: Any = _MAKE_HANDLER[(True, bool(handler.response_streaming))]
     return make(refuse, request_deserializer=handler.request_deserializer,  # type: ignore[no-any-return]
                 response_serializer=handler.response_serializer)
