@@ -24,6 +24,12 @@ measures the inter-token latency of 16 streams while another client feeds a 100,
     python bench/serve_load.py --json results.json   # also write the raw figures
     python bench/serve_load.py --server-python /tmp/before-venv/bin/python   # serve another install
 
+``--protocol http`` drives the same load through the HTTP API instead (POST /v1/sessions, /feed, then a streamed
+/v1/completions on the session, server-sent events read by a bare asyncio HTTP/1.1 client, one keep-alive
+connection per client); the figures mean the same, so the two protocols compare run for run:
+
+    python bench/serve_load.py --models noop,default --streams 1,16,64 --batching on --skip-long --protocol http
+
 ``--server-python`` runs ``textgen serve`` with another interpreter (another install of the package: before and
 after a change, bench/ab_serve_load.py); the load generator and the raw decode rate stay on this one.
 
@@ -131,6 +137,14 @@ async def _client_main(address: str, streams: int, tokens: int, prompt_chars: in
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     for ch in channels:
         await ch.close()
+    cpu = ((r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)) / wall
+    return summarize(ttft, gaps, gen_start, last_token, counts, arrivals, wall, cpu)
+
+
+def summarize(ttft: list[float], gaps: list[float], gen_start: list[float], last_token: list[float],
+              counts: dict[str, int], arrivals: list[list[tuple[float, int]]], wall: float,
+              cpu: float) -> dict[str, Any]:
+    """One load run's figures (both protocols): rates, TTFT and ITL percentiles, the client's CPU."""
     overall = (max(last_token) - min(gen_start)) if last_token else float("nan")
     first = min(a[0][0] for a in arrivals)
     last = max(a[-1][0] for a in arrivals)
@@ -145,7 +159,113 @@ async def _client_main(address: str, streams: int, tokens: int, prompt_chars: in
     return {"tokens": counts["tokens"], "messages": counts["messages"], "errors": counts["errors"],
             "tok_s": tok_s, "steady": steady, "tok_s_overall": counts["tokens"] / overall, "wall": wall,
             "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "itl_p50": pct(gaps, 50), "itl_p99": pct(gaps, 99),
-            "client_cpu": ((r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)) / wall}
+            "client_cpu": cpu}
+
+
+class _HttpConn:
+    """A bare HTTP/1.1 keep-alive connection (asyncio streams): the load generator's HTTP client, light enough
+    that it measures the server, not itself. ``events`` yields a streamed response's server-sent events."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def _send(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[int, dict[str, str]]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        data = json.dumps(body).encode() if body is not None else b""
+        self.writer.write(f"{method} {path} HTTP/1.1\r\nhost: {self.host}\r\ncontent-type: application/json\r\n"
+                          f"content-length: {len(data)}\r\n\r\n".encode() + data)
+        assert self.reader is not None
+        status = int((await self.reader.readline()).split()[1])
+        headers = {}
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            k, _, v = line.decode("latin-1").partition(":")
+            headers[k.strip().lower()] = v.strip()
+        return status, headers
+
+    async def json(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        status, headers = await self._send(method, path, body)
+        assert self.reader is not None
+        raw = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        if status != 200:
+            raise RuntimeError(f"{method} {path}: {status} {raw[:300]!r}")
+        return json.loads(raw)
+
+    async def events(self, path: str, body: dict[str, Any]) -> Any:
+        status, headers = await self._send("POST", path, body)
+        assert self.reader is not None and headers.get("transfer-encoding") == "chunked", (status, headers)
+        buf = b""
+        while size := int((await self.reader.readline()).strip(), 16):
+            buf += await self.reader.readexactly(size)
+            await self.reader.readexactly(2)
+            while (cut := buf.find(b"\n\n")) >= 0:
+                event, buf = buf[6:cut], buf[cut + 2:]  # strip "data: "
+                if event != b"[DONE]":
+                    yield json.loads(event)
+        await self.reader.readexactly(2)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def _http_client_main(address: str, streams: int, tokens: int, prompt_chars: int, seed: int) -> dict[str, Any]:
+    """The same load as :func:`_client_main` over the HTTP API: POST /v1/sessions, /feed, then a streamed
+    /v1/completions on the session (one keep-alive connection per client)."""
+    host, _, port = address.rpartition(":")
+    ttft: list[float] = []
+    gaps: list[float] = []
+    gen_start: list[float] = []
+    last_token: list[float] = []
+    counts = {"tokens": 0, "messages": 0, "errors": 0}
+    arrivals: list[list[tuple[float, int]]] = []
+    go = asyncio.Event()
+
+    async def one(i: int) -> None:
+        conn = _HttpConn(host, int(port))
+        await go.wait()
+        try:
+            t0 = time.perf_counter()
+            sid = (await conn.json("POST", "/v1/sessions", {}))["session"]["session_id"]
+            await conn.json("POST", f"/v1/sessions/{sid}/feed", {"text": prompt(seed + i, prompt_chars)})
+            gen_start.append(time.perf_counter())
+            prev = None
+            mine: list[tuple[float, int]] = []
+            async for ev in conn.events("/v1/completions", {"prompt": "", "session_id": sid, "max_tokens": tokens,
+                                                            "temperature": 0.8, "seed": seed + i, "stream": True}):
+                text = ev["choices"][0]["text"] if ev.get("choices") else ""
+                if text:
+                    now = time.perf_counter()
+                    if prev is None:
+                        ttft.append(now - t0)
+                    else:
+                        gaps.append(now - prev)
+                    prev = now
+                    mine.append((now, len(text)))
+                    counts["tokens"] += len(text)
+                    counts["messages"] += 1
+            if prev is not None:
+                last_token.append(prev)
+                arrivals.append(mine)
+            await conn.json("DELETE", f"/v1/sessions/{sid}")
+        except (OSError, RuntimeError, ValueError, asyncio.IncompleteReadError) as exc:
+            counts["errors"] += 1
+            print(f"client {i}: {exc}", file=sys.stderr)
+        finally:
+            await conn.close()
+
+    tasks = [asyncio.create_task(one(i)) for i in range(streams)]
+    await asyncio.sleep(0.2)
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    w0 = time.perf_counter()
+    go.set()
+    await asyncio.gather(*tasks)
+    wall = time.perf_counter() - w0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = ((r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)) / wall
+    return summarize(ttft, gaps, gen_start, last_token, counts, arrivals, wall, cpu)
 
 
 async def _long_prompt_main(address: str, streams: int, long_chars: int, seed: int) -> dict[str, Any]:
@@ -253,13 +373,24 @@ class Server:
                "--batching", batching, *extra]
         if model != "default":
             cmd += ["--model", model]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # a free HTTP port (the variable, not --http-port: an install from before the HTTP door ignores it)
+        env = {**os.environ, "TEXTGEN_HTTP_PORT": "0"}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         m = re.search(r"gRPC listening on ([^,]+), metrics (\S+)", line)
         if not m:
             self.proc.kill()
             raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()[-2000:]}")  # type: ignore
         self.address, self.metrics_url = m.group(1), m.group(2)
+        h = re.search(r"HTTP http://(\S+)", line)
+        self.http_address = h.group(1) if h else None
+
+    def client_address(self, protocol: str) -> str:
+        if protocol == "grpc":
+            return self.address
+        if self.http_address is None:
+            raise RuntimeError("this server has no HTTP port (an install from before the HTTP door?)")
+        return self.http_address
 
     def metric_sum(self, name: str) -> float:
         with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
@@ -303,7 +434,8 @@ def main_bench(args: argparse.Namespace) -> None:
             paths[name] = str(export_random_gru(int(name), models_dir / f"gru{name}"))
     models = args.models.split(",")
     streams = [int(x) for x in args.streams.split(",")]
-    report: dict[str, Any] = {"command": " ".join(sys.argv), "server_python": args.server_python,
+    report: dict[str, Any] = {"command": " ".join(sys.argv), "protocol": args.protocol,
+                              "server_python": args.server_python,
                               "server_package": server_package(args.server_python), "raw": {}, "rows": [], "long": []}
     if args.server_python != sys.executable:
         print(f"# server: {args.server_python} (textgen.service from {report['server_package']})", flush=True)
@@ -316,6 +448,7 @@ def main_bench(args: argparse.Namespace) -> None:
         report["raw"][name] = rate
         print(f"{name:>8}: {rate:10.0f} tok/s ({args.raw_batch / rate * 1e3:.2f} ms per step)", flush=True)
 
+    print(f"\n# load over {args.protocol}", flush=True)
     print("\n| model | batching | N | tokens | gen tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | tok/msg | "
           "mean batch | client CPU |", flush=True)
     print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
@@ -329,8 +462,9 @@ def main_bench(args: argparse.Namespace) -> None:
                     if big and batching == "off" and n > args.big_off_max:
                         continue
                     b0 = (server.metric_sum("textgen_batch_size_sum"), server.metric_sum("textgen_batch_size_count"))
-                    reps = [run_client("client", server.address, streams=n, tokens=tokens, prompt_chars=chars,
-                                       seed=n + k) for k in range(args.repeat_single if n == 1 else 1)]
+                    reps = [run_client("client", server.client_address(args.protocol), streams=n, tokens=tokens,
+                                       prompt_chars=chars, seed=n + k, protocol=args.protocol)
+                            for k in range(args.repeat_single if n == 1 else 1)]
                     r = sorted(reps, key=lambda x: x["tok_s"])[len(reps) // 2]  # the median run (N=1 is short)
                     b1 = (server.metric_sum("textgen_batch_size_sum"), server.metric_sum("textgen_batch_size_count"))
                     r["mean_batch"] = (b1[0] - b0[0]) / (b1[1] - b0[1]) if b1[1] > b0[1] else 1.0
@@ -408,9 +542,11 @@ def main() -> None:
         p.add_argument("--prompt-chars", type=int, default=200)
         p.add_argument("--long-chars", type=int, default=100_000)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
         a = p.parse_args()
         if mode == "client":
-            r = asyncio.run(_client_main(a.address, a.streams, a.tokens, a.prompt_chars, a.seed))
+            client = _http_client_main if a.protocol == "http" else _client_main
+            r = asyncio.run(client(a.address, a.streams, a.tokens, a.prompt_chars, a.seed))
         else:
             r = asyncio.run(_long_prompt_main(a.address, a.streams, a.long_chars, a.seed))
         print(json.dumps(r))
@@ -433,6 +569,8 @@ def main() -> None:
     p.add_argument("--server-python", default=sys.executable,
                    help="interpreter that runs `textgen serve` (default: this one; the load generator stays on this)")
     p.add_argument("--models-dir", default=None, help="cache of the exported random-weight models")
+    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc",
+                   help="how the load generator talks to the server: gRPC, or the HTTP API (/v1/completions, SSE)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
