@@ -400,3 +400,38 @@ def test_a_front_end_killed_mid_stream_frees_its_session_and_stream_slot_at_once
         print(f"session free {freed:.2f} s after the SIGKILL of its front end (new front end included)")
     finally:
         assert srv.stop() == 0
+
+
+def test_malformed_records_on_a_shards_socket_are_dropped_and_it_serves_on(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records of the wrong shape (only the server's own user can reach the socket) are logged and dropped: the
+    shard's receive loop goes on and its calls work (before, one such record ended the loop for good while
+    health stayed SERVING)."""
+    import msgspec
+    import zmq
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the server's private folder (its sockets) lands here
+    srv = Server(tmp_path, "--workers", "2", "--shards", "1")
+    try:
+        c = srv.client()
+        sid = c.create_session(PROMPT).session.session_id
+        (sock_path,) = tmp_path.glob("textgen-serve-*/shard-0.sock")
+        ctx = zmq.Context()
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 5000)  # (closing waits until the junk is sent)
+        dealer.connect(f"ipc://{sock_path}")
+        for junk in (b"\x00not msgpack", msgspec.msgpack.encode([[1, ["feed", sid]]]),  # too few fields
+                     msgspec.msgpack.encode([[1, ["nosuchcall"]]]), msgspec.msgpack.encode({"a": 1}),
+                     msgspec.msgpack.encode([[1, ["ack", "x"]]])):
+            dealer.send(junk)
+        dealer.close()
+        ctx.term()
+        unreadable = lambda: sum(  # noqa: E731
+            1 for r in srv.lines() if str(r.get("message", "")).startswith("unreadable message from a front end"))
+        assert wait_until(lambda: unreadable() == 5, 10)
+        assert c.feed(sid, "more").tokens_consumed == 4
+        assert len(c.generate_text(session_id=sid, max_tokens=8).text) == 8
+        assert c.health() == "SERVING"
+        assert _lines_with(srv, "shard serving") == 1  # the same shard: it was never restarted
+    finally:
+        assert srv.stop() == 0

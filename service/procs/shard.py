@@ -306,14 +306,23 @@ async def _run_shard(config: ServerConfig, index: int, address: str, ready: Any)
     ready.close()
     log.info("shard serving", extra={"fields": {"pid": os.getpid()}})
     serving = asyncio.create_task(server.serve())
+    # A receive loop that ends for any reason stops the shard: the parent starts it again (never a live process
+    # whose calls all time out while its health says SERVING).
+    serving.add_done_callback(lambda _: stop.set())
     sweeping = asyncio.create_task(upkeep.run_forever())
+    failure: BaseException | None = None
     try:
         await stop.wait()
     finally:
+        if serving.done() and not serving.cancelled():
+            failure = serving.exception()
         for task in (serving, sweeping, orphaned):
             task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError, Exception):
             await serving
         server.close()
         await core.close()
         log.info("shard stopped")
+    if failure is not None:
+        log.error("the shard's receive loop failed: %r; the parent starts the shard again", failure)
+        raise SystemExit(1)
