@@ -11,6 +11,7 @@ holds them together. The servers (service/server.py, service/procs/) receive wha
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -25,6 +26,8 @@ from .sessions import MemorySessionStore, SessionBackend, StoreEvents
 
 if TYPE_CHECKING:
     from .runtime import ModelRuntime
+
+log = logging.getLogger("textgen.service")
 
 FAKE_MODELS = ("fake:fixed", "fake:rnn")  # --model values that serve service/fake_runtime.py (load tests)
 
@@ -61,6 +64,10 @@ def make_store(cfg: ServerConfig, runtime: ModelRuntime, m: Metrics, *, clock: C
                                   events=events, id_prefix=id_prefix)
     from .store_redis import RedisSessionStore
 
+    if not cfg.session_key:
+        log.warning("--session-store is shared but --session-key is not set: this server signs exported sessions "
+                    "with a random key of its own, so ImportSession of its ExportSession blobs fails on every other "
+                    "replica (and after a restart); give all replicas one TEXTGEN_SESSION_KEY")
     return RedisSessionStore(cfg.session_store, fingerprint=model_fingerprint(runtime.manifest.to_public_dict()),
                              state_size=runtime.state_size, max_local=cfg.max_sessions,
                              lease_seconds=cfg.session_lease, id_prefix=id_prefix, events=events,

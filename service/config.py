@@ -92,9 +92,10 @@ class ServerConfig:
         need(self.session_ttl > 0, "--session-ttl must be > 0 seconds")
         need(self.max_session_ttl >= self.session_ttl,
              f"--max-session-ttl ({self.max_session_ttl:g}) must be >= --session-ttl ({self.session_ttl:g})")
-        need(self.session_store == "memory" or self.session_store.startswith(STORE_SCHEMES),
-             f"--session-store must be memory or a Redis URL (redis://HOST:PORT/DB, rediss://..., unix://...), "
-             f"not {self.session_store.split('@')[-1]!r}")
+        if self.session_store != "memory":
+            from .store_redis import check_url
+
+            check_url(self.session_store)  # one line, the URL's secrets redacted
         need(0.1 <= self.session_lease <= 300, "--session-lease must be in [0.1, 300] seconds")
         need(self.replica_name is None or (0 < len(self.replica_name) <= 128 and self.replica_name.isprintable()),
              "--replica-name must be 1..128 printable characters")

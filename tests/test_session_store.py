@@ -23,7 +23,7 @@ from servicekit import RunningServer, reference_greedy, wait_until
 from textgen.service.client import TextgenClient
 from textgen.service.errors import RpcFailed
 from textgen.service.runtime import load_bundle
-from textgen.service.store_redis import HEADER, VERSION
+from textgen.service.store_redis import HEADER, REWIND, VERSION, unpack_record
 
 PROMPT = "def main(args):\n    "
 TEXTGEN = [str(Path(sys.executable).parent / "textgen")]  # the console script of this environment
@@ -77,12 +77,37 @@ def test_a_session_moves_between_replicas_call_by_call_exactly(replicas: Any, rt
         info = c.get_session(sid)
         assert info.token_count == len(text) + 60 and not info.busy
         assert 110 <= info.expire_time.ToSeconds() - time.time() <= 121
-    # one record per session: header + float32 state, within the issue's bound; its expiry is the TTL
+    # one record per session: header + float32 state, within the issue's bound (+ the start state and ids of
+    # the last Generate, when the session can be rewound); its expiry is the TTL
     (key, record), = _records(redis_srv).items()
-    assert len(record) == HEADER.size + 4 * rt.state_size <= 4 * rt.state_size + 200
+    assert HEADER.size + 4 * rt.state_size <= 4 * rt.state_size + 200
+    r = unpack_record("x", record, rt.state_size).rewind
+    extra = 0 if r is None else REWIND.size + 4 * rt.state_size + 2 * len(r.ids)
+    assert len(record) == HEADER.size + 4 * rt.state_size + extra
     assert VERSION.unpack(record[4:12])[0] == 5  # written by the 5 calls that changed it, never per token
     with redis.Redis(port=redis_srv.port) as c:
         assert 110_000 <= c.pttl(key) <= 120_000
+
+
+def test_a_rewind_crosses_replicas_exactly_through_the_record(replicas: Any, rt: Any, redis_srv: Any) -> None:
+    """The record carries what an exact rewind needs (the last Generate's start and its ids): another replica,
+    with no copy of its own, rewinds into a Generate that ran elsewhere and continues exactly."""
+    a, b = replicas
+    ca, cb = a.client(), b.client()
+    sid = ca.create_session(PROMPT).session.session_id
+    text = ca.generate_text(session_id=sid, max_tokens=40).text
+    for c in (ca, cb):
+        info = c.get_session(sid)  # the header alone says how far back it goes
+        assert (info.token_count, info.rewindable_to) == (len(PROMPT) + 40, len(PROMPT))
+    (_, record), = _records(redis_srv).items()
+    r = unpack_record("x", record, rt.state_size).rewind
+    assert r is not None and (r.tokens, len(r.ids)) == (len(PROMPT), 40) and rt.decode(r.ids) == text
+    fed = cb.feed(sid, "", session_tokens=len(PROMPT) + 17)
+    assert fed.session_tokens == len(PROMPT) + 17
+    assert cb.generate_text(session_id=sid, max_tokens=10).text == reference_greedy(rt, PROMPT, 27)[17:]
+    # what it can rewind to now is b's Generate: a, whose copy is stale, reads it from the record
+    ca.feed(sid, "", session_tokens=len(PROMPT) + 20)
+    assert ca.generate_text(session_id=sid, max_tokens=7).text == reference_greedy(rt, PROMPT, 27)[20:]
 
 
 def test_every_call_names_the_replica_that_served_it(replicas: Any) -> None:
@@ -289,21 +314,45 @@ def test_sessions_survive_a_restart_exactly(rt: Any, redis_srv: Any, tmp_path: P
         srv.end(signal.SIGTERM)
 
 
+KILLED_LEASE = 6.0  # the killed replica's --session-lease (renewed every third: 4 s or more left at the kill)
+
+
 @pytest.mark.slow
 def test_a_replica_killed_mid_stream_blocks_its_session_for_one_lease_then_it_goes_on(
         rt: Any, redis_srv: Any, tmp_path: Path) -> None:
+    """Timing margins, explicit: the dead replica's lease must still be alive when the survivor's Feed runs. The
+    lease (6 s, renewed every 2 s) has 4 s or more left at the kill; the survivor has served calls on both of
+    its shards before (no first-call cost), so its Feed takes milliseconds; the test measures both and says
+    which margin a slow machine broke rather than a bare DID NOT RAISE. (With a 3 s lease, a renewal delayed by
+    a busy machine plus a slow first Feed once let the lease run out before the Feed.)"""
     redis_srv.flush()
     # the survivor has several shards: any shard serves any session of the shared store
     other = Serve(tmp_path, redis_srv.url, "--workers", "2", "--shards", "2")
-    srv = Serve(tmp_path, redis_srv.url, "--session-lease", "3", "--max-tokens", "100000")
+    srv = Serve(tmp_path, redis_srv.url, "--session-lease", str(KILLED_LEASE), "--max-tokens", "100000")
+    c = other.client
+    for _ in range(4):  # warm: both shards (and front ends) have taken a lease and fed before
+        c.feed(c.create_session("ab").session.session_id, "c")
     sid = srv.client.create_session(PROMPT).session.session_id
     stream = iter(srv.client.generate(session_id=sid, max_tokens=100_000))  # seconds: still running at the kill
     next(stream)
-    srv.end(signal.SIGKILL)  # its lease (3 s) stays behind; the session's record is as the CreateSession left it
+    with redis.Redis(port=redis_srv.port) as r:
+        (lease,) = list(r.scan_iter("textgen:*:l:*"))
+        srv.end(signal.SIGKILL)  # its lease stays behind; the session's record is as the CreateSession left it
+        killed = time.monotonic()
+        left = r.pttl(lease) / 1000.0  # what is left of the dead replica's lease
     try:
-        c = other.client
-        assert _code(lambda: c.feed(sid, "x")) == grpc.StatusCode.FAILED_PRECONDITION
-        assert wait_until(lambda: not c.get_session(sid).busy, 5)
+        assert left > 1.0, f"the killed replica's lease had only {left:.2f} s left (its renewals lagged)"
+        try:
+            c.feed(sid, "x")
+            code = grpc.StatusCode.OK
+        except RpcFailed as exc:
+            code = exc.code
+        took = time.monotonic() - killed
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, (
+            f"the survivor's Feed ({took:.2f} s after the kill) was not refused while the dead replica's lease "
+            f"({left:.2f} s left at the kill) should hold: {code}")
+        assert wait_until(lambda: not c.get_session(sid).busy, KILLED_LEASE + 5)
+        assert time.monotonic() - killed >= left - 0.5  # blocked for the rest of its lease, not less
         assert c.generate_text(session_id=sid, max_tokens=15).text == reference_greedy(rt, PROMPT, 15)
         made = c.create_session("ab").session.session_id  # "<shard>.<random>", also fine elsewhere
         assert c.generate_text(session_id=made, max_tokens=5).text == reference_greedy(rt, "ab", 5)
@@ -315,17 +364,44 @@ def test_a_record_round_trips_exactly_and_a_foreign_one_is_refused() -> None:
     import numpy as np
 
     from textgen.service.errors import SessionUnreadable
-    from textgen.service.sessions import Session
-    from textgen.service.store_redis import pack_record, redacted, unpack_record
+    from textgen.service.sessions import Rewind, Session
+    from textgen.service.store_redis import OLD_HEADER, new_stamp, pack_record, redacted, unpack_record
 
     s = Session("abc", 60.0, 0.0, 1.7e9)
     s.commit(np.linspace(-1, 1, 8, dtype=np.float32), 5, 12)
-    back = unpack_record("abc", pack_record(s, 7), 8)
+    stamp = new_stamp(7)
+    record = pack_record(s, stamp)
+    back = unpack_record("abc", record, 8)
     assert (back.version, back.pending, back.tokens, back.ttl, back.created_wall) == (7, 5, 12, 60.0, 1.7e9)
     assert back.state is not None and back.state.tobytes() == s.state.tobytes()  # type: ignore[union-attr]
-    empty = unpack_record("e", pack_record(Session("e", 1.0, 0.0, 0.0), 1), 8)
+    assert back.stamp == stamp == record[4:20] and back.rewind is None and len(record) == HEADER.size + 32
+    assert new_stamp(7) != stamp and new_stamp(7)[:8] == stamp[:8]  # same version, another write: another stamp
+    empty = unpack_record("e", pack_record(Session("e", 1.0, 0.0, 0.0), new_stamp(1)), 8)
     assert empty.state is None and empty.pending is None and empty.tokens == 0
-    for foreign in (pack_record(s, 7)[:-4], b"TGS1", b"", b"X" * len(pack_record(s, 7))):
+    # a session that can be rewound carries its last Generate's start and ids, exactly (uint16 ids, or int32)
+    for start_state, ids in ((np.arange(8, dtype=np.float32) / 3, [1, 65535, 0, 7]), (None, [70000, 3])):
+        r = Session("r", 30.0, 0.0, 1.0)
+        r.commit(np.full(8, np.float32(np.pi)), 9, 10)
+        r.rewind = Rewind(start_state, 4, 10 - len(ids), list(ids))
+        back = unpack_record("r", pack_record(r, new_stamp(3)), 8)
+        assert back.rewind is not None and back.rewind.ids == ids
+        assert (back.rewind.pending, back.rewind.tokens, back.tokens, back.pending) == (4, 10 - len(ids), 10, 9)
+        assert (back.rewind.state is None) == (start_state is None)
+        if start_state is not None:
+            assert back.rewind.state is not None and back.rewind.state.tobytes() == start_state.tobytes()
+    r.tokens += 1  # something after that Generate moved the session on: nothing left to rewind, none written
+    assert unpack_record("r", pack_record(r, new_stamp(4)), 8).rewind is None
+    # a record of the previous format (TGS1: no write id, no rewind) still reads
+    old = OLD_HEADER.pack(b"TGS1", 4, 5, 12, 1.7e9, 60.0) + np.ones(8, "<f4").tobytes()
+    back = unpack_record("abc", old, 8)
+    assert (back.version, back.pending, back.tokens, back.ttl, back.stamp) == (4, 5, 12, 60.0, old[4:20])
+    assert back.state is not None and list(back.state) == [1.0] * 8
+    assert unpack_record("abc", old[:62], 8, header_only=True).tokens == 12  # what GetSession reads of it
+    bare = pack_record(Session("q", 1.0, 0.0, 0.0), new_stamp(1))
+    r.tokens -= 1
+    full = pack_record(r, new_stamp(5))
+    for foreign in (record[:-4], record + b"\0", full[:-1], full + b"\0\0", old[:-4], b"TGS1", b"TGS2", b"",
+                    b"X" * len(record), bare[:-1]):
         with pytest.raises(SessionUnreadable, match="cannot read"):  # DATA_LOSS, never INTERNAL
             unpack_record("abc", foreign, 8)
     assert redacted("redis://user:pw@host:6379/0") == "redis://user:***@host:6379/0"
@@ -360,7 +436,7 @@ def test_store_failures_map_to_precise_codes_and_never_leave_a_stale_copy(redis_
         async with a.opened(60.0) as s:
             s.commit(np.ones(4, np.float32), 3, 1)
         sid = s.id
-        rec, lease = a._keys(sid)
+        rec, lease, _ = a._keys(sid)
         # 0. GetSession reads without touching; a read-only Score's read restarts the TTL (from the header)
         await conn.pexpire(rec, 5000)
         info = await b.describe(sid)
