@@ -92,8 +92,17 @@ def test_blobs_from_another_key_model_or_version_or_changed_are_refused(srv: Any
         fake.stop()
     changed = bytearray(blob)
     changed[len(VERSION) + 50] ^= 1  # one bit of the state
+    # (textgen-session/1: signed with a key derived without scrypt; refused by its version line, not its MAC)
+    assert blob.startswith(b"textgen-session/2\n")
+    assert "version" in _details(lambda: c.import_session(b"textgen-session/1\n" + blob[len(VERSION):]))
     for bad in (bytes(changed), b"textgen-session/9\n" + blob[len(VERSION):], blob[:40], b""):
         assert _code(lambda b=bad: c.import_session(b)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _details(call: Any) -> str:
+    with pytest.raises(RpcFailed) as info:
+        call()
+    return str(info.value.details)
 
 
 def test_unknown_busy_and_bad_ttl(srv: Any) -> None:

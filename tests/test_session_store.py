@@ -360,6 +360,46 @@ def test_a_replica_killed_mid_stream_blocks_its_session_for_one_lease_then_it_go
         other.end(signal.SIGTERM)
 
 
+@pytest.mark.slow
+def test_a_lost_lease_ends_a_stream_at_once_across_processes_too(rt: Any, redis_srv: Any, tmp_path: Path) -> None:
+    """Issue 24: the stream runs in an engine shard (--workers 2 --shards 1); once another replica took its
+    session (its lease lapsed), the shard's next lease renewal ends it ABORTED, long before its 100,000 tokens,
+    and the front end passes that on (no hang, no finish)."""
+    redis_srv.flush()
+    srv = Serve(tmp_path, redis_srv.url, "--workers", "2", "--shards", "1", "--session-lease", "0.6",
+                "--max-tokens", "100000")
+    b = RunningServer(rt, session_store=redis_srv.url)
+    try:
+        sid = srv.client.create_session(PROMPT).session.session_id
+        got: list[str] = []
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                for piece in srv.client.generate(session_id=sid, max_tokens=100_000):
+                    got.append(piece)
+            except RpcFailed as exc:
+                result["error"] = exc
+            result["ended"] = time.monotonic()
+
+        t = threading.Thread(target=run)
+        t.start()
+        assert wait_until(lambda: bool(got), 30)
+        with redis.Redis(port=redis_srv.port) as r:
+            (lease,) = list(r.scan_iter("textgen:*:l:*"))
+            r.delete(lease)
+        b.client().feed(sid, "zzz")
+        moved = time.monotonic()
+        t.join(60)
+        err = result.get("error")
+        assert err is not None and err.code == grpc.StatusCode.ABORTED, err
+        assert len("".join(got)) < 100_000 and result["ended"] - moved < 10
+        assert srv.client.get_session(sid).token_count == len(PROMPT) + 3  # b's record, nothing over it
+    finally:
+        b.stop()
+        srv.end(signal.SIGTERM)
+
+
 def test_a_record_round_trips_exactly_and_a_foreign_one_is_refused() -> None:
     import numpy as np
 
