@@ -484,3 +484,21 @@ def test_shutdown_ends_http_streams_with_a_last_chunk(rt: Any) -> None:
     assert events[-1] == "[DONE]"
     assert events[-2]["choices"][0]["finish_reason"] == "cancelled"
     conn.close()
+
+
+def test_accepted_connections_have_tcp_nodelay(server: RunningServer) -> None:
+    """Without TCP_NODELAY, Nagle's algorithm holds each small event of a stream until the client's delayed ACK."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.server.http_port, timeout=30)
+    try:
+        conn.request("GET", "/health")
+        assert conn.getresponse().read()
+
+        def flags() -> list[int]:
+            state = server.server.http._server.server_state
+            return [c.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                    for c in state.connections]
+
+        got = server.on_loop(flags)
+        assert got and all(got), got
+    finally:
+        conn.close()
