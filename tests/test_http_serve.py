@@ -182,3 +182,36 @@ def test_the_replicas_http_balancer_config_spreads_requests_and_streams(rt: Any,
             nginx.stop()
         for s in servers:
             s.stop()
+
+
+def test_sigterm_drains_an_http_stream_and_exits_0(tiny_bundle: Path) -> None:
+    """uvicorn's own signal handling is off: SIGTERM is the server's, which drains both doors (the stream ends with
+    finish_reason "cancelled" near the end of the grace period, then [DONE]) and exits 0."""
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from textgen.service.cli import main; main()", "serve", "--model", str(tiny_bundle),
+         "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--http-port", "0", "--workers", "1",
+         "--shards", "1", "--grace-seconds", "2", "--max-tokens", "1000000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        m = re.search(r"HTTP http://127\.0\.0\.1:(\d+)", proc.stdout.readline())
+        assert m, proc.stderr.read() if proc.stderr else ""
+        conn = http.client.HTTPConnection("127.0.0.1", int(m.group(1)), timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 1000000,
+                                                            "stream": True}))
+        r = conn.getresponse()
+        assert r.status == 200 and r.readline().startswith(b"data: ")
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        tail = r.read().decode()  # the rest of the stream, until the server ends it
+        events = [block[len("data: "):] for block in tail.split("\n\n") if block.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["choices"][0]["finish_reason"] == "cancelled"
+        assert proc.wait(15) == 0
+        assert 1.0 < time.monotonic() - t0 < 6.0  # the grace period, not cut at once, not hung
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
