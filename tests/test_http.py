@@ -502,3 +502,19 @@ def test_accepted_connections_have_tcp_nodelay(server: RunningServer) -> None:
         assert got and all(got), got
     finally:
         conn.close()
+
+
+def test_a_body_that_stops_arriving_is_408_and_frees_its_call_slot(rt: Any) -> None:
+    srv = RunningServer(rt, http_port=0, stream_stall_timeout=0.5, max_concurrent_calls=1)
+    try:
+        sock = socket.create_connection(("127.0.0.1", srv.server.http_port))
+        sock.sendall(b"POST /v1/sessions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"prompt\": ")
+        t0 = time.monotonic()
+        status, parsed = post(srv, "/v1/sessions", {"prompt": "a"})  # the slow one holds the only call slot
+        assert status == 429 and parsed["error"]["type"] == "rate_limit_error"
+        reply = sock.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 5
+        sock.close()
+        assert post(srv, "/v1/sessions", {"prompt": "a"})[0] == 200
+    finally:
+        srv.stop()

@@ -104,7 +104,8 @@ class HttpApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan is off; websockets are not served
             return
-        ex = Exchange(scope, receive, send)
+        # a client that stops sending its body frees its slot (an admitted call's included) after the stall timeout
+        ex = Exchange(scope, receive, send, body_timeout=self.config.stream_stall_timeout or None)
         start = time.perf_counter()
         fields: dict[str, Any] = {}
         route, status = "unknown", 0

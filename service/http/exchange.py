@@ -31,7 +31,7 @@ def dumps(value: object) -> bytes:
 class Exchange:
     """The request (method, path, headers, body) and the response, written at most once (or as a stream)."""
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send):
+    def __init__(self, scope: Scope, receive: Receive, send: Send, *, body_timeout: float | None = None):
         self.scope = scope
         self.method: str = scope["method"]
         self.path: str = scope["path"]
@@ -43,6 +43,7 @@ class Exchange:
         self.body_read = False
         self.gone = False  # the client disconnected
         self._watch: asyncio.Task[None] | None = None
+        self.body_timeout = body_timeout  # seconds the client may take to send the next part of its body
 
     async def read_body(self, limit: int) -> bytes:
         length = self.headers.get("content-length", "")
@@ -51,7 +52,12 @@ class Exchange:
                                  "(--max-message-bytes)", code="request_too_large")
         chunks, size = [], 0
         while True:
-            message = await self._receive()
+            try:
+                async with asyncio.timeout(self.body_timeout):
+                    message = await self._receive()
+            except TimeoutError:
+                raise HttpError(408, f"the request body did not arrive: nothing for {self.body_timeout:g} s "
+                                     "(--stream-stall-timeout)", code="timeout") from None
             if message["type"] == "http.disconnect":
                 self.gone = True
                 raise asyncio.CancelledError("the client disconnected")
