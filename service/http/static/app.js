@@ -161,6 +161,11 @@ $("clear").addEventListener("click", () => {
   setBusy(false);
 });
 
-api("GET", "/v1/models").then((m) => { $("model").textContent = "model: " + m.data[0].id; })
-  .catch(() => { $("model").textContent = "model: (enter the token to use the API)"; });
+function showModel() {
+  api("GET", "/v1/models").then((m) => { $("model").textContent = "model: " + m.data[0].id; })
+    .catch(() => { $("model").textContent = "model: (enter the token to use the API)"; });
+}
+
+$("token").addEventListener("change", showModel);
+showModel();
 setBusy(false);
