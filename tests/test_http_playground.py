@@ -2,7 +2,9 @@
 
 CI installs both (.ci/run); without them the test fails in CI and skips on a developer's machine. The test types
 a prompt, clicks Generate and waits until ``#output`` holds the prompt and the greedy text that the API gives for
-it; then it continues and forks the session from the page. A screenshot goes to docs/img/playground.png.
+it; then it continues and forks the session from the page. It takes a screenshot: into the test's temporary
+folder, or where ``PLAYGROUND_SCREENSHOT`` says (``PLAYGROUND_SCREENSHOT=docs/img/playground.png`` renews the
+picture in docs/http.md).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "img" / "playground.png"
 PROMPT = "The "
 
 
@@ -56,7 +57,7 @@ def api_greedy(port: int, prompt: str, max_tokens: int, session_id: str | None =
         return str(json.loads(r.read())["choices"][0]["text"])
 
 
-def test_playground_streams_the_greedy_text_continues_and_forks(browser: Any) -> None:
+def test_playground_streams_the_greedy_text_continues_and_forks(browser: Any, tmp_path: Path) -> None:
     rt = load_bundle(None, intra_op_threads=1)  # the packaged model: readable text for the screenshot
     srv = RunningServer(rt, http_port=0)
     try:
@@ -94,8 +95,36 @@ def test_playground_streams_the_greedy_text_continues_and_forks(browser: Any) ->
         again = api_greedy(port, PROMPT + want + more, 30)
         wait.until(lambda _: output.get_attribute("textContent") == PROMPT + want + more + again)
         wait.until(lambda _: browser.find_element(By.ID, "status").text.startswith("done"))
-        if not os.environ.get("CI"):  # CI's checkout is not where the docs' picture is kept
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            browser.save_screenshot(str(SCREENSHOT))
+        shot = Path(os.environ.get("PLAYGROUND_SCREENSHOT") or tmp_path / "playground.png")
+        wait.until(lambda _: browser.find_element(By.ID, "session-tokens").text == str(len(PROMPT) + 180))
+        assert browser.save_screenshot(str(shot)) and shot.read_bytes().startswith(b"\x89PNG")
+    finally:
+        srv.stop()
+
+
+def test_playground_sends_the_token_typed_into_the_page(browser: Any, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("page-token-123\n")
+    rt = load_bundle(None, intra_op_threads=1)
+    srv = RunningServer(rt, http_port=0, auth_tokens_file=str(tokens))
+    try:
+        port = srv.server.http_port
+        browser.get(f"http://127.0.0.1:{port}/")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda _: "enter the token" in browser.find_element(By.ID, "model").text)
+        browser.find_element(By.ID, "generate").click()  # without the token: the API's 401, shown in the page
+        wait.until(lambda _: "Bearer" in browser.find_element(By.ID, "status").text)
+        browser.find_element(By.ID, "token").send_keys("page-token-123")
+        for field, value in (("prompt", PROMPT), ("temperature", "0"), ("max-tokens", "40")):
+            box = browser.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(value)
+        browser.find_element(By.ID, "generate").click()
+        want = srv.client(token="page-token-123").generate_text(PROMPT, max_tokens=40).text
+        output = browser.find_element(By.ID, "output")
+        wait.until(lambda _: output.get_attribute("textContent") == PROMPT + want)
+        wait.until(lambda _: browser.find_element(By.ID, "model").text.startswith("model: textgen-"))
+        stored = browser.execute_script("return JSON.stringify(localStorage) + JSON.stringify(sessionStorage)")
+        assert "page-token-123" not in stored and "page-token-123" not in browser.get_cookies().__repr__()
     finally:
         srv.stop()
