@@ -133,3 +133,55 @@ def test_each_call_of_the_table_runs_on_a_core_and_its_reply_decodes_to_the_same
     assert isinstance(decoded_info, SessionInfo) and isinstance(decoded_fed, FeedResult)
     assert isinstance(out["feed"][0], FeedResult) and out["feed"][0].session_tokens == len("hello there") + 4
     assert out["health"][0] == {"store": True}
+
+
+def test_a_shard_ends_a_stream_whose_front_end_stops_acknowledging(tmp_path: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real ShardServer on an ipc socket, a raw DEALER as its front end: a Generate whose messages are never
+    acknowledged is ended by the shard's sweep after --stream-stall-timeout (+ ACK_MARGIN, 0 here); the session
+    is then free and holds only what was acknowledged (nothing)."""
+    import zmq
+    import zmq.asyncio
+
+    from textgen.service.assembly import make_core
+    from textgen.service.metrics import Metrics
+    from textgen.service.procs import shard
+
+    monkeypatch.setattr(shard, "ACK_MARGIN", 0.0)
+
+    async def scenario() -> tuple[int, bool, int, int]:
+        core = make_core(ServerConfig(stream_stall_timeout=0.3), FakeRuntime("rnn"), Metrics())
+        server = shard.ShardServer(core, f"ipc://{tmp_path}/s.sock")
+        serving = asyncio.create_task(server.serve())
+        ctx = zmq.asyncio.Context()
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(f"ipc://{tmp_path}/s.sock")
+        try:
+            await dealer.send(wire.pack([wire.Record(1, wire.CreateSession("hello", None))]))
+            (reply,) = wire.unpack_replies(await dealer.recv())
+            assert isinstance(reply.body, wire.Ok)
+            info, _ = wire.CreateSession("", None).decode_reply(reply.body.result)
+            params = GenerateParams(info.session_id, "", 500, SamplingParams(0.0))
+            await dealer.send(wire.pack([wire.Record(2, wire.Generate(params))]))
+            toks = 0
+            async with asyncio.timeout(5):
+                while toks == 0:
+                    toks += sum(isinstance(r.body, wire.Tok) for r in wire.unpack_replies(await dealer.recv()))
+            busy = (await core.get_session(info.session_id)).busy
+            await asyncio.sleep(0.5)  # past the stall timeout, no acknowledgement sent
+            server.end_unacknowledged()
+            async with asyncio.timeout(5):
+                while core.streams:
+                    await asyncio.sleep(0.01)
+            after = await core.get_session(info.session_id)
+            return toks, busy and not after.busy, after.token_count, core.streams
+        finally:
+            serving.cancel()
+            dealer.close()
+            ctx.term()
+            server.close()
+            await core.close()
+
+    toks, freed, tokens, streams = asyncio.run(scenario())
+    assert toks >= 1 and freed and tokens == len("hello") and streams == 0

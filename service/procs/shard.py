@@ -170,6 +170,18 @@ class ShardServer:
             if ended or tasks:
                 log.warning("front end %d died: its %d streams and %d calls ended", pid, len(ended), len(tasks))
 
+    def end_unacknowledged(self) -> None:
+        """Called by the upkeep sweep: end the streams whose oldest message out has waited for its ack longer
+        than --stream-stall-timeout + :data:`ACK_MARGIN` (its front end is gone, whether or not it was reported)."""
+        stall = self.core.config.stream_stall_timeout
+        if not stall:
+            return
+        limit = time.monotonic() - (stall + ACK_MARGIN)
+        for relay in [r for r in self._relays.values() if r.waiting_since is not None and r.waiting_since < limit]:
+            log.warning("a stream's message went unacknowledged for %g s: its front end is gone; stream ended",
+                        stall + ACK_MARGIN)
+            relay.end_quietly()
+
     def close(self) -> None:
         self.sock.close(0)
         self.ctx.term()
@@ -191,9 +203,7 @@ class _Relay:
         self.server, self.peer, self.call, self.gen = server, peer, call, gen
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._timer: asyncio.TimerHandle | None = None
-        stall = server.core.config.stream_stall_timeout
-        self._ack_limit = stall + ACK_MARGIN if stall else None  # no acknowledgement for that long: ended
-        self._ack_timer: asyncio.TimerHandle | None = None
+        self.waiting_since: float | None = None  # since when the oldest message out waits for its ack
         self.finish_event: FinishEvent | None = None
         gen.stream.listener = self.pump
         self.pump()  # tokens may be there already
@@ -225,8 +235,8 @@ class _Relay:
         event = gen.cut(items)
         lps = list(event.logprobs) if event.logprobs is not None else None
         self.server.send(self.peer, self.call, wire.Tok(event.text, list(event.token_ids), lps))
-        if self._ack_timer is None and self._ack_limit is not None:
-            self._ack_timer = asyncio.get_running_loop().call_later(self._ack_limit, self._ack_overdue)
+        if self.waiting_since is None:
+            self.waiting_since = time.monotonic()
 
     def control(self, body: wire.ToShard) -> None:
         if self.finished.done():
@@ -237,11 +247,7 @@ class _Relay:
         if not isinstance(body, wire.Ack | wire.Stall) or not self.gen.in_flight:
             return
         self.gen.delivered()  # ack or stall: gRPC was given the oldest message out
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
-            if self.gen.in_flight and self._ack_limit is not None:
-                self._ack_timer = asyncio.get_running_loop().call_later(self._ack_limit, self._ack_overdue)
+        self.waiting_since = time.monotonic() if self.gen.in_flight else None
         if isinstance(body, wire.Stall):
             self.finished.set_result(None)
             return
@@ -251,12 +257,6 @@ class _Relay:
         """End the stream as a cancel does: the session keeps the messages acknowledged so far."""
         if not self.finished.done():
             self.finished.set_result(None)
-
-    def _ack_overdue(self) -> None:
-        self._ack_timer = None
-        log.warning("a stream's message went unacknowledged for %g s: its front end is gone; stream ended",
-                    self._ack_limit)
-        self.end_quietly()
 
     def _after_gap(self) -> None:
         self._timer = None
@@ -272,10 +272,9 @@ class _Relay:
 
     def close(self) -> None:
         self.gen.stream.listener = None
-        for timer in (self._timer, self._ack_timer):
-            if timer is not None:
-                timer.cancel()
-        self._timer = self._ack_timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def shard_main(config: ServerConfig, index: int, address: str, ready: Any) -> None:
@@ -301,7 +300,11 @@ async def _run_shard(config: ServerConfig, index: int, address: str, ready: Any)
     core = make_core(config, runtime, metrics, id_prefix=f"{index}.")
     server = ShardServer(core, address)
     loop.add_signal_handler(signal.SIGUSR2, server.drop_dead_frontends)  # the parent: a front end died
-    upkeep = Upkeep(core, after_sweep=lambda: metrics.sessions_active.set(len(core.store)))
+    def after_sweep() -> None:
+        metrics.sessions_active.set(len(core.store))
+        server.end_unacknowledged()
+
+    upkeep = Upkeep(core, after_sweep=after_sweep)
     ready.send(("ready", os.getpid()))
     ready.close()
     log.info("shard serving", extra={"fields": {"pid": os.getpid()}})
