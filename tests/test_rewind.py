@@ -65,7 +65,10 @@ def test_100_cancels_at_random_points_then_a_rewind_continue_exactly(server: Any
             call = stub.Generate(pb.GenerateRequest(session_id=sid, max_tokens=400, temperature=0.9, seed=trial))
             read = "".join(next(call).text for _ in range(rng.randint(1, 6)))
             call.cancel()
-            assert wait_until(lambda sid=sid: not c.get_session(sid).busy, timeout=10)
+            def idle(sid: str = sid) -> bool:
+                return not c.get_session(sid).busy
+
+            assert wait_until(idle, timeout=10)
             held = c.get_session(sid)
             ahead += held.token_count > len(prompt) + len(read)
             assert held.token_count >= len(prompt) + len(read) >= held.rewindable_to
@@ -98,7 +101,7 @@ def test_rewinds_within_the_last_generate_are_exact_and_others_are_refused(serve
     # a Feed changes the session: nothing to rewind into any more
     c.feed(sid, "x")
     assert c.get_session(sid).rewindable_to == c.get_session(sid).token_count
-    with pytest.raises(RpcFailed, match="FAILED_PRECONDITION.*nothing to rewind"):
+    with pytest.raises(RpcFailed, match=r"FAILED_PRECONDITION.*nothing to rewind"):
         c.feed(sid, "", session_tokens=len(PROMPT) + 5)
     with pytest.raises(RpcFailed, match="INVALID_ARGUMENT"):
         c.feed(sid, "")  # empty text without session_tokens is not a rewind
@@ -121,9 +124,9 @@ def test_generate_and_an_updating_score_rewind_first(server: Any) -> None:
                      session_tokens=len(PROMPT) + 10 + len(" next") + 4)
     assert scored.nll == c.score("abc", session_id=ref).nll
     assert c.get_session(sid).token_count == c.get_session(ref).token_count + 3
-    with pytest.raises(RpcFailed, match="INVALID_ARGUMENT.*update_session"):
+    with pytest.raises(RpcFailed, match=r"INVALID_ARGUMENT.*update_session"):
         c.score("abc", session_id=sid, session_tokens=3)
-    with pytest.raises(RpcFailed, match="INVALID_ARGUMENT.*session_id"):
+    with pytest.raises(RpcFailed, match=r"INVALID_ARGUMENT.*session_id"):
         c.generate_text("one-shot", max_tokens=3, session_tokens=3)
 
 
