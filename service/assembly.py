@@ -64,14 +64,20 @@ def make_store(cfg: ServerConfig, runtime: ModelRuntime, m: Metrics, *, clock: C
                                   events=events, id_prefix=id_prefix)
     from .store_redis import RedisSessionStore
 
-    if not cfg.session_key:
-        log.warning("--session-store is shared but --session-key is not set: this server signs exported sessions "
-                    "with a random key of its own, so ImportSession of its ExportSession blobs fails on every other "
-                    "replica (and after a restart); give all replicas one TEXTGEN_SESSION_KEY")
+    warn_unshared_key(cfg)
     return RedisSessionStore(cfg.session_store, fingerprint=model_fingerprint(runtime.manifest.to_public_dict()),
                              state_size=runtime.state_size, max_local=cfg.max_sessions,
                              lease_seconds=cfg.session_lease, id_prefix=id_prefix, events=events,
                              wall_clock=wall_clock)
+
+
+def warn_unshared_key(cfg: ServerConfig) -> None:
+    """Log a warning when sessions live in a shared store but --session-key is unset. (Its shards cannot tell: a
+    multi-process server's supervisor hands them a random key of its own, so it must warn itself, with this.)"""
+    if cfg.session_store != "memory" and not cfg.session_key:
+        log.warning("--session-store is shared but --session-key is not set: this server signs exported sessions "
+                    "with a random key of its own, so ImportSession of its ExportSession blobs fails on every other "
+                    "replica (and after a restart); give all replicas one TEXTGEN_SESSION_KEY")
 
 
 def make_core(cfg: ServerConfig, runtime: ModelRuntime, m: Metrics, engine: Engine | None = None, *,

@@ -279,6 +279,7 @@ def test_a_lapsed_lease_nobody_took_is_taken_again_and_one_taken_ends_the_call(r
 
 @pytest.mark.parametrize("url", [
     "reddis://127.0.0.1?password=s3cret",  # a typo in the scheme
+    "redis//127.0.0.1?password=s3cret",
     "redis:/127.0.0.1?password=s3cret",
     "redis://:s3cret@127.0.0.1:abc/0",  # a port that is no number
     "redis://u:s3cret@127.0.0.1:99999/0",
@@ -294,6 +295,7 @@ def test_a_malformed_store_url_is_one_line_without_its_secrets(url: str) -> None
     message = str(info.value)
     assert "--session-store" in message and "s3cret" not in message and "\n" not in message
     assert "s3cret" not in redacted(url)
+    assert redacted("redis://h:1/0?db=2&socket_timeout=3&password=p") == "redis://h:1/0?db=2&socket_timeout=3&password=***"
 
 
 def test_the_cli_prints_a_malformed_store_url_as_one_line_without_its_password() -> None:
