@@ -518,3 +518,21 @@ def test_a_body_that_stops_arriving_is_408_and_frees_its_call_slot(rt: Any) -> N
         assert post(srv, "/v1/sessions", {"prompt": "a"})[0] == 200
     finally:
         srv.stop()
+
+
+def test_curl_reads_the_event_stream_raw(server: RunningServer, grpc_client: Any) -> None:
+    import shutil
+    import subprocess
+
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    out = subprocess.run(
+        [curl, "-sN", f"http://127.0.0.1:{server.server.http_port}/v1/chat/completions", "-H",
+         "content-type: application/json", "-d", json.dumps({"messages": [{"role": "user", "content": "hello"}],
+                                                             "max_tokens": 20, "temperature": 0, "stream": True})],
+        capture_output=True, timeout=60, check=True).stdout
+    events = sse_events(out)
+    assert events[-1] == "[DONE]" and all(e["object"] == "chat.completion.chunk" for e in events[:-1])
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert text == grpc_client.generate_text("user: hello\nassistant: ", max_tokens=20).text
