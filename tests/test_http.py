@@ -472,6 +472,23 @@ def test_health_is_503_while_a_part_behind_the_core_is_away(server: RunningServe
     assert request(server, "GET", "/health")[0] == 200
 
 
+def test_a_draining_server_answers_503_in_openais_shape(server: RunningServer) -> None:
+    """While the server drains, requests on connections still open are refused (the listener is closed)."""
+    app = server.server.http.app
+
+    def drain(on: bool) -> None:
+        app.draining = on
+
+    server.on_loop(lambda: drain(True))
+    try:
+        status, parsed = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 3})
+        assert status == 503 and parsed["error"]["code"] == "unavailable"
+        assert request(server, "GET", "/health")[0] == 503
+    finally:
+        server.on_loop(lambda: drain(False))
+    assert post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 3})[0] == 200
+
+
 def test_shutdown_ends_http_streams_with_a_last_chunk(rt: Any) -> None:
     srv = RunningServer(rt, http_port=0, decode_delay=0.02)
     conn = http.client.HTTPConnection("127.0.0.1", srv.server.http_port, timeout=30)
