@@ -1,11 +1,15 @@
-"""Soak test: `textgen serve` under stalled, flooding and normal clients at once, bounded in time and requests.
+"""Soak test: `textgen serve` under stalled, flooding, importing and normal clients at once, bounded in time and
+requests.
 
 One server process is started (the default bundle, loopback only, ``--max-streams 64``, request logs at info
-captured to a file) with the protections its ``serve --help`` offers: ``--stream-stall-timeout`` (``--stall-
-timeout``, default 5 s) and ``--max-streams-per-connection`` (``--per-connection``, default 16) are passed
-when the flags exist; every other flag the server has beyond the ones of the original server (keepalive,
-connection idle/age, the cap on concurrent Feed/Score/CreateSession calls, ...) is listed in the header with
-its default. Then a load-generator process (asyncio, grpc.aio) runs, all at once, for ``--seconds``:
+captured to a file, ``--auth-tokens-file`` with a random token written to a temporary folder,
+``--max-message-bytes`` 8 MiB (at least ``--import-bytes`` + 1 MiB) so that the import clients' blobs are not
+refused for their size alone, and ``--http-port -1`` when the server has an HTTP door) with the protections its
+``serve --help`` offers: ``--stream-stall-timeout`` (``--stall-timeout``, default 5 s) and
+``--max-streams-per-connection`` (``--per-connection``, default 16) are passed when the flags exist; every other
+flag the server has beyond the ones of the original server (keepalive, connection idle/age, the cap on concurrent
+Feed/Score/CreateSession/ImportSession calls, ...) is listed in the header with its default (or the value passed).
+Then a load-generator process (asyncio, grpc.aio) runs, all at once, for ``--seconds``:
 
 * **stalled** clients: ``--stalled`` (64) Generate streams of up to 1024 tokens on ONE channel whose client
   never reads. A grpc.aio client that does not read still lets the transport take in data up to the
@@ -21,6 +25,12 @@ its default. Then a load-generator process (asyncio, grpc.aio) runs, all at once
 * **flood** clients: ``--flood`` (48) concurrent Score calls of ``--flood-chars`` (1,000,000) distinct
   unknown characters (CJK code points from U+4E00, cycling), each with a ``--flood-timeout`` deadline; a
   worker whose call ends starts another, up to ``--flood-calls`` (96) Score calls in all;
+* **import** clients, two kinds: ``--import-unauth`` (96) concurrent ImportSession calls of a ``--import-bytes``
+  (4,000,000) junk blob sent WITHOUT a bearer token (expected: UNAUTHENTICATED, refused before the request is
+  read), and ``--import-auth`` (96) the same WITH the token (expected: INVALID_ARGUMENT for the junk blob, or
+  RESOURCE_EXHAUSTED beyond ``--max-concurrent-calls``); each with a ``--import-timeout`` (20 s) deadline, a
+  worker whose call ends starts another, up to ``--import-calls`` (192) calls per kind. Any other code fails the
+  run. Every other client sends the token (metadata ``authorization: Bearer <token>``).
 * **burst** clients: every ``--burst-every`` seconds, ``--burst-size`` (64) concurrent CreateSession
   (200-character prompt) + Feed (2,000 characters) + DeleteSession, ``--burst-rounds`` times at most;
 * **normal** clients: ``--normal`` (8) clients, each on its own channel, looping: CreateSession, Feed of 200
@@ -32,16 +42,22 @@ after ``--settle`` seconds the server gets SIGTERM and must exit 0. The server's
 /proc/PID/status) is sampled every second throughout. The report: normal clients' ITL and TTFT, status codes
 per client kind and method (client side, and from the server's request log lines), ERROR-level and non-JSON
 lines of the server's stderr (with an example), RSS start/peak/end, and the checks: normal ITL p99 <= 50 ms,
-no INTERNAL anywhere, no ERROR log line, RSS peak - start <= ``--rss-limit-mb`` (200), RSS end - start <=
+no INTERNAL anywhere, no ERROR log line, the import clients' codes as expected (above), RSS peak - start <=
+``--rss-limit-mb`` (200), RSS end - start <=
 ``--rss-end-mb`` (50), exit status 0. With ``--rounds N`` the whole load runs N times on the same server and
 the RSS after each round is reported: growth from round 1 to round N over ``--rss-growth-mb`` (20) is a leak.
 
     python bench/soak.py                          # 60 s of load, about 80 s in all
     python bench/soak.py --seconds 20 --flood 16 --flood-calls 16
+    python bench/soak.py --import-unauth 0 --import-auth 0   # without the import clients
     python bench/soak.py --rounds 3              # the same load 3 times: does RSS keep growing?
     python bench/soak.py --server-args "--max-connection-age 30" --json soak.json
 
-Needs no extra: only the default bundle and grpcio.
+Needs no extra: only the default bundle and grpcio. Figures (2026-12-02, 2 cores shared with other work, load
+average 6.5-9): ``python bench/soak.py`` met every check: RSS start 93 MB, peak +120 MB, end +33 MB; the import
+clients 192 UNAUTHENTICATED / 140 INVALID_ARGUMENT + 52 RESOURCE_EXHAUSTED; normal ITL p99 35.1 ms (the same run
+without the import clients: 35.2 ms, peak +100 MB, end +37 MB). ``--rounds 2``: every check met, peak +126 MB,
+end +34 MB, growth from round 1 to 2 4 MB. See docs/serving-performance.md, Hardening.
 """
 
 from __future__ import annotations
@@ -51,6 +67,7 @@ import asyncio
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -116,9 +133,11 @@ def serve_options() -> dict[str, str | None]:
     return options
 
 
-def protection_flags(options: dict[str, str | None], stall_timeout: float,
-                     per_connection: int) -> tuple[list[str], list[str]]:
-    """The flags to pass (the protections that exist) and one line per protection for the report header."""
+def protection_flags(options: dict[str, str | None], stall_timeout: float, per_connection: int,
+                     passed: dict[str, str] | None = None) -> tuple[list[str], list[str]]:
+    """The flags to pass (the protections that exist) and one line per protection for the report header;
+    ``passed``: other flags the soak sets itself (shown with their value rather than the server's default)."""
+    passed = passed or {}
     flags: list[str] = []
     lines: list[str] = []
     wanted = {"--stream-stall-timeout": str(stall_timeout) if stall_timeout > 0 else None,
@@ -132,7 +151,8 @@ def protection_flags(options: dict[str, str | None], stall_timeout: float,
             flags += [flag, value]
             lines.append(f"{flag}: {value} (passed)")
     for flag in sorted(set(options) - ORIGINAL_FLAGS - set(wanted)):
-        lines.append(f"{flag}: server default ({options[flag]})")
+        lines.append(f"{flag}: {passed[flag]} (passed)" if flag in passed else
+                     f"{flag}: server default ({options[flag]})")
     if not set(options) - ORIGINAL_FLAGS:
         lines.append("no hardening flags: the server is the original one")
     return flags, lines
@@ -249,9 +269,10 @@ def read_server_log(path: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- load
 
 
-async def _stall_probe(address: str) -> list[dict[str, Any]]:
+async def _stall_probe(address: str, md: tuple[tuple[str, str], ...]) -> list[dict[str, Any]]:
     """For each option set (and none): one 800-token stream nobody reads; stalled = its session still busy
-    after 2.5 s with a token count that no longer moves. Every probe stream is then read to its end."""
+    after 2.5 s with a token count that no longer moves. Every probe stream is then read to its end. ``md``:
+    the metadata of every call (the bearer token)."""
     import grpc
 
     from textgen.service.proto import textgen_pb2 as pb
@@ -264,14 +285,15 @@ async def _stall_probe(address: str) -> list[dict[str, Any]]:
     calls = []
     sids = []
     for ch in channels:
-        sid = (await cstub.CreateSession(pb.CreateSessionRequest(prompt="The "), timeout=30)).session.session_id
+        sid = (await cstub.CreateSession(pb.CreateSessionRequest(prompt="The "), timeout=30,
+                                         metadata=md)).session.session_id
         sids.append(sid)
         calls.append(pb_grpc.TextgenServiceStub(ch).Generate(
-            pb.GenerateRequest(session_id=sid, max_tokens=800, temperature=0.8, seed=1), timeout=60))
+            pb.GenerateRequest(session_id=sid, max_tokens=800, temperature=0.8, seed=1), timeout=60, metadata=md))
     await asyncio.sleep(2.5)
-    first = [await cstub.GetSession(pb.GetSessionRequest(session_id=s), timeout=10) for s in sids]
+    first = [await cstub.GetSession(pb.GetSessionRequest(session_id=s), timeout=10, metadata=md) for s in sids]
     await asyncio.sleep(0.5)
-    second = [await cstub.GetSession(pb.GetSessionRequest(session_id=s), timeout=10) for s in sids]
+    second = [await cstub.GetSession(pb.GetSessionRequest(session_id=s), timeout=10, metadata=md) for s in sids]
     out = []
     for opts, call, a, b in zip(sets, calls, first, second, strict=True):
         stalled = b.busy and a.token_count == b.token_count
@@ -294,7 +316,9 @@ async def _soak_main(a: argparse.Namespace) -> dict[str, Any]:
     from textgen.service.proto import textgen_pb2 as pb
     from textgen.service.proto import textgen_pb2_grpc as pb_grpc
 
-    probe = await _stall_probe(a.address)
+    token = Path(a.token_file).read_text(encoding="utf-8").strip() if a.token_file else ""
+    md: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+    probe = await _stall_probe(a.address, md)
     stall_opts = next((p["options"] for p in probe if p["options"] and p["stalled"]), STALL_OPTIONS[-1])
 
     counts: Counter[str] = Counter()  # "kind method CODE"
@@ -335,7 +359,7 @@ async def _soak_main(a: argparse.Namespace) -> dict[str, Any]:
                     return
                 totals["stalled_calls"] += 1
                 call = stall_stub.Generate(pb.GenerateRequest(prompt="The ", max_tokens=1024, temperature=0.8,
-                                                              seed=i))
+                                                              seed=i), metadata=md)
                 watchers.append(asyncio.create_task(watch(call)))
             await asyncio.sleep(min(a.stalled_every, max(0.0, left())))
 
@@ -349,7 +373,7 @@ async def _soak_main(a: argparse.Namespace) -> dict[str, Any]:
         while left() > 0.5 and totals["flood_calls"] < a.flood_calls:
             totals["flood_calls"] += 1
             t = time.monotonic()
-            r = await rpc("flood", "Score", flood_stub.Score(big, timeout=min(a.flood_timeout, left())))
+            r = await rpc("flood", "Score", flood_stub.Score(big, timeout=min(a.flood_timeout, left()), metadata=md))
             if r is not None:
                 flood_latency.append(time.monotonic() - t)
             else:
@@ -362,14 +386,16 @@ async def _soak_main(a: argparse.Namespace) -> dict[str, Any]:
     async def burst_one(i: int) -> None:
         t = min(a.call_timeout, max(0.1, left()))
         r = await rpc("burst", "CreateSession",
-                      burst_stub.CreateSession(pb.CreateSessionRequest(prompt=prompt(i, 200)), timeout=t))
+                      burst_stub.CreateSession(pb.CreateSessionRequest(prompt=prompt(i, 200)), timeout=t,
+                                               metadata=md))
         if r is None:
             return
         sid = r.session.session_id
         await rpc("burst", "Feed", burst_stub.Feed(pb.FeedRequest(session_id=sid, text=prompt(i + 1, 2000)),
-                                                   timeout=min(a.call_timeout, max(0.1, left()))))
+                                                   timeout=min(a.call_timeout, max(0.1, left())), metadata=md))
         await rpc("burst", "DeleteSession",
-                  burst_stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid), timeout=a.call_timeout))
+                  burst_stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid), timeout=a.call_timeout,
+                                           metadata=md))
 
     async def bursts() -> None:
         for r in range(a.burst_rounds):
@@ -389,13 +415,13 @@ async def _soak_main(a: argparse.Namespace) -> dict[str, Any]:
             k += 1
             t0 = time.monotonic()
             r = await rpc("normal", "CreateSession", stub.CreateSession(pb.CreateSessionRequest(),
-                                                                        timeout=a.call_timeout))
+                                                                        timeout=a.call_timeout, metadata=md))
             if r is None:
                 await asyncio.sleep(0.2)
                 continue
             sid = r.session.session_id
             fed = await rpc("normal", "Feed", stub.Feed(pb.FeedRequest(session_id=sid, text=prompt(i * 7 + k, 200)),
-                                                        timeout=a.call_timeout))
+                                                        timeout=a.call_timeout, metadata=md))
             if fed is None:
                 await asyncio.sleep(0.2)
             else:
@@ -403,7 +429,7 @@ async def _soak_main(a: argparse.Namespace) -> dict[str, Any]:
                 try:
                     async for msg in stub.Generate(pb.GenerateRequest(session_id=sid, max_tokens=a.tokens,
                                                                       temperature=0.8, seed=i * 1000 + k),
-                                                   timeout=a.call_timeout):
+                                                   timeout=a.call_timeout, metadata=md):
                         if msg.text:
                             now = time.monotonic()
                             if prev is None:
@@ -419,11 +445,36 @@ async def _soak_main(a: argparse.Namespace) -> dict[str, Any]:
                         print(f"normal Generate: {exc.code().name} {exc.details()}", file=sys.stderr)
                     await asyncio.sleep(0.2)
             await rpc("normal", "DeleteSession", stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid),
-                                                                    timeout=a.call_timeout))
+                                                                    timeout=a.call_timeout, metadata=md))
+
+    # ---- imports: ImportSession with a junk blob, without a token (refused unread) and with one (admitted, read,
+    # refused as a bad blob); one channel per kind, the client's send limit lifted
+    import_channels = {kind: grpc.aio.insecure_channel(a.address, options=[("grpc.max_send_message_length", -1)])
+                       for kind in ("import-unauth", "import-auth")}
+    junk = pb.ImportSessionRequest(blob=(b"\x5a" * a.import_bytes))
+    import_latency: dict[str, list[float]] = {"import-unauth": [], "import-auth": []}
+
+    async def importer(kind: str, i: int) -> None:
+        stub = pb_grpc.TextgenServiceStub(import_channels[kind])
+        meta = md if kind == "import-auth" else ()
+        await asyncio.sleep(0.5)
+        while left() > 0.5 and totals[f"{kind}_calls"] < a.import_calls:
+            totals[f"{kind}_calls"] += 1
+            t = time.monotonic()
+            try:
+                await stub.ImportSession(junk, timeout=min(a.import_timeout, left()), metadata=meta)
+                counts[f"{kind} ImportSession OK"] += 1
+            except grpc.aio.AioRpcError as exc:
+                counts[f"{kind} ImportSession {exc.code().name}"] += 1
+                if exc.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+                    print(f"{kind} ImportSession: {exc.code().name} {exc.details()}", file=sys.stderr)
+            import_latency[kind].append(time.monotonic() - t)
 
     tasks = [asyncio.create_task(stalled())]
     await asyncio.sleep(0.3)
     tasks += [asyncio.create_task(flood(i)) for i in range(a.flood)]
+    tasks += [asyncio.create_task(importer("import-unauth", i)) for i in range(a.import_unauth)]
+    tasks += [asyncio.create_task(importer("import-auth", i)) for i in range(a.import_auth)]
     tasks += [asyncio.create_task(bursts())]
     tasks += [asyncio.create_task(normal(i)) for i in range(a.normal)]
     _, pending = await asyncio.wait(tasks, timeout=max(0.0, left()))
@@ -431,12 +482,15 @@ async def _soak_main(a: argparse.Namespace) -> dict[str, Any]:
     for t in [*pending, *watchers]:
         t.cancel()
     await asyncio.gather(*tasks, *watchers, return_exceptions=True)
-    for ch in [stall_channel, flood_channel, burst_channel, *normal_channels]:
+    for ch in [stall_channel, flood_channel, burst_channel, *normal_channels, *import_channels.values()]:
         await ch.close()
     return {"probe": probe, "stall_options": stall_opts, "counts": dict(counts), "totals": dict(totals),
             "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "itl_p50": pct(gaps, 50),
             "itl_p99": pct(gaps, 99), "itl_max": max(gaps, default=float("nan")), "itl_count": len(gaps),
-            "flood_ok_latency_p50": pct(flood_latency, 50), "wall": time.monotonic() - t_start}
+            "flood_ok_latency_p50": pct(flood_latency, 50),
+            "import_latency_p50": {k: pct(v, 50) for k, v in import_latency.items()},
+            "import_latency_max": {k: max(v, default=float("nan")) for k, v in import_latency.items()},
+            "wall": time.monotonic() - t_start}
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -458,14 +512,26 @@ def codes_table(counts: dict[str, int]) -> list[str]:
 
 def main_bench(a: argparse.Namespace) -> int:
     options = serve_options()
-    flags, protection_lines = protection_flags(options, a.stall_timeout, a.per_connection)
+    own = {"--http-port": "-1"} if "--http-port" in options else {}  # no HTTP door (8000 by default): gRPC only
+    flags, protection_lines = protection_flags(options, a.stall_timeout, a.per_connection, own)
     log_path = Path(a.log or tempfile.mkstemp(prefix="textgen-soak-", suffix=".log")[1])
-    # serve_load's flags open the limits for throughput; the soak keeps the server's own cap on concurrent calls
+    # every client sends a bearer token (the import-unauth clients excepted): the server checks it on every call
+    tmp = tempfile.TemporaryDirectory(prefix="textgen-soak-")
+    token_file = Path(tmp.name) / "tokens"
+    token_file.write_text(secrets.token_urlsafe(24) + "\n", encoding="utf-8")
+    token_file.chmod(0o600)
+    # serve_load's flags open the limits for throughput; the soak keeps the server's own cap on concurrent calls.
+    # --max-message-bytes: the import clients' blobs (--import-bytes) must not be refused for their size alone
+    message_bytes = max(8 << 20, a.import_bytes + (1 << 20))
     server_flags = with_flags(SERVER_FLAGS, {"--max-streams": "64", "--max-sessions": "1024", "--log-level": "info",
-                                             "--max-concurrent-calls": None,
+                                             "--max-concurrent-calls": None, "--auth-tokens-file": str(token_file),
+                                             "--max-message-bytes": str(message_bytes),
+                                             **own,
                                              **dict(zip(flags[::2], flags[1::2], strict=True))})
     server_flags += a.server_args.split()
     print("# soak: textgen serve " + " ".join(server_flags))
+    print(f"# every client sends a bearer token (--auth-tokens-file), except the {a.import_unauth} import-unauth "
+          f"ones; --max-message-bytes {message_bytes} (above --import-bytes)")
     print("# protections:")
     for line in protection_lines:
         print(f"#   {line}")
@@ -474,9 +540,10 @@ def main_bench(a: argparse.Namespace) -> int:
     sampler.start()
     time.sleep(1.0)
     rss_start = server.rss_kb() or 0
-    gen_args = [sys.executable, __file__, "load", "--address", server.address]
+    gen_args = [sys.executable, __file__, "load", "--address", server.address, "--token-file", str(token_file)]
     for name in ("seconds", "stalled", "stalled_every", "stalled_calls", "flood", "flood_calls", "flood_chars",
-                 "flood_timeout", "burst_size", "burst_every", "burst_rounds", "normal", "tokens", "call_timeout"):
+                 "flood_timeout", "import_unauth", "import_auth", "import_calls", "import_bytes", "import_timeout",
+                 "burst_size", "burst_every", "burst_rounds", "normal", "tokens", "call_timeout"):
         gen_args.append(f"--{name.replace('_', '-')}={getattr(a, name)}")
     results: list[dict[str, Any] | None] = []
     rss_ends: list[int] = []  # after each round's settle
@@ -488,6 +555,7 @@ def main_bench(a: argparse.Namespace) -> int:
     exit_code = server.stop()
     sampler.halt.set()
     sampler.join()
+    tmp.cleanup()
     log = read_server_log(log_path)
     rss = [kb for _, kb in sampler.samples]
     rss_peak = max(rss, default=0)
@@ -506,10 +574,16 @@ def main_bench(a: argparse.Namespace) -> int:
     print("stalled clients use: " + ", ".join(f"{k}={v}" for k, v in result["stall_options"]))
 
     t = result["totals"]
+    ms = lambda kind, what: (f"{result[what][kind] * 1e3:.0f}"  # noqa: E731
+                             if result[what][kind] == result[what][kind] else "-")
     print(f"\n# {a.seconds:.0f} s: {a.stalled} stalled streams every {a.stalled_every:g} s "
           f"({t.get('stalled_calls', 0)} calls, {t.get('stalled_open_at_deadline', 0)} still open at the deadline), "
           f"{a.flood} x {a.flood_chars:,}-char Scores ({t.get('flood_calls', 0)} calls), bursts of {a.burst_size} "
-          f"CreateSession+Feed, {a.normal} normal clients ({t.get('normal_tokens', 0)} tokens)")
+          f"CreateSession+Feed, {a.normal} normal clients ({t.get('normal_tokens', 0)} tokens), "
+          f"{a.import_unauth} + {a.import_auth} concurrent {a.import_bytes:,}-byte junk ImportSessions without / "
+          f"with a token ({t.get('import-unauth_calls', 0)} + {t.get('import-auth_calls', 0)} calls; latency p50 "
+          f"{ms('import-unauth', 'import_latency_p50')} / {ms('import-auth', 'import_latency_p50')} ms, max "
+          f"{ms('import-unauth', 'import_latency_max')} / {ms('import-auth', 'import_latency_max')} ms)")
     print("| normal clients | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | ITL max | gaps |")
     print("|---|---|---|---|---|---|---|")
     print(f"| {a.normal} x (Feed 200 + Generate {a.tokens}) | {result['ttft_p50'] * 1e3:.0f} ms "
@@ -538,10 +612,23 @@ def main_bench(a: argparse.Namespace) -> int:
     internal = sum(n for r in rounds for k, n in r["counts"].items() if k.endswith((" INTERNAL", " UNKNOWN")))
     internal += sum(n for k, n in log["codes"].items() if k.endswith((" INTERNAL", " UNKNOWN")))
     itl_p99 = max(r["itl_p99"] for r in rounds)
+    # the import clients' codes: without a token UNAUTHENTICATED only; with one, a junk blob is INVALID_ARGUMENT (or
+    # RESOURCE_EXHAUSTED beyond --max-concurrent-calls)
+    expected = {"import-unauth": {"UNAUTHENTICATED"}, "import-auth": {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}}
+    import_codes: dict[str, Counter[str]] = {kind: Counter() for kind in expected}
+    for r in rounds:
+        for key, n in r["counts"].items():
+            kind, _, code = key.rsplit(" ", 2)
+            if kind in import_codes:
+                import_codes[kind][code] += n
+    unexpected = {kind: {c: n for c, n in codes.items() if c not in expected[kind]}
+                  for kind, codes in import_codes.items()}
     checks = [
         (f"normal ITL p99 <= 50 ms (worst round): {itl_p99 * 1e3:.1f} ms", itl_p99 <= 0.050),
         (f"no INTERNAL/UNKNOWN status (clients + server log): {internal}", internal == 0),
         (f"no ERROR-level server log line: {log['error_lines']}", log["error_lines"] == 0),
+        *[(f"{kind} ImportSession: only {' or '.join(sorted(expected[kind]))}: {dict(import_codes[kind])}",
+           not unexpected[kind]) for kind in expected],
         (f"RSS peak - start <= {a.rss_limit_mb} MB: {(rss_peak - rss_start) / 1024:.0f} MB",
          rss_peak - rss_start <= a.rss_limit_mb * 1024),
         (f"RSS end - start <= {a.rss_end_mb} MB: {(rss_end - rss_start) / 1024:.0f} MB",
@@ -592,6 +679,15 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flood-calls", type=int, default=96, help="large Score calls in all")
     p.add_argument("--flood-chars", type=int, default=1_000_000)
     p.add_argument("--flood-timeout", type=float, default=20.0, help="deadline of each large Score, seconds")
+    p.add_argument("--import-unauth", type=int, default=96,
+                   help="concurrent ImportSession calls with a junk blob and no bearer token (0 = none)")
+    p.add_argument("--import-auth", type=int, default=96,
+                   help="concurrent ImportSession calls with a junk blob and a valid bearer token (0 = none)")
+    p.add_argument("--import-calls", type=int, default=192,
+                   help="ImportSession calls in all, for each of the two kinds (a worker whose call ends starts "
+                        "another)")
+    p.add_argument("--import-bytes", type=int, default=4_000_000, help="size of the junk blob of each ImportSession")
+    p.add_argument("--import-timeout", type=float, default=20.0, help="deadline of each ImportSession, seconds")
     p.add_argument("--burst-size", type=int, default=64, help="CreateSession+Feed calls per burst")
     p.add_argument("--burst-every", type=float, default=5.0)
     p.add_argument("--burst-rounds", type=int, default=10)
@@ -605,6 +701,7 @@ def main() -> None:
         sys.argv.pop(1)
         p = argparse.ArgumentParser()
         p.add_argument("--address", required=True)
+        p.add_argument("--token-file", default="", help="the bearer token every client sends (import-unauth: none)")
         add_load_args(p)
         print(json.dumps(asyncio.run(_soak_main(p.parse_args()))))
         return
