@@ -52,7 +52,8 @@ def _time(seconds: float) -> str:
 def session_json(info: SessionInfo) -> dict[str, Any]:
     return {"session_id": info.session_id, "token_count": info.token_count, "create_time": _time(info.create_time),
             "last_used_time": _time(info.last_used_time), "expire_time": _time(info.expire_time),
-            "ttl": info.ttl, "busy": info.busy}
+            "ttl": info.ttl, "busy": info.busy,
+            "rewindable_to": info.token_count if info.rewindable_to is None else info.rewindable_to}
 
 
 def static_file(name: str) -> bytes:
@@ -221,7 +222,7 @@ class HttpApp:
     async def _feed(self, ex: Exchange, fields: dict[str, Any], arg: str) -> None:
         fields["session"] = short_id(arg)
         body = await self._body(ex, FeedBody)
-        r = await self.core.feed(arg, body.text)
+        r = await self.core.feed(arg, body.text, body.session_tokens)
         fields["tokens"] = r.tokens_consumed
         await ex.respond(200, {"tokens_consumed": r.tokens_consumed, "unknown_chars": r.unknown_chars,
                                "unknown_char_count": r.unknown_count, "session_tokens": r.session_tokens})
@@ -251,7 +252,7 @@ class HttpApp:
     async def _score(self, ex: Exchange, fields: dict[str, Any], arg: str) -> None:
         body = await self._body(ex, ScoreBody)
         fields["session"] = short_id(body.session_id)
-        r = await self.core.score(body.text, body.session_id, body.update_session)
+        r = await self.core.score(body.text, body.session_id, body.update_session, body.session_tokens)
         fields["tokens"] = r.token_count
         await ex.respond(200, {"nll": r.nll, "loss": r.loss, "perplexity": r.perplexity,
                                "bits_per_char": r.bits_per_char, "token_count": r.token_count,

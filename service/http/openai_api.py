@@ -161,7 +161,7 @@ def _params(r: _Sampling, prompt: str, max_tokens: int, logprobs: bool) -> list[
         except ServiceError as exc:
             raise from_service(exc) from None
         out.append(GenerateParams(session_id=r.session_id or "", prompt=prompt, max_tokens=max_tokens,
-                                  sampling=sampling, stop=stop, logprobs=logprobs))
+                                  sampling=sampling, stop=stop, logprobs=logprobs, session_tokens=r.session_tokens))
     return out
 
 

@@ -41,6 +41,7 @@ class _Sampling(Struct, forbid_unknown_fields=True, kw_only=True):
     stream_options: StreamOptions | None = None
     user: str | None = None
     session_id: str | None = None
+    session_tokens: Annotated[int, Meta(ge=0)] | None = None  # with session_id: rewind it to this count first
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -80,7 +81,8 @@ class CreateSessionBody(Struct, forbid_unknown_fields=True):
 
 
 class FeedBody(Struct, forbid_unknown_fields=True):
-    text: str
+    text: str = ""  # empty: only a rewind (needs session_tokens)
+    session_tokens: Annotated[int, Meta(ge=0)] | None = None  # rewind the session exactly to this count first
 
 
 class TtlBody(Struct, forbid_unknown_fields=True):
@@ -96,6 +98,7 @@ class ScoreBody(Struct, forbid_unknown_fields=True):
     text: str
     session_id: str = ""
     update_session: bool = False
+    session_tokens: Annotated[int, Meta(ge=0)] | None = None  # with update_session: rewind first
 
 
 BODIES: tuple[type[Struct], ...] = (CompletionRequest, ChatRequest, CreateSessionBody, FeedBody, TtlBody, ImportBody,
