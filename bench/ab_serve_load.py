@@ -43,7 +43,8 @@ SERVE_LOAD = Path(__file__).resolve().with_name("serve_load.py")
 # (label, serve_load's result key, scale, unit)
 FIGURES = (("gen tok/s", "tok_s", 1.0, ""), ("overall tok/s", "tok_s_overall", 1.0, ""),
            ("TTFT p50", "ttft_p50", 1e3, " ms"), ("TTFT p99", "ttft_p99", 1e3, " ms"),
-           ("ITL p50", "itl_p50", 1e3, " ms"), ("ITL p99", "itl_p99", 1e3, " ms"))
+           ("ITL p50", "itl_p50", 1e3, " ms"), ("ITL p99", "itl_p99", 1e3, " ms"),
+           ("server CPU per 1k tok", "server_cpu_ms_per_1k", 1.0, " ms"))
 NOISY = 1.10  # a side's runs further apart than this (max/min of tok/s or TTFT p99): the verdict is not trustworthy
 Key = tuple[str, str, int]  # (model, batching, N)
 
@@ -100,7 +101,7 @@ def summarize(a: argparse.Namespace, config: str, runs: list[tuple[str, dict[str
     la, lb = labels["A"], labels["B"]
 
     def med(side: str, key: Key, name: str) -> float:
-        values = [rows[key][name] for rows in per_side[side] if key in rows]
+        values = [rows[key][name] for rows in per_side[side] if key in rows and name in rows[key]]
         return statistics.median(values) if values else float("nan")
 
     print(f"\n## config: {config or '(defaults)'}  ({la} = A: {na} run(s), {lb} = B: {nb} run(s); medians)\n")
@@ -138,7 +139,7 @@ def summarize(a: argparse.Namespace, config: str, runs: list[tuple[str, dict[str
         print(f"| {i} | {labels[side]} | {cells} | {report['seconds']:.0f} s | {report['load_before']:.2f} |")
 
     def spread(side: str, key: Key, name: str) -> float:
-        values = [rows[key][name] for rows in per_side[side] if key in rows]
+        values = [rows[key][name] for rows in per_side[side] if key in rows and name in rows[key]]
         return max(values) / min(values) if len(values) > 1 and min(values) > 0 else float("nan")
 
     several = len({k[:2] for k in keys}) > 1

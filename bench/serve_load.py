@@ -392,6 +392,25 @@ class Server:
             raise RuntimeError("this server has no HTTP port (an install from before the HTTP door?)")
         return self.http_address
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) of the server's process tree so far: with --workers/--shards its children
+        too. Less sensitive than rates to other work on a shared machine: a per-token cost to compare."""
+        tick = os.sysconf("SC_CLK_TCK")
+        total, todo, seen = 0.0, [self.proc.pid], set()
+        while todo:
+            pid = todo.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    todo += [int(c) for c in (task / "children").read_text().split()]
+            except (OSError, ValueError, IndexError):
+                continue
+        return total
+
     def metric_sum(self, name: str) -> float:
         with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
             text = r.read().decode()
@@ -450,8 +469,8 @@ def main_bench(args: argparse.Namespace) -> None:
 
     print(f"\n# load over {args.protocol}", flush=True)
     print("\n| model | batching | N | tokens | gen tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | tok/msg | "
-          "mean batch | client CPU |", flush=True)
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+          "mean batch | client CPU | server CPU per 1k tok |", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for name in models:
         big = name.isdigit() and int(name) >= 1024
         for batching in args.batching.split(","):
@@ -462,10 +481,13 @@ def main_bench(args: argparse.Namespace) -> None:
                     if big and batching == "off" and n > args.big_off_max:
                         continue
                     b0 = (server.metric_sum("textgen_batch_size_sum"), server.metric_sum("textgen_batch_size_count"))
+                    c0 = server.cpu_seconds()
                     reps = [run_client("client", server.client_address(args.protocol), streams=n, tokens=tokens,
                                        prompt_chars=chars, seed=n + k, protocol=args.protocol)
                             for k in range(args.repeat_single if n == 1 else 1)]
+                    cpu = server.cpu_seconds() - c0
                     r = sorted(reps, key=lambda x: x["tok_s"])[len(reps) // 2]  # the median run (N=1 is short)
+                    r["server_cpu_ms_per_1k"] = cpu * 1e3 / max(1, sum(x["tokens"] for x in reps)) * 1e3
                     b1 = (server.metric_sum("textgen_batch_size_sum"), server.metric_sum("textgen_batch_size_count"))
                     r["mean_batch"] = (b1[0] - b0[0]) / (b1[1] - b0[1]) if b1[1] > b0[1] else 1.0
                     report["rows"].append(asdict(Row(name, batching, n, tokens, chars, r)))
@@ -474,7 +496,8 @@ def main_bench(args: argparse.Namespace) -> None:
                           f"| {r['ttft_p50'] * 1e3:.0f} ms "
                           f"| {r['ttft_p99'] * 1e3:.0f} ms | {r['itl_p50'] * 1e3:.1f} ms | {r['itl_p99'] * 1e3:.1f} ms "
                           f"| {r['tokens'] / max(1, r['messages']):.2f} | {r['mean_batch']:.1f} "
-                          f"| {r['client_cpu'] * 100:.0f}% |" + (f" errors: {r['errors']}" if r["errors"] else ""),
+                          f"| {r['client_cpu'] * 100:.0f}% | {r['server_cpu_ms_per_1k']:.0f} ms |"
+                          + (f" errors: {r['errors']}" if r["errors"] else ""),
                           flush=True)
             finally:
                 server.stop()
