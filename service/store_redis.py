@@ -12,8 +12,8 @@ fingerprint, so that replicas serving another model never see these sessions):
   sessions by itself. Records of the previous format (``TGS1``: no write id, no rewind) are still read.
 * ``l:<id>``, the **lease** while a call holds the session: a random token, ``SET NX PX`` for
   ``--session-lease`` seconds, renewed while the call runs (a stream can run for minutes).
-* ``d:<id>``, a **tombstone** while a call holds a session that DeleteSession removed (as long as that lease):
-  the call then ends as in memory (its work goes with the session), where a record that vanished otherwise
+* ``d:<id>``, a **tombstone** for a lease after DeleteSession (renewed by a call still holding the session): that
+  call then ends as in memory (its work goes with the session), where a record that vanished otherwise
   (FLUSHALL, eviction, a Redis restarted empty) ends it DATA_LOSS.
 
 A record's **stamp** is its version and write id (bytes 4..19): the write id is random for every write, so a
@@ -167,11 +167,12 @@ if redis.call('PEXPIRE', KEYS[3], ARGV[2]) == 1 then return 1 end
 return -1
 """
 
-# KEYS: record, lease, tombstone. ARGV: lease ms. DeleteSession: -> 1 deleted, 0 not found. A call holding the
-# session learns from the tombstone that a client deleted it (not a store that lost it).
+# KEYS: record, tombstone. ARGV: lease ms. DeleteSession: -> 1 deleted, 0 not found. A call holding the session
+# learns from the tombstone that a client deleted it (not a store that lost it); it is left whether or not a lease
+# is there (a holder whose lease lapsed for a moment is still a holder), for a lease, renewed by a holder.
 REMOVE = """
 if redis.call('DEL', KEYS[1]) == 0 then return 0 end
-if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('SET', KEYS[3], '1', 'PX', ARGV[1]) end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
 return 1
 """
 
@@ -652,7 +653,8 @@ class RedisSessionStore:
                            rewindable_to=s.rewindable_to)
 
     async def remove(self, sid: str) -> None:
-        removed = await self._io(self._remove(keys=self._keys(sid), args=[self.lease_ms]))
+        rec, _, tomb = self._keys(sid)
+        removed = await self._io(self._remove(keys=[rec, tomb], args=[self.lease_ms]))
         if not removed:
             raise self._not_found(sid)
         self._local.pop(sid, None)
