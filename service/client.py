@@ -31,7 +31,8 @@ from .proto import textgen_pb2_grpc as pb_grpc
 
 DEFAULT_ADDRESS = "localhost:50051"
 FINISH_NAMES = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop",
-                pb.FINISH_REASON_CANCELLED: "cancelled", pb.FINISH_REASON_UNSPECIFIED: "unspecified"}
+                pb.FINISH_REASON_CANCELLED: "cancelled", pb.FINISH_REASON_UNSPECIFIED: "unspecified",
+                pb.FINISH_REASON_CONSTRAINT_COMPLETE: "constraint_complete"}
 
 
 def _failure(address: str, method: str, exc: grpc.RpcError) -> RpcFailed:
@@ -49,10 +50,11 @@ def _failure(address: str, method: str, exc: grpc.RpcError) -> RpcFailed:
 @dataclass
 class GenerateResult:
     text: str
-    finish_reason: str  # length | stop | cancelled
+    finish_reason: str  # length | stop | cancelled | constraint_complete
     usage: pb.Usage
     seed: int
     logprobs: list[pb.TokenLogprob] = field(default_factory=list)
+    choice_scores: list[pb.ChoiceScore] = field(default_factory=list)  # choices: every choice, most likely first
 
 
 class GenerateStream:
@@ -95,7 +97,7 @@ class GenerateStream:
             pass
         assert self.final is not None
         return GenerateResult(self.text, FINISH_NAMES[self.final.finish_reason], self.final.usage,
-                              self.final.seed, self.logprobs)
+                              self.final.seed, self.logprobs, list(self.final.choice_scores))
 
 
 class TextgenClient:
@@ -187,13 +189,15 @@ class TextgenClient:
     # -- generation
     def generate(self, prompt: str = "", *, session_id: str = "", max_tokens: int = 0, temperature: float = 0.0,
                  top_k: int = 0, top_p: float | None = None, seed: int | None = None, stop: Iterable[str] = (),
-                 logprobs: bool = False, session_tokens: int | None = None,
+                 logprobs: bool = False, session_tokens: int | None = None, regex: str | None = None,
+                 json_schema: str | None = None, choices: Iterable[str] | None = None,
                  timeout: float | None = None) -> GenerateStream:
         """Start a Generate stream: from ``session_id`` (after rewinding it to ``session_tokens`` and feeding
-        ``prompt``, if given) or one-shot."""
+        ``prompt``, if given) or one-shot; constrained by one of ``regex``, ``json_schema``, ``choices``."""
         request = pb.GenerateRequest(session_id=session_id, prompt=prompt, max_tokens=max_tokens,
                                      temperature=temperature, top_k=top_k, stop=list(stop), logprobs=logprobs,
-                                     session_tokens=session_tokens)
+                                     session_tokens=session_tokens, regex=regex, json_schema=json_schema,
+                                     choices=None if choices is None else pb.ChoiceList(items=list(choices)))
         if top_p is not None:
             request.top_p = top_p
         if seed is not None:

@@ -27,12 +27,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .config import ServerConfig
-from .engine.base import Engine, Produced
+from .constraints import END, KINDS, ConstraintCompiler, Guide, check_choices
+from .engine.base import Engine, Produced, TokenStream
 from .engine.batching import FEW_STREAMS
 from .errors import InvalidRequest, LimitExceeded, MessageGiven, SessionEmpty, SessionRewindRefused, StreamStalled
 from .heap import LARGE_TEXT
 from .interface import (
     CallGate,
+    ChoiceScore,
     FeedResult,
     FinishEvent,
     FinishReason,
@@ -44,7 +46,7 @@ from .interface import (
     TokenEvent,
 )
 from .metrics import Metrics
-from .sampling import RowSampler
+from .sampling import RowSampler, sample_rows
 from .session_blob import SessionBlob, model_fingerprint, session_key
 from .sessions import Session, SessionBackend
 
@@ -97,6 +99,33 @@ class Encoded:
     unknown_count: int
 
 
+class ChosenStream:
+    """A ``choices`` Generate's stream: the chosen text, scored before the stream opened, as one message (its
+    tokens share the state after the whole text: only the last one's is ever committed)."""
+
+    listener: Callable[[], None] | None = None
+
+    def __init__(self, items: list[Produced]):
+        self._items = items
+        self.produced = self.max_tokens = len(items)
+
+    async def next(self, fresh: bool = False) -> list[Produced]:
+        return self.take()
+
+    def take(self) -> list[Produced]:
+        items, self._items = self._items, []
+        return items
+
+    def want_round(self) -> None:
+        pass
+
+    def delivered(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Generation:
     """One Generate stream's rules, free of how its messages travel: :meth:`pace` says when the next message may
     be cut, :meth:`cut` turns the tokens the engine computed into that message (at most the tokens left, up to
@@ -106,7 +135,8 @@ class Generation:
     same sizes for the same load whichever carries them; they only move the messages."""
 
     def __init__(self, core: TextgenCore, s: Session, prompt_tokens: int, max_tokens: int, stops: tuple[str, ...],
-                 sampler: RowSampler, p: GenerateParams, start: float, ended: Callable[[], bool] | None):
+                 sampler: RowSampler, p: GenerateParams, start: float, ended: Callable[[], bool] | None,
+                 guide: Guide | None = None, chosen: tuple[TokenStream, tuple[ChoiceScore, ...]] | None = None):
         self.core = core
         self.session = s
         self.prompt_tokens = prompt_tokens
@@ -118,7 +148,8 @@ class Generation:
         self.start = start
         self.ended = ended
         self.tail = ""
-        self.reason = FinishReason.LENGTH
+        self.reason = FinishReason.LENGTH if chosen is None else FinishReason.COMPLETE
+        self.choices = () if chosen is None else chosen[1]
         self.generated = 0
         self.last: float | None = None  # when the previous message was cut
         self.last_delivered: float | None = None  # when the previous message was handed to the client
@@ -130,7 +161,8 @@ class Generation:
         self._out: deque[tuple[np.ndarray, int, tuple[int, ...]]] = deque()
         assert s.pending is not None  # checked by the caller (SessionEmpty)
         s.start_generation()  # until something else changes it, the session can be rewound into this Generate
-        self.stream = core.engine.open_stream(s.state, s.pending, sampler, max_tokens, p.logprobs)
+        self.stream: TokenStream = chosen[0] if chosen is not None else core.engine.open_stream(
+            s.state, s.pending, sampler, max_tokens, p.logprobs, guide)
         self.interval = core.config.stream_interval_ms / 1000.0
 
     def pace(self, now: float, after_delivery: bool) -> Pace | None:
@@ -163,9 +195,18 @@ class Generation:
             self.done = True
         return self.done and self.reason == FinishReason.CANCELLED
 
-    def cut(self, items: list[Produced]) -> TokenEvent:
-        """The next message from the computed ``items`` (token, state, logprob) (at least one)."""
+    def cut(self, items: list[Produced]) -> TokenEvent | None:
+        """The next message from the computed ``items`` (token, state, logprob) (at least one); None when they
+        hold only the end of a constrained stream (nothing to send: the stream is over once what is out was
+        delivered)."""
         chars = self.core._chars
+        if items[-1][0] == END:  # the constraint is complete (the engine ends the stream there)
+            items = items[:-1]
+            self.reason = FinishReason.COMPLETE
+            self.last_cut = True
+            if not items:
+                self.done = not self._out
+                return None
         left = self.max_tokens - self.generated - self.in_flight_tokens
         if len(items) > left:
             items = items[:left]
@@ -218,7 +259,8 @@ class Generation:
             self.done = True
 
     def finish(self) -> FinishEvent:
-        return FinishEvent(self.reason, self.prompt_tokens, self.generated, self.session.tokens, self.seed)
+        return FinishEvent(self.reason, self.prompt_tokens, self.generated, self.session.tokens, self.seed,
+                           self.choices)
 
 
 class TextgenCore(CallGate):
@@ -242,12 +284,14 @@ class TextgenCore(CallGate):
         self.fingerprint = model_fingerprint(runtime.manifest.to_public_dict())  # in exported session blobs
         self.session_key = session_key(config.session_key)
         self.on_health: HealthListener | None = None  # (nothing here changes between two sweeps)
+        self.constraints = ConstraintCompiler(self._chars)  # regex and json_schema constraints (its own process)
 
     # -- lifecycle and upkeep (service/upkeep.py)
     async def start(self) -> None:
         pass  # the engine's thread starts with its first call
 
     async def close(self) -> None:
+        await self.constraints.close()
         self.engine.close()
         await self.store.close()
 
@@ -418,7 +462,45 @@ class TextgenCore(CallGate):
             raise InvalidRequest("one-shot Generate (no session_id) needs a prompt")
         if not p.session_id and p.session_tokens is not None:
             raise InvalidRequest("session_tokens needs a session_id")
+        if (c := p.constraint) is not None:
+            if c.kind not in KINDS:
+                raise InvalidRequest(f"unknown constraint {c.kind!r}; one of {', '.join(KINDS)}")
+            if c.kind == "choices":
+                check_choices(c.items, p.max_tokens or self.config.max_tokens)
+                if p.stop or p.logprobs:
+                    raise InvalidRequest("choices take no stop strings and no logprobs (the final message's "
+                                         "choice_scores carry every choice's log-likelihood)")
+            elif not c.pattern:
+                raise InvalidRequest(f"the {c.kind} constraint is empty")
         return p.max_tokens or self.config.max_tokens, p.stop
+
+    async def _guide(self, p: GenerateParams) -> Guide | None:
+        """A ``regex`` or ``json_schema`` constraint's DFA (compiled off the loop, cached), as a new stream's guide."""
+        c = p.constraint
+        if c is None or c.kind == "choices":
+            return None
+        return Guide(await self.constraints.compile(c.kind, c.pattern))
+
+    async def _choose(self, s: Session, items: tuple[str, ...],
+                      sampler: RowSampler) -> tuple[ChosenStream, tuple[ChoiceScore, ...]]:
+        """Score every choice after the session as Score does (``engine.score`` on its state and pending token),
+        draw one (greedy: the most likely; else the sampler over the choices' log-likelihoods, as over logits)
+        and return it as a stream of one message, with every choice's score, most likely first."""
+        encoded = [self._encode(c) for c in items]
+        lacking = [ch for e in encoded for ch in e.unknown_chars]
+        if lacking:
+            raise InvalidRequest(f"choices use characters the model lacks: {''.join(dict.fromkeys(lacking))!r}")
+        outs = await asyncio.gather(*(self.engine.score(e.ids, s.state, s.pending, keep_state=True)
+                                      for e in encoded))
+        lps = np.array([-o.nll for o in outs], dtype=np.float64)
+        probs = np.exp(lps - lps.max())
+        probs /= probs.sum()
+        k = int(sample_rows([sampler], lps[None])[0])
+        out, ids = outs[k], encoded[k].ids
+        assert out.state is not None
+        items_out: list[Produced] = [(int(t), out.state, None) for t in ids]
+        order = sorted(range(len(items)), key=lambda i: -lps[i])
+        return ChosenStream(items_out), tuple(ChoiceScore(items[i], float(lps[i]), float(probs[i])) for i in order)
 
     @asynccontextmanager
     async def generation(self, p: GenerateParams,
@@ -429,6 +511,7 @@ class TextgenCore(CallGate):
         start = time.perf_counter()
         self._check_open()
         max_tokens, stops = self._generate_checks(p)
+        guide = await self._guide(p)
         ids = (await self._prompt(p.prompt, "prompt", allow_empty=bool(p.session_id))).ids
         if self.streams >= self.config.max_streams:
             raise LimitExceeded(f"{self.config.max_streams} Generate streams are running, the server's limit "
@@ -446,7 +529,11 @@ class TextgenCore(CallGate):
                 if s.pending is None:
                     raise SessionEmpty("the session has consumed no text yet: feed a prompt first "
                                        "(CreateSession with a prompt, Feed, or Generate with a prompt)")
-                gen = Generation(self, s, len(ids), max_tokens, stops, sampler, p, start, ended)
+                chosen = None
+                if p.constraint is not None and p.constraint.kind == "choices":
+                    chosen = await self._choose(s, p.constraint.items, sampler)
+                    max_tokens = chosen[0].max_tokens
+                gen = Generation(self, s, len(ids), max_tokens, stops, sampler, p, start, ended, guide, chosen)
                 try:
                     yield gen
                 finally:
@@ -471,6 +558,8 @@ class TextgenCore(CallGate):
                 if gen.stopped():
                     break
                 event = gen.cut(items)
+                if event is None:  # the constraint is complete, nothing more to send
+                    break
                 try:
                     yield event
                 except (StreamStalled, MessageGiven):

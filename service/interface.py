@@ -24,8 +24,8 @@ from .sessions import SessionInfo
 if TYPE_CHECKING:
     from .config import ServerConfig
 
-__all__ = ["CallGate", "Core", "FeedResult", "FinishEvent", "FinishReason", "GenerateParams", "HealthListener",
-           "ModelFacts", "ScoreResult", "SessionInfo", "TokenEvent", "new_seed"]
+__all__ = ["CallGate", "ChoiceScore", "Constraint", "Core", "FeedResult", "FinishEvent", "FinishReason",
+           "GenerateParams", "HealthListener", "ModelFacts", "ScoreResult", "SessionInfo", "TokenEvent", "new_seed"]
 
 ModelFacts = dict[str, object]  # the served bundle's public manifest fields (GetModelInfo)
 HealthListener = Callable[[str, bool], None]  # (part of the server, whether it works now)
@@ -35,6 +35,26 @@ class FinishReason:
     LENGTH = "length"
     STOP = "stop"
     CANCELLED = "cancelled"
+    COMPLETE = "constraint_complete"  # the text completes the request's constraint (docs/api.md)
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A Generate's constraint (docs/api.md, Constrained generation): ``kind`` is ``"regex"`` or
+    ``"json_schema"`` (``pattern`` holds the expression or the schema's JSON) or ``"choices"`` (``items``)."""
+
+    kind: str
+    pattern: str = ""
+    items: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChoiceScore:
+    """One choice of a ``choices`` Generate: its log-likelihood after the session, and its share among them."""
+
+    text: str
+    logprob: float
+    probability: float
 
 
 @dataclass(frozen=True)
@@ -46,6 +66,7 @@ class GenerateParams:
     stop: tuple[str, ...] = ()
     logprobs: bool = False
     session_tokens: int | None = None  # with a session: rewind it exactly to this count first
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +85,7 @@ class FinishEvent:
     generated_tokens: int
     session_tokens: int
     seed: int
+    choices: tuple[ChoiceScore, ...] = ()  # a ``choices`` Generate: every choice's score, most likely first
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,17 @@ from typing import Any
 import grpc
 
 from .errors import InvalidRequest, LimitExceeded, MessageGiven, ServiceError, StreamStalled
-from .interface import Core, FinishEvent, FinishReason, GenerateParams, ModelFacts, SessionInfo, TokenEvent, new_seed
+from .interface import (
+    Constraint,
+    Core,
+    FinishEvent,
+    FinishReason,
+    GenerateParams,
+    ModelFacts,
+    SessionInfo,
+    TokenEvent,
+    new_seed,
+)
 from .logs import log_request
 from .metrics import Metrics
 from .proto import textgen_pb2 as pb
@@ -36,6 +46,7 @@ FINISH = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.STOP: pb.FINISH_REASON_STOP,
     FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.COMPLETE: pb.FINISH_REASON_CONSTRAINT_COMPLETE,
 }
 
 
@@ -67,6 +78,16 @@ def _session_tokens(request: Any) -> int | None:
     if request.session_tokens < 0:
         raise InvalidRequest(f"session_tokens must be >= 0, got {request.session_tokens}")
     return int(request.session_tokens)
+
+
+def _constraint(request: pb.GenerateRequest) -> Constraint | None:
+    """A Generate's ``constraint`` oneof (None when unset)."""
+    kind = request.WhichOneof("constraint")
+    if kind is None:
+        return None
+    if kind == "choices":
+        return Constraint("choices", items=tuple(request.choices.items))
+    return Constraint(kind, pattern=getattr(request, kind))
 
 
 def session_message(info: SessionInfo) -> pb.Session:
@@ -202,7 +223,8 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
                 session_id=request.session_id, prompt=request.prompt, max_tokens=request.max_tokens,
                 sampling=SamplingParams(temperature=request.temperature, top_k=request.top_k,
                                         top_p=request.top_p if request.HasField("top_p") else 1.0, seed=seed),
-                stop=tuple(request.stop), logprobs=request.logprobs, session_tokens=_session_tokens(request))
+                stop=tuple(request.stop), logprobs=request.logprobs, session_tokens=_session_tokens(request),
+                constraint=_constraint(request))
             fields["generated"] = 0
             stall = self.core.config.stream_stall_timeout or None
 
@@ -249,7 +271,9 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
                                     finish_reason=FINISH[ev.reason], seed=ev.seed,
                                     usage=pb.Usage(prompt_tokens=ev.prompt_tokens,
                                                    generated_tokens=ev.generated_tokens,
-                                                   session_tokens=ev.session_tokens)))
+                                                   session_tokens=ev.session_tokens),
+                                    choice_scores=[pb.ChoiceScore(text=c.text, logprob=c.logprob,
+                                                                  probability=c.probability) for c in ev.choices]))
                             except TimeoutError:
                                 raise StreamStalled(f"the client took no message for {stall:g} s "
                                                     "(--stream-stall-timeout)") from None

@@ -20,7 +20,15 @@ from textgen.service.assembly import local_core
 from textgen.service.config import ServerConfig
 from textgen.service.core import TextgenCore
 from textgen.service.fake_runtime import FakeRuntime
-from textgen.service.interface import Core, FeedResult, FinishEvent, GenerateParams, SessionInfo
+from textgen.service.interface import (
+    ChoiceScore,
+    Constraint,
+    Core,
+    FeedResult,
+    FinishEvent,
+    GenerateParams,
+    SessionInfo,
+)
 from textgen.service.procs import wire
 from textgen.service.procs.remote import RemoteCore
 from textgen.service.sampling import SamplingParams
@@ -60,11 +68,16 @@ SAMPLES: list[msgspec.Struct] = [
     wire.ForkSession("0.a", 3.0), wire.ExportSession("0.a"), wire.ImportSession(b"\x00\xffblob", None),
     wire.ModelInfo(), wire.Health(),
     wire.Generate(GenerateParams("0.a", "prompt", 7, SamplingParams(0.8, 5, 0.9, 2**63 + 5), ("\n", "."), True)),
-    wire.Generate(GenerateParams()), wire.Ack(3), wire.Stall("slow"), wire.Cancel(), wire.Stop(),
+    wire.Generate(GenerateParams()),
+    wire.Generate(GenerateParams("0.a", "", 9, constraint=Constraint("regex", r"\d{4}-\d{2}"))),
+    wire.Generate(GenerateParams("", "p", 0, constraint=Constraint("choices", items=("yes", "no ü")))),
+    wire.Ack(3), wire.Stall("slow"), wire.Cancel(), wire.Stop(),
 ]
 REPLIES: list[msgspec.Struct] = [
     wire.ok({"a": 1}), wire.ok(None), wire.Err("NOT_FOUND", "no such session"),
     wire.Tok("ab", [1, 2], None), wire.Tok("c", [3], [-0.25]), wire.Fin(FinishEvent("stop", 3, 4, 9, 2**64 - 1)),
+    wire.Fin(FinishEvent("constraint_complete", 0, 2, 5, 1,
+                         (ChoiceScore("no", -0.5, 0.75), ChoiceScore("yes", -1.5, 0.25)))),
 ]
 
 

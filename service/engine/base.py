@@ -5,8 +5,9 @@
 * ``feed(state, pending, ids) -> (state, pending)``: consume ``ids`` after a session's (state, pending).
 * ``replay(state, pending, ids) -> (state, pending)``: the same, one token per call of the one-step graph, as
   decoding ran them: the states a Generate had after delivering ``ids`` (a rewind rebuilds them bit for bit).
-* ``open_stream(state, pending, sampler, max_tokens, logprobs) -> TokenStream`` (not a coroutine): generate
-  from a session end; see :class:`TokenStream`.
+* ``open_stream(state, pending, sampler, max_tokens, logprobs, guide) -> TokenStream`` (not a coroutine):
+  generate from a session end, constrained by ``guide`` if given (:mod:`~textgen.service.constraints`); see
+  :class:`TokenStream`.
 * ``score(ids, state, pending, keep_state) -> ScoreOutcome``: summed NLL of ``ids`` (and the new session end).
 
 Two implementations: :class:`~textgen.service.engine.batching.BatchingEngine` (the default) runs the decode
@@ -27,6 +28,7 @@ from typing import Protocol
 
 import numpy as np
 
+from ..constraints import Guide
 from ..nll import SUM_BLOCK
 from ..sampling import RowSampler
 
@@ -42,7 +44,9 @@ class ScoreOutcome:
     pending: int | None
 
 
-Produced = tuple[int, np.ndarray, float | None]  # token, the state that goes with it as pending, logprob
+# token, the state that goes with it as pending, logprob; a constrained stream's last item may be the token-less
+# (END, state, None): its constraint is complete, the stream ends there
+Produced = tuple[int, np.ndarray, float | None]
 
 
 class TokenStream(Protocol):
@@ -59,7 +63,8 @@ class TokenStream(Protocol):
     * ``close()``: the stream ends at once;
     * ``listener``: called on the event loop once per round that brought this stream tokens (or an error),
       for a caller that is driven by the rounds instead of awaiting ``next`` (an engine shard's relay);
-    * ``produced`` / ``max_tokens``: tokens computed so far, and at most.
+    * ``produced`` / ``max_tokens``: tokens computed so far, and at most (a stream that a constraint ended
+      lowers ``max_tokens`` to ``produced``: no round computes it again).
     """
 
     listener: Callable[[], None] | None
@@ -85,7 +90,7 @@ class Engine(Protocol):
                      ids: np.ndarray) -> tuple[np.ndarray, int]: ...
 
     def open_stream(self, state: np.ndarray | None, pending: int, sampler: RowSampler, max_tokens: int,
-                    logprobs: bool) -> TokenStream: ...
+                    logprobs: bool, guide: Guide | None = None) -> TokenStream: ...
 
     async def score(self, ids: np.ndarray, state: np.ndarray | None = None, pending: int | None = None,
                     keep_state: bool = False) -> ScoreOutcome: ...

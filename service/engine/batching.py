@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..constraints import END, Guide, sample_guided
 from ..nll import block_sum, token_nll
 from ..sampling import RowSampler, sample_logits
 from .base import SCORE_CHUNK, Produced, ScoreOutcome, TokenStream, chunk_length, sequence
@@ -78,12 +79,13 @@ _WAKE = object()
 class _Stream:
     """One Generate stream inside the scheduler (also the :class:`TokenStream` its caller holds)."""
 
-    __slots__ = ("buffer", "closed", "engine", "enqueued", "error", "listener", "logprobs", "max_tokens", "produced",
-                 "sampler", "sent", "started", "state", "token", "waiter", "wants_round")
+    __slots__ = ("buffer", "closed", "engine", "enqueued", "error", "guide", "listener", "logprobs", "max_tokens",
+                 "produced", "sampler", "sent", "started", "state", "token", "waiter", "wants_round")
 
     def __init__(self, engine: BatchingEngine, state: np.ndarray, token: int, sampler: RowSampler,
-                 max_tokens: int, logprobs: bool):
+                 max_tokens: int, logprobs: bool, guide: Guide | None = None):
         self.engine = engine
+        self.guide = guide  # thread: the stream's constraint and its place in it (service/constraints.py)
         self.state = state  # thread: the state that goes with ``token``
         self.token = token
         self.sampler = sampler
@@ -213,9 +215,9 @@ class BatchingEngine:
         return loop
 
     def open_stream(self, state: np.ndarray | None, pending: int, sampler: RowSampler, max_tokens: int,
-                    logprobs: bool) -> TokenStream:
+                    logprobs: bool, guide: Guide | None = None) -> TokenStream:
         self._bind()
-        s = _Stream(self, self._zero if state is None else state, int(pending), sampler, max_tokens, logprobs)
+        s = _Stream(self, self._zero if state is None else state, int(pending), sampler, max_tokens, logprobs, guide)
         self._streams.add(s)
         self._inbox.put(s)
         return s
@@ -407,10 +409,19 @@ class BatchingEngine:
         if self.step_delay:
             time.sleep(self.step_delay)
         logits, out = self.runtime.step_last(tokens, states)
-        toks, lps = sample_logits(logits, [s.sampler for s in ready], [s.logprobs for s in ready])
+        samplers, want = [s.sampler for s in ready], [s.logprobs for s in ready]
+        guides = [s.guide for s in ready]
+        if any(guides):  # constrained rows: their masks in one step (unconstrained batches skip this)
+            toks, lps = sample_guided(logits, samplers, want, guides)
+        else:
+            toks, lps = sample_logits(logits, samplers, want)
         for i, s in enumerate(ready):
-            st = out[i].copy()  # owned: a session must not keep the whole batch's array alive
             tok = int(toks[i])
+            if tok == END:  # the constraint is complete: the end goes to the stream as a token-less item
+                s.max_tokens = s.produced  # (no more rounds for it: see TokenStream.max_tokens)
+                produced.append((s, END, s.state, None))
+                continue
+            st = out[i].copy()  # owned: a session must not keep the whole batch's array alive
             s.state = st
             s.token = tok
             s.produced += 1

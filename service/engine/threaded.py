@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from ..constraints import END, Guide, sample_guided
 from ..nll import SUM_BLOCK, block_sum, token_nll
 from ..sampling import RowSampler, sample_logits
 from .base import FEED_CHUNK, SCORE_CHUNK, Produced, ScoreOutcome, TokenStream, chunk_length, sequence
@@ -28,8 +29,9 @@ class _ThreadStream:
     """ThreadEngine's stream: one decode-and-sample job per ``next()``, nothing computed ahead."""
 
     def __init__(self, engine: ThreadEngine, state: np.ndarray | None, token: int, sampler: RowSampler,
-                 max_tokens: int, logprobs: bool):
+                 max_tokens: int, logprobs: bool, guide: Guide | None = None):
         self.engine = engine
+        self.guide = guide
         self.max_tokens = max_tokens
         self.produced = 0
         self.listener: Callable[[], None] | None = None  # never called: nothing is computed ahead
@@ -41,7 +43,10 @@ class _ThreadStream:
     async def next(self, fresh: bool = False) -> list[Produced]:
         e = self.engine
         token, state, lp = await e._run(e._sample_step, e._state(self.state), self.token, self.sampler,
-                                        self.logprobs)
+                                        self.logprobs, self.guide)
+        if token == END:  # the constraint is complete: the end, as a token-less item
+            self.max_tokens = self.produced
+            return [(END, state, None)]
         self.state, self.token = state, token
         self.produced += 1
         return [(token, state, lp)]
@@ -82,10 +87,13 @@ class ThreadEngine:
         logits, out = self.runtime.step_last(np.array([[token]], dtype=np.int64), state)
         return np.array(logits[0], dtype=np.float32), np.array(out[0], dtype=np.float32)
 
-    def _sample_step(self, state: np.ndarray, token: int, sampler: RowSampler,
-                     logprobs: bool) -> tuple[int, np.ndarray, float | None]:
+    def _sample_step(self, state: np.ndarray, token: int, sampler: RowSampler, logprobs: bool,
+                     guide: Guide | None = None) -> tuple[int, np.ndarray, float | None]:
         logits, out = self.runtime.step_last(np.array([[token]], dtype=np.int64), state)
-        tokens, lps = sample_logits(logits, [sampler], [logprobs])
+        if guide is not None:
+            tokens, lps = sample_guided(logits, [sampler], [logprobs], [guide])
+        else:
+            tokens, lps = sample_logits(logits, [sampler], [logprobs])
         return int(tokens[0]), np.array(out[0], dtype=np.float32), lps[0]
 
     def _score_chunk(self, state: np.ndarray, inputs: np.ndarray,
@@ -119,8 +127,8 @@ class ThreadEngine:
         return await self._run(self._decode, self._state(state), int(token))
 
     def open_stream(self, state: np.ndarray | None, pending: int, sampler: RowSampler, max_tokens: int,
-                    logprobs: bool) -> TokenStream:
-        return _ThreadStream(self, state, int(pending), sampler, max_tokens, logprobs)
+                    logprobs: bool, guide: Guide | None = None) -> TokenStream:
+        return _ThreadStream(self, state, int(pending), sampler, max_tokens, logprobs, guide)
 
     async def score(self, ids: np.ndarray, state: np.ndarray | None = None, pending: int | None = None,
                     keep_state: bool = False) -> ScoreOutcome:

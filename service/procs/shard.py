@@ -233,6 +233,10 @@ class _Relay:
         if not items:
             return
         event = gen.cut(items)
+        if event is None:  # a constrained stream's end, nothing more to send: finish once what is out is acked
+            if not gen.in_flight:
+                self._end(gen.finish())
+            return
         lps = list(event.logprobs) if event.logprobs is not None else None
         self.server.send(self.peer, self.call, wire.Tok(event.text, list(event.token_ids), lps))
         if self.waiting_since is None:
