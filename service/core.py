@@ -557,6 +557,10 @@ class TextgenCore(CallGate):
                 items = await gen.stream.next(pace.fresh)
                 if gen.stopped():
                     break
+                if not items:
+                    # A round released the stream with nothing new: the engine's thread read its window as full
+                    # an instant before the last delivery opened it. The next round computes it.
+                    continue
                 event = gen.cut(items)
                 if event is None:  # the constraint is complete, nothing more to send
                     break

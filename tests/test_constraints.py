@@ -343,3 +343,47 @@ def test_a_request_that_goes_away_mid_compile_leaves_the_compiler_in_step(rt: An
 
     small, big, compiles = asyncio.run(scenario())
     assert small == 3 and big > 2048 and compiles == 2
+
+
+def test_a_round_that_releases_a_stream_with_nothing_new_does_not_end_it() -> None:
+    """The engine's thread may read a stream's window as full an instant before a delivery opens it, and release
+    its ``next(fresh=True)`` with no token: the stream waits for the next round (it used to fail, INTERNAL)."""
+    from textgen.service.assembly import local_core
+    from textgen.service.config import ServerConfig
+    from textgen.service.fake_runtime import FakeRuntime
+    from textgen.service.interface import FinishEvent, GenerateParams, TokenEvent
+
+    async def scenario() -> tuple[str, str]:
+        core, _ = local_core(ServerConfig(), FakeRuntime("rnn"))
+        opened = core.engine.open_stream
+
+        class OnceEmpty:
+            def __init__(self, stream: Any):
+                self.stream, self.empty = stream, True
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.stream, name)
+
+            async def next(self, fresh: bool = False) -> Any:
+                if self.empty:
+                    self.empty = False
+                    return []
+                return await self.stream.next(fresh)
+
+        def open_stream(*args: Any) -> Any:
+            return OnceEmpty(opened(*args))
+
+        core.engine.open_stream = open_stream  # type: ignore[method-assign]
+        text, reason = "", ""
+        try:
+            async for ev in core.generate(GenerateParams(prompt="hello", max_tokens=5)):
+                if isinstance(ev, TokenEvent):
+                    text += ev.text
+                elif isinstance(ev, FinishEvent):
+                    reason = ev.reason
+        finally:
+            await core.close()
+        return text, reason
+
+    text, reason = asyncio.run(scenario())
+    assert len(text) == 5 and reason == "length"
