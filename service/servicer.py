@@ -226,6 +226,8 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
                 stop=tuple(request.stop), logprobs=request.logprobs, session_tokens=_session_tokens(request),
                 constraint=_constraint(request))
             fields["generated"] = 0
+            if params.constraint is not None:
+                fields["constraint"] = params.constraint.kind  # (never its text: the request's own)
             stall = self.core.config.stream_stall_timeout or None
 
             async def send(msg: pb.GenerateResponse) -> None:
