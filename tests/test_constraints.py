@@ -393,6 +393,7 @@ def test_a_round_that_releases_a_stream_with_nothing_new_does_not_end_it() -> No
     ("regex", REGEXES[0], 6), ("regex", REGEXES[3], 5), ("json_schema", json.dumps(SCHEMAS[0]), 12)])
 def test_texts_cut_by_max_tokens_are_prefixes_of_the_language(
         client: TextgenClient, server: RunningServer, rt: Any, kind: str, text: str, max_tokens: int) -> None:
+    constraint: dict[str, Any] = {kind: text}
     counts = check_runs(client, rt, dfa_of(server, kind, text), lambda t: None, max_tokens=max_tokens,
-                        **{kind: text})
+                        **constraint)
     assert counts.get("length", 0) > RUNS // 2, counts
