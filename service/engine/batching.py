@@ -301,25 +301,25 @@ class BatchingEngine:
         """On the loop: hand a round's results to their streams and jobs; wake the streams that wanted this
         round although it computed nothing for them (``released``: their window is full)."""
         listeners: dict[_Stream, Callable[[], None]] = {}
-        for s in released:
-            if s.closed or not s.wants_round:
-                continue
-            s.wants_round = False
+
+        def wake(s: _Stream) -> None:  # its next() returns, or its listener is called once, after this round
             if s.listener is not None:
                 listeners[s] = s.listener
             w = s.waiter
             if w is not None and not w.done():
                 w.set_result(None)
+
+        for s in released:
+            if s.closed or not s.wants_round:
+                continue
+            s.wants_round = False
+            wake(s)
         for s, token, state, lp in produced:
             if s.closed:
                 continue
             s.wants_round = False
             s.buffer.append((token, state, lp))
-            if s.listener is not None:
-                listeners[s] = s.listener
-            w = s.waiter
-            if w is not None and not w.done():
-                w.set_result(None)
+            wake(s)
         for job, result, exc in done:
             f = job.future
             if not f.done():
@@ -329,11 +329,7 @@ class BatchingEngine:
                     f.set_exception(exc)
         for s, exc in failed:
             s.error = exc
-            if s.listener is not None:
-                listeners[s] = s.listener
-            w = s.waiter
-            if w is not None and not w.done():
-                w.set_result(None)
+            wake(s)
         for listener in listeners.values():
             listener()
 
