@@ -4,13 +4,17 @@ A request becomes n :class:`~textgen.service.interface.GenerateParams` (choice i
 ``session_id`` there is one choice, and the prompt is the session's next turn, exactly like gRPC Generate on a
 session). Responses and stream chunks follow OpenAI's reference: ``id``, ``object``, ``created``, ``model``,
 ``system_fingerprint``, ``choices`` with ``finish_reason`` ``stop``/``length`` (``cancelled`` when the server
-drains), ``usage``; a stream is ``data: {json}`` events ending with ``data: [DONE]``, or with one ``data:
+drains; a completed constraint is ``stop``), ``usage``; a ``response_format`` or ``structured_outputs``
+constraint becomes the Generate's (:func:`constraint_of`), and a ``choice`` request's choices carry
+``choice_scores``; a stream is ``data: {json}`` events ending with ``data: [DONE]``, or with one ``data:
 {"error": ...}`` event when it fails after it started. docs/http.md lists what differs from OpenAI.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -19,7 +23,7 @@ from datetime import datetime
 from typing import Any
 
 from ..errors import ServiceError
-from ..interface import Core, FinishEvent, GenerateParams, TokenEvent, new_seed
+from ..interface import ChoiceScore, Constraint, Core, FinishEvent, FinishReason, GenerateParams, TokenEvent, new_seed
 from ..sampling import SamplingParams
 from .choices import Choices, ChoiceState
 from .errors import HttpError, from_service
@@ -28,6 +32,66 @@ from .schemas import ChatMessage, ChatRequest, CompletionRequest, _Sampling, che
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 DONE = b"[DONE]"
+# ``response_format: {"type": "json_object"}``: any JSON *object* is a recursive language that no DFA holds (the
+# compiler refuses ``{"type": "object"}`` as too large), so it is this bounded one: an object whose values are
+# strings, numbers, booleans, null, or arrays of those (docs/http.md)
+_SCALAR = {"type": ["string", "number", "boolean", "null"]}
+JSON_OBJECT_SCHEMA = json.dumps({"type": "object",
+                                 "additionalProperties": {"anyOf": [_SCALAR, {"type": "array", "items": _SCALAR}]}})
+# a Generate's INVALID_ARGUMENT that concerns its constraint (the core's and the compiler's messages name it)
+_CONSTRAINT_WORDS = re.compile(r"regex|JSON Schema|choice|constraint")
+
+
+def finish_reason(reason: str) -> str:
+    """The finish reason as OpenAI clients know it: a completed constraint is ``stop`` (docs/http.md)."""
+    return "stop" if reason == FinishReason.COMPLETE else reason
+
+
+def score_list(scores: tuple[ChoiceScore, ...]) -> list[dict[str, Any]]:
+    return [{"text": c.text, "logprob": c.logprob, "probability": c.probability} for c in scores]
+
+
+def constraint_of(r: _Sampling) -> tuple[Constraint | None, str | None]:
+    """The request's constraint (``response_format`` or ``structured_outputs``, at most one) and the request
+    field that names it (for a refusal's ``param``)."""
+    found: list[tuple[Constraint, str]] = []
+    rf = r.response_format
+    if rf is not None:
+        if rf.type == "json_object":
+            found.append((Constraint("json_schema", JSON_OBJECT_SCHEMA), "response_format"))
+        elif rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema is None:
+                raise HttpError(400, "response_format of type json_schema needs json_schema.schema",
+                                param="response_format.json_schema")
+            found.append((Constraint("json_schema", json.dumps(rf.json_schema.schema)),
+                          "response_format.json_schema.schema"))
+        elif rf.type != "text":
+            raise HttpError(400, f"response_format.type must be text, json_object or json_schema, got {rf.type!r}"
+                            [:300], param="response_format.type")
+    so = r.structured_outputs
+    if so is not None:
+        if so.regex is not None:
+            found.append((Constraint("regex", so.regex), "structured_outputs.regex"))
+        if so.json is not None:
+            schema = so.json if isinstance(so.json, str) else json.dumps(so.json)
+            found.append((Constraint("json_schema", schema), "structured_outputs.json"))
+        if so.choice is not None:
+            found.append((Constraint("choices", items=tuple(so.choice)), "structured_outputs.choice"))
+    if len(found) > 1:
+        raise HttpError(400, "at most one constraint per request, got " + ", ".join(f for _, f in found),
+                        param=found[1][1])
+    return found[0] if found else (None, None)
+
+
+def refusal(exc: BaseException, param: str | None) -> BaseException:
+    """A Generate's failure before its stream started, as raised to the client: a constraint's INVALID_ARGUMENT
+    names the request field of the constraint in ``param``."""
+    if param and isinstance(exc, ServiceError) and exc.code == "INVALID_ARGUMENT" and _CONSTRAINT_WORDS.search(
+            str(exc)):
+        err = from_service(exc)
+        err.param = param
+        return err
+    return exc
 
 
 @dataclass
@@ -42,6 +106,7 @@ class Shape:
     echo: str = ""  # completions: the prompt, prepended to each choice's text
     logprobs: bool = False
     top_logprobs: int = 0
+    param: str | None = None  # the request field of its constraint, if any
 
     def head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
@@ -68,18 +133,21 @@ class Shape:
         choices = []
         for s in states:
             text = "".join(s.text)
-            reason = s.finish.reason if s.finish else "length"
+            reason = finish_reason(s.finish.reason) if s.finish else "length"
             lp = self.logprob_block(text, s.logprobs, len(self.echo)) if self.logprobs else None
             if self.kind == "chat":
-                choices.append({"index": s.index, "message": {"role": "assistant", "content": text},
-                                "logprobs": lp, "finish_reason": reason})
+                choice: dict[str, Any] = {"index": s.index, "message": {"role": "assistant", "content": text},
+                                          "logprobs": lp, "finish_reason": reason}
             else:
-                choices.append({"index": s.index, "text": self.echo + text, "logprobs": lp, "finish_reason": reason})
+                choice = {"index": s.index, "text": self.echo + text, "logprobs": lp, "finish_reason": reason}
+            if s.finish is not None and s.finish.choices:
+                choice["choice_scores"] = score_list(s.finish.choices)
+            choices.append(choice)
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
         return {**self.head(obj), "choices": choices, "usage": self.usage(states)}
 
     def chunk(self, index: int, text: str | None, logprobs: tuple[float, ...] | None, offset: int,
-              finish: str | None, usage: bool) -> dict[str, Any]:
+              finish: str | None, usage: bool, scores: tuple[ChoiceScore, ...] = ()) -> dict[str, Any]:
         lp = (self.logprob_block(text or "", logprobs, offset) if self.logprobs and logprobs is not None and text
               else None)
         if self.kind == "chat":
@@ -89,8 +157,10 @@ class Shape:
             choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
             out = {**self.head("chat.completion.chunk"), "choices": [choice]}
         else:
-            out = {**self.head("text_completion"),
-                   "choices": [{"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}]}
+            choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
+            out = {**self.head("text_completion"), "choices": [choice]}
+        if scores:
+            choice["choice_scores"] = score_list(scores)
         if usage:
             out["usage"] = None
         return out
@@ -150,6 +220,7 @@ def _params(r: _Sampling, prompt: str, max_tokens: int, logprobs: bool) -> list[
     if r.session_id and n > 1:
         raise HttpError(400, "n > 1 needs a request without session_id (a session continues one text)", param="n")
     stop = (r.stop,) if isinstance(r.stop, str) else tuple(r.stop or ())
+    constraint, _ = constraint_of(r)
     temperature = 1.0 if r.temperature is None else r.temperature
     base = r.seed if r.seed is not None else None
     out = []
@@ -161,7 +232,8 @@ def _params(r: _Sampling, prompt: str, max_tokens: int, logprobs: bool) -> list[
         except ServiceError as exc:
             raise from_service(exc) from None
         out.append(GenerateParams(session_id=r.session_id or "", prompt=prompt, max_tokens=max_tokens,
-                                  sampling=sampling, stop=stop, logprobs=logprobs, session_tokens=r.session_tokens))
+                                  sampling=sampling, stop=stop, logprobs=logprobs, session_tokens=r.session_tokens,
+                                  constraint=constraint))
     return out
 
 
@@ -191,7 +263,7 @@ class OpenAIRoutes:
     async def completions(self, ex: Exchange, r: CompletionRequest, fields: dict[str, Any]) -> None:
         self.check_model(r.model)
         shape = Shape("completion", "cmpl-" + secrets.token_hex(12), int(time.time()), self.model, self.fingerprint,
-                      echo=r.prompt if r.echo else "", logprobs=r.logprobs is not None)
+                      echo=r.prompt if r.echo else "", logprobs=r.logprobs is not None, param=constraint_of(r)[1])
         params = _params(r, r.prompt, 16 if r.max_tokens is None else r.max_tokens, r.logprobs is not None)
         await self._run(ex, shape, params, bool(r.stream), bool(r.stream_options and r.stream_options.include_usage),
                         fields)
@@ -202,7 +274,7 @@ class OpenAIRoutes:
             raise HttpError(400, "messages must not be empty", param="messages")
         prompt = render_chat(self.template, r.messages)
         shape = Shape("chat", "chatcmpl-" + secrets.token_hex(12), int(time.time()), self.model, self.fingerprint,
-                      logprobs=bool(r.logprobs), top_logprobs=r.top_logprobs or 0)
+                      logprobs=bool(r.logprobs), top_logprobs=r.top_logprobs or 0, param=constraint_of(r)[1])
         max_tokens = r.max_completion_tokens or r.max_tokens or 0  # 0: the server's --max-tokens
         params = _params(r, prompt, max_tokens, bool(r.logprobs))
         await self._run(ex, shape, params, bool(r.stream), bool(r.stream_options and r.stream_options.include_usage),
@@ -218,7 +290,7 @@ class OpenAIRoutes:
             else:
                 async for _, ev, ack in choices.events():
                     if isinstance(ev, BaseException):
-                        raise ev
+                        raise refusal(ev, shape.param)
                     if isinstance(ev, TokenEvent):
                         fields["generated"] += len(ev.token_ids)
                     else:
@@ -239,7 +311,7 @@ class OpenAIRoutes:
             async for index, ev, ack in choices.events():
                 if isinstance(ev, BaseException):
                     if not ex.status:
-                        raise ev  # before the stream started: an ordinary error response
+                        raise refusal(ev, shape.param)  # before the stream started: an ordinary error response
                     err = from_service(ev) if isinstance(ev, ServiceError) else HttpError(
                         500, "internal error (the server logged the traceback)", type="server_error")
                     if not isinstance(ev, ServiceError):
@@ -260,7 +332,8 @@ class OpenAIRoutes:
                     fields["generated"] += len(ev.token_ids)
                 elif isinstance(ev, FinishEvent):
                     fields["finish"] = ev.reason
-                    await self._write(ex, dumps(shape.chunk(index, None, None, 0, ev.reason, usage)))
+                    await self._write(ex, dumps(shape.chunk(index, None, None, 0, finish_reason(ev.reason), usage,
+                                                            ev.choices)))
                 choices.written(ack)
             if usage:
                 await self._write(ex, dumps({**shape.head("chat.completion.chunk" if shape.kind == "chat"

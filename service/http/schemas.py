@@ -27,6 +27,32 @@ class StreamOptions(Struct, forbid_unknown_fields=True):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(Struct, forbid_unknown_fields=True, kw_only=True):
+    """``response_format.json_schema``: OpenAI's shape (``name`` is accepted, not required; ``strict`` changes
+    nothing: the schema is always enforced, and one this engine cannot enforce is refused)."""
+
+    name: str | None = None
+    description: str | None = None
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(Struct, forbid_unknown_fields=True, kw_only=True):
+    """OpenAI's ``response_format``: ``type`` ``text`` (no constraint), ``json_object`` or ``json_schema``."""
+
+    type: str
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(Struct, forbid_unknown_fields=True, kw_only=True):
+    """vLLM's ``structured_outputs`` (at most one of its fields): ``regex``, ``json`` (a schema, as an object or
+    its JSON text) or ``choice`` (the texts to choose among)."""
+
+    regex: str | None = None
+    json: dict[str, Any] | str | None = None
+    choice: list[str] | None = None
+
+
 class _Sampling(Struct, forbid_unknown_fields=True, kw_only=True):
     """What completions and chat completions share."""
 
@@ -45,6 +71,8 @@ class _Sampling(Struct, forbid_unknown_fields=True, kw_only=True):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None  # constrained generation (docs/http.md)
+    structured_outputs: StructuredOutputs | None = None
 
 
 class CompletionRequest(_Sampling, kw_only=True):
