@@ -30,6 +30,13 @@ connection per client); the figures mean the same, so the two protocols compare 
 
     python bench/serve_load.py --models noop,default --streams 1,16,64 --batching on --skip-long --protocol http
 
+``--constraint regex|json`` constrains every stream (docs/api.md, Constrained generation): the regex
+``[a-z ]{1,60}\\.`` or a JSON Schema of 5 properties (:data:`CONSTRAINT_SCHEMA`), over either protocol (gRPC's
+``regex``/``json_schema``, HTTP's ``structured_outputs``); constrained streams end when their text completes,
+so they are shorter than ``--tokens`` (the tok/s figures stay comparable; tok/stream says how long they were):
+
+    python bench/serve_load.py --models default --streams 64 --batching on --skip-long --constraint json
+
 ``--server-python`` runs ``textgen serve`` with another interpreter (another install of the package: before and
 after a change, bench/ab_serve_load.py); the load generator and the raw decode rate stay on this one.
 
@@ -65,6 +72,28 @@ SERVER_FLAGS = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--
                 "--log-level", "warning", "--grace-seconds", "1"]
 
 
+CONSTRAINT_REGEX = r"[a-z ]{1,60}\."
+CONSTRAINT_SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 40}, "age": {"type": "integer"}, "email": {"type": "string",
+                                                                                     "maxLength": 40},
+    "active": {"type": "boolean"}, "tags": {"type": "array", "items": {"type": "string", "maxLength": 12},
+                                            "maxItems": 4}},
+    "required": ["name", "age", "email", "active", "tags"], "additionalProperties": False}
+
+
+CONSTRAINTS = ("none", "regex", "json")
+
+
+def constraint_fields(constraint: str, protocol: str) -> dict[str, Any]:
+    """The request fields of ``--constraint`` (none, regex, json) for gRPC's GenerateRequest or HTTP's body."""
+    if constraint == "none":
+        return {}
+    if protocol == "http":
+        return {"structured_outputs": {"regex": CONSTRAINT_REGEX} if constraint == "regex"
+                else {"json": CONSTRAINT_SCHEMA}}
+    return {"regex": CONSTRAINT_REGEX} if constraint == "regex" else {"json_schema": json.dumps(CONSTRAINT_SCHEMA)}
+
+
 def prompt(i: int, n: int) -> str:
     k = (i * 37) % len(TEXT)
     return ((TEXT[k:] + TEXT) * (n // len(TEXT) + 2))[:n]
@@ -80,7 +109,8 @@ def pct(values: list[float], q: float) -> float:
 # --------------------------------------------------------------------------------------------- client
 
 
-async def _client_main(address: str, streams: int, tokens: int, prompt_chars: int, seed: int) -> dict[str, Any]:
+async def _client_main(address: str, streams: int, tokens: int, prompt_chars: int, seed: int,
+                       constraint: str = "none") -> dict[str, Any]:
     import grpc
 
     from textgen.service.proto import textgen_pb2 as pb
@@ -108,7 +138,8 @@ async def _client_main(address: str, streams: int, tokens: int, prompt_chars: in
             prev = None
             mine: list[tuple[float, int]] = []
             async for msg in stub.Generate(pb.GenerateRequest(session_id=sid, max_tokens=tokens, temperature=0.8,
-                                                              seed=seed + i)):
+                                                              seed=seed + i,
+                                                              **constraint_fields(constraint, "grpc"))):
                 if msg.text:
                     now = time.perf_counter()
                     if prev is None:
@@ -211,7 +242,8 @@ class _HttpConn:
             self.writer.close()
 
 
-async def _http_client_main(address: str, streams: int, tokens: int, prompt_chars: int, seed: int) -> dict[str, Any]:
+async def _http_client_main(address: str, streams: int, tokens: int, prompt_chars: int, seed: int,
+                            constraint: str = "none") -> dict[str, Any]:
     """The same load as :func:`_client_main` over the HTTP API: POST /v1/sessions, /feed, then a streamed
     /v1/completions on the session (one keep-alive connection per client)."""
     host, _, port = address.rpartition(":")
@@ -234,7 +266,8 @@ async def _http_client_main(address: str, streams: int, tokens: int, prompt_char
             prev = None
             mine: list[tuple[float, int]] = []
             async for ev in conn.events("/v1/completions", {"prompt": "", "session_id": sid, "max_tokens": tokens,
-                                                            "temperature": 0.8, "seed": seed + i, "stream": True}):
+                                                            "temperature": 0.8, "seed": seed + i, "stream": True,
+                                                            **constraint_fields(constraint, "http")}):
                 text = ev["choices"][0]["text"] if ev.get("choices") else ""
                 if text:
                     now = time.perf_counter()
@@ -453,7 +486,7 @@ def main_bench(args: argparse.Namespace) -> None:
             paths[name] = str(export_random_gru(int(name), models_dir / f"gru{name}"))
     models = args.models.split(",")
     streams = [int(x) for x in args.streams.split(",")]
-    report: dict[str, Any] = {"command": " ".join(sys.argv), "protocol": args.protocol,
+    report: dict[str, Any] = {"command": " ".join(sys.argv), "protocol": args.protocol, "constraint": args.constraint,
                               "server_python": args.server_python,
                               "server_package": server_package(args.server_python), "raw": {}, "rows": [], "long": []}
     if args.server_python != sys.executable:
@@ -467,10 +500,10 @@ def main_bench(args: argparse.Namespace) -> None:
         report["raw"][name] = rate
         print(f"{name:>8}: {rate:10.0f} tok/s ({args.raw_batch / rate * 1e3:.2f} ms per step)", flush=True)
 
-    print(f"\n# load over {args.protocol}", flush=True)
-    print("\n| model | batching | N | tokens | gen tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | tok/msg | "
-          "mean batch | client CPU | server CPU per 1k tok |", flush=True)
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print(f"\n# load over {args.protocol}, constraint {args.constraint}", flush=True)
+    print("\n| model | batching | constraint | N | tokens | tok/stream | gen tok/s | TTFT p50 | TTFT p99 | ITL p50 "
+          "| ITL p99 | tok/msg | mean batch | client CPU | server CPU per 1k tok |", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for name in models:
         big = name.isdigit() and int(name) >= 1024
         for batching in args.batching.split(","):
@@ -483,7 +516,8 @@ def main_bench(args: argparse.Namespace) -> None:
                     b0 = (server.metric_sum("textgen_batch_size_sum"), server.metric_sum("textgen_batch_size_count"))
                     c0 = server.cpu_seconds()
                     reps = [run_client("client", server.client_address(args.protocol), streams=n, tokens=tokens,
-                                       prompt_chars=chars, seed=n + k, protocol=args.protocol)
+                                       prompt_chars=chars, seed=n + k, protocol=args.protocol,
+                                       constraint=args.constraint)
                             for k in range(args.repeat_single if n == 1 else 1)]
                     cpu = server.cpu_seconds() - c0
                     r = sorted(reps, key=lambda x: x["tok_s"])[len(reps) // 2]  # the median run (N=1 is short)
@@ -492,7 +526,8 @@ def main_bench(args: argparse.Namespace) -> None:
                     r["mean_batch"] = (b1[0] - b0[0]) / (b1[1] - b0[1]) if b1[1] > b0[1] else 1.0
                     report["rows"].append(asdict(Row(name, batching, n, tokens, chars, r)))
                     star = "" if r["steady"] else "*"
-                    print(f"| {name} | {batching} | {n} | {tokens} | {r['tok_s']:.0f}{star} "
+                    print(f"| {name} | {batching} | {args.constraint} | {n} | {tokens} | {r['tokens'] / n:.0f} "
+                          f"| {r['tok_s']:.0f}{star} "
                           f"| {r['ttft_p50'] * 1e3:.0f} ms "
                           f"| {r['ttft_p99'] * 1e3:.0f} ms | {r['itl_p50'] * 1e3:.1f} ms | {r['itl_p99'] * 1e3:.1f} ms "
                           f"| {r['tokens'] / max(1, r['messages']):.2f} | {r['mean_batch']:.1f} "
@@ -566,10 +601,11 @@ def main() -> None:
         p.add_argument("--long-chars", type=int, default=100_000)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+        p.add_argument("--constraint", choices=CONSTRAINTS, default="none")
         a = p.parse_args()
         if mode == "client":
             client = _http_client_main if a.protocol == "http" else _client_main
-            r = asyncio.run(client(a.address, a.streams, a.tokens, a.prompt_chars, a.seed))
+            r = asyncio.run(client(a.address, a.streams, a.tokens, a.prompt_chars, a.seed, a.constraint))
         else:
             r = asyncio.run(_long_prompt_main(a.address, a.streams, a.long_chars, a.seed))
         print(json.dumps(r))
@@ -594,6 +630,8 @@ def main() -> None:
     p.add_argument("--models-dir", default=None, help="cache of the exported random-weight models")
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc",
                    help="how the load generator talks to the server: gRPC, or the HTTP API (/v1/completions, SSE)")
+    p.add_argument("--constraint", choices=CONSTRAINTS, default="none",
+                   help="constrain every stream: a fixed regex or a 5-property JSON Schema (docs/api.md)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
