@@ -20,7 +20,6 @@ EVICTION_POLICIES = ("lru", "reject")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
 BATCHING = ("on", "off")
-STORE_SCHEMES = ("redis://", "rediss://", "unix://")
 SPLIT_FROM_CORES = 4  # --workers 0 --shards 0: front ends and shards in separate processes from this many cores
 
 

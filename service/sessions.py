@@ -55,8 +55,8 @@ class Rewind:
 
 
 class Session:
-    __slots__ = ("busy", "created_wall", "dirty", "id", "last_used", "pending", "rewind", "state", "tokens", "ttl",
-                 "version")
+    __slots__ = ("busy", "created_wall", "dirty", "generation_start", "id", "last_used", "pending", "rewind", "state",
+                 "tokens", "ttl", "version")
 
     def __init__(self, sid: str, ttl: float, now: float, wall: float):
         self.id = sid
@@ -70,11 +70,16 @@ class Session:
         self.version = 0  # a shared store's record version this copy was loaded from or saved as
         self.dirty = False  # committed to since it was loaded or saved
         self.rewind: Rewind | None = None  # the last Generate's start and tokens (None: nothing to rewind)
+        # a running Generate's start (state, pending, count), until its first delivery makes it the rewind
+        self.generation_start: tuple[np.ndarray | None, int, int] | None = None
 
     def commit(self, state: np.ndarray, pending: int, consumed: int, generated: Sequence[int] | None = None) -> None:
         """The session now ends ``consumed`` tokens later, with this state and pending token. ``generated``: the
         ids of tokens its running Generate delivered (kept for a rewind); any other change ends what can be
         rewound."""
+        start, self.generation_start = self.generation_start, None
+        if generated is not None and start is not None and start[2] == self.tokens:
+            self.rewind = Rewind(start[0], start[1], start[2], [])  # the Generate's first delivery
         r = self.rewind
         if generated is not None and r is not None and r.end == self.tokens:
             r.ids.extend(generated)
@@ -84,9 +89,11 @@ class Session:
         self.dirty = True
 
     def start_generation(self) -> None:
-        """From now on, until something else changes the session, it can be rewound to any count from here."""
+        """A Generate starts here: once it delivers a token, and until something else changes the session, the
+        session can be rewound to any count from here. (Until then the previous rewind, if any, stays valid: the
+        session has not changed.)"""
         assert self.pending is not None
-        self.rewind = Rewind(self.state, self.pending, self.tokens, [])
+        self.generation_start = (self.state, self.pending, self.tokens)
 
     @property
     def rewindable_to(self) -> int:

@@ -143,3 +143,28 @@ def test_a_rewound_fork_and_its_source_are_independent(server: Any) -> None:
     c.feed(fork, "", session_tokens=len(PROMPT) + 20)  # (its own count: a no-op)
     with pytest.raises(RpcFailed, match="FAILED_PRECONDITION"):
         c.feed(fork, "", session_tokens=len(PROMPT) + 7)
+
+
+def test_what_a_session_can_be_rewound_to_follows_its_changes() -> None:
+    """Unit: a Generate's start becomes the rewind at its first delivery; a Generate that delivers nothing
+    leaves the previous rewind valid (the session did not change); any other change ends it."""
+    import numpy as np
+
+    from textgen.service.sessions import Session
+
+    s = Session("x", 60.0, 0.0, 0.0)
+    state = np.zeros(4, dtype=np.float32)
+    s.commit(state, 7, 10)  # a prompt of 10
+    assert s.rewindable_to == 10 and s.rewind is None
+    s.start_generation()
+    s.commit(state, 1, 2, (5, 1))
+    s.commit(state, 2, 1, (2,))
+    assert (s.tokens, s.rewindable_to) == (13, 10)
+    assert s.rewind is not None and s.rewind.ids == [5, 1, 2] and s.rewind.pending == 7
+    s.start_generation()  # a Generate that delivers nothing (cancelled before its first message)
+    assert (s.tokens, s.rewindable_to) == (13, 10)
+    s.start_generation()
+    s.commit(state, 3, 1, (3,))  # the next Generate's first delivery: its start is the new rewind
+    assert (s.tokens, s.rewindable_to) == (14, 13) and s.rewind is not None and s.rewind.ids == [3]
+    s.commit(state, 4, 2)  # a Feed
+    assert (s.tokens, s.rewindable_to) == (16, 16) and s.rewind is None

@@ -124,12 +124,14 @@ class Processes:
             self.http_port = int(self._hold_http.getsockname()[1])
 
     def start(self) -> None:
+        from ..assembly import warn_unshared_key
         from .frontend import frontend_main
         from .shard import shard_main
 
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)  # inherited by the spawned children
         self._reserve_port()
         # one --session-key for every shard (a random one unless given), so that any shard imports any blob
+        warn_unshared_key(self.config)  # (the shards cannot tell: they get the random key)
         shard_config = self.config if self.config.session_key else self.config.replace(
             session_key=secrets.token_hex(32))
         # The server's limits are the server's, not each process's: shared out among the processes that
