@@ -6,7 +6,12 @@ Per round, a fresh compiler: the worker's start (``warm``), the first compile of
 builds the regex and the DFA, the server the tables), then the same compile again (cached: a dictionary
 look-up). Prints each round and the medians; ``--json`` writes them.
 
-    python bench/constraint_compile.py --properties 20 --rounds 5
+``--step-batch B`` (0: skip) also times the engine's decode step for B rows in this process, without a server:
+the model's batched step (``step_last``) and the sampling of its logits, unconstrained (``sample_logits``)
+against every row under serve_load's 5-property schema (``sample_guided``: masks, DFA moves; a row whose text
+completes starts again), alternating, ``--step-count`` steps per run, the median of ``--rounds`` runs each:
+
+    python bench/constraint_compile.py --properties 20 --rounds 5 --step-batch 64
 """
 
 from __future__ import annotations
@@ -19,8 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from textgen.service.constraints import COMPILE_SECONDS, ConstraintCompiler
+import numpy as np
+from serve_load import CONSTRAINT_SCHEMA
+
+from textgen.service.constraints import COMPILE_SECONDS, END, ConstraintCompiler, Dfa, Guide, sample_guided
 from textgen.service.runtime import load_bundle
+from textgen.service.sampling import RowSampler, SamplingParams, sample_logits
 
 
 def schema(properties: int) -> dict[str, Any]:
@@ -45,10 +54,42 @@ async def one_round(chars: list[str], text: str) -> dict[str, float]:
     return {"worker_start_s": t1 - t0, "cold_s": t2 - t1, "cached_s": t3 - t2, "states": dfa.states}
 
 
+async def compile_dfa(chars: list[str], text: str) -> Dfa:
+    c = ConstraintCompiler(chars)
+    try:
+        return await c.compile("json_schema", text)
+    finally:
+        await c.close()
+
+
+def step_run(rt: Any, dfa: Dfa | None, batch: int, steps: int) -> float:
+    """Seconds per decode step (model step + sampling) of ``batch`` rows at temperature 0.8."""
+    samplers = [RowSampler(SamplingParams(temperature=0.8, seed=i)) for i in range(batch)]
+    guides = [Guide(dfa) for _ in range(batch)] if dfa is not None else None
+    want = [False] * batch
+    tokens = rt.encode("The value is ")[-1:].reshape(1, 1).repeat(batch, axis=0).astype(np.int64)
+    state = rt.initial_state(batch)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits, state = rt.step_last(tokens, state)
+        if guides is None:
+            toks, _ = sample_logits(logits, samplers, want)
+        else:
+            toks, _ = sample_guided(logits, samplers, want, guides)
+            for i, t in enumerate(toks):
+                if t == END:  # complete: this row starts a new text (the engine would end its stream)
+                    guides[i].state = guides[i].dfa.start
+                    toks[i] = tokens[i, 0]
+        tokens = np.asarray(toks, dtype=np.int64).reshape(batch, 1)
+    return (time.perf_counter() - t0) / steps
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--properties", type=int, default=20)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--step-batch", type=int, default=0)
+    p.add_argument("--step-count", type=int, default=300)
     p.add_argument("--json", default=None)
     a = p.parse_args()
     rt = load_bundle()
@@ -61,8 +102,20 @@ def main() -> None:
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     print(f"median of {a.rounds}: worker start {med['worker_start_s'] * 1e3:.1f} ms, cold compile "
           f"{med['cold_s'] * 1e3:.1f} ms (limit {COMPILE_SECONDS * 1e3:.0f} ms), cached {med['cached_s'] * 1e6:.1f} us")
+    report: dict[str, Any] = {"properties": a.properties, "rounds": rows, "median": med}
+    if a.step_batch:
+        dfa = asyncio.run(compile_dfa(chars, json.dumps(CONSTRAINT_SCHEMA)))
+        runs: dict[str, list[float]] = {"none": [], "json": []}
+        for _ in range(a.rounds):
+            for name in ("none", "json"):
+                runs[name].append(step_run(rt, dfa if name == "json" else None, a.step_batch, a.step_count))
+        none, js = statistics.median(runs["none"]), statistics.median(runs["json"])
+        print(f"decode step, {a.step_batch} rows, median of {a.rounds} x {a.step_count} steps: unconstrained "
+              f"{none * 1e3:.3f} ms ({a.step_batch / none:,.0f} tok/s), JSON Schema {js * 1e3:.3f} ms "
+              f"({a.step_batch / js:,.0f} tok/s): {none / js:.2f}x the unconstrained rate")
+        report["step"] = {"batch": a.step_batch, "steps": a.step_count, "runs": runs, "none_s": none, "json_s": js}
     if a.json:
-        Path(a.json).write_text(json.dumps({"properties": a.properties, "rounds": rows, "median": med}, indent=1))
+        Path(a.json).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
