@@ -149,24 +149,37 @@ def sample_guided(logits: np.ndarray, samplers: Sequence[RowSampler], logprobs: 
     if not rows:
         return sample_logits(logits, samplers, logprobs)
     gs: list[Guide] = [guides[i] for i in rows]  # type: ignore[misc]
-    masks = np.stack([g.dfa.allowed[g.state] for g in gs])  # (C, V)
-    accepting = np.fromiter((g.dfa.accepting[g.state] for g in gs), dtype=bool, count=len(gs))
+    # per DFA (constrained rows often share one): its rows' masks, accepting flags and moves by fancy indexing
+    by_dfa: dict[int, tuple[Dfa, list[int]]] = {}
+    for k, g in enumerate(gs):
+        by_dfa.setdefault(id(g.dfa), (g.dfa, []))[1].append(k)
+    groups = [(dfa, np.array(ks, dtype=np.intp)) for dfa, ks in by_dfa.values()]
+    states = np.fromiter((g.state for g in gs), dtype=np.intp, count=len(gs))
+    if len(groups) == 1:
+        masks, accepting = groups[0][0].allowed[states], groups[0][0].accepting[states]  # (C, V), (C,)
+    else:
+        masks = np.empty((len(gs), logits.shape[1]), dtype=bool)
+        accepting = np.empty(len(gs), dtype=bool)
+        for dfa, ks in groups:
+            masks[ks], accepting[ks] = dfa.allowed[states[ks]], dfa.accepting[states[ks]]
     x = np.array(logits, dtype=np.float32)  # the raw logits stay for the logprobs
-    masked = [rows[k] for k in range(len(rows)) if not accepting[k]]
-    if masked:
+    at = np.array(rows, dtype=np.intp)
+    masked = at[~accepting]
+    if masked.size:
         x[masked] = np.where(masks[~accepting], x[masked], -np.inf)
     tokens = sample_rows(samplers, x)
+    toks = tokens[at].astype(np.intp)
+    for k in np.flatnonzero(~masks[np.arange(len(gs)), toks]).tolist():
+        if accepting[k]:  # the model's own choice leaves the language: the text is complete
+            tokens[rows[k]] = END
+            continue
+        # (a draw at the very top of the cdf may round onto a masked id: take the most likely allowed one)
+        toks[k] = tokens[rows[k]] = int(np.argmax(x[rows[k]]))
+    for dfa, ks in groups:
+        live = ks[tokens[at[ks]] != END]
+        for k, state in zip(live.tolist(), dfa.next[states[live], toks[live]].tolist(), strict=True):
+            gs[k].state = state
     lps: list[float | None] = [None] * len(samplers)
-    for k, i in enumerate(rows):
-        g, tok = gs[k], int(tokens[i])
-        if not masks[k, tok]:
-            if accepting[k]:  # the model's own choice leaves the language: the text is complete
-                tokens[i] = END
-                continue
-            # (a draw at the very top of the cdf may round onto a masked id: take the most likely allowed one)
-            tok = int(np.argmax(x[i]))
-            tokens[i] = tok
-        g.state = int(g.dfa.next[g.state, tok])
     want = [i for i, w in enumerate(logprobs) if w and tokens[i] != END]
     if want:
         lsm = log_softmax_rows(np.asarray(logits)[want])
