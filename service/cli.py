@@ -81,7 +81,7 @@ def _train_options(func: Callable[..., Any]) -> Callable[..., Any]:
         kind: Any = click.Choice(list(choices)) if choices else types[str(f.type)]
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         default = f"{f.default:g}" if isinstance(f.default, float) else f.default
-        func = click.option(flag, f.name, type=kind, default=None,
+        func = click.option(flag, f.name, type=kind, default=None, multiple=bool(f.metadata.get("multiple")),
                             help=f"{f.metadata['help']}  [default: {default}]")(func)
     return func
 
@@ -97,7 +97,7 @@ def train(resume: str | None, quiet: bool, **options: Any) -> None:
     from textgen.training.config import RESUME_OVERRIDES, TrainConfig
     from textgen.training.train import train as run
 
-    given = {k: v for k, v in options.items() if v is not None}
+    given = {k: v for k, v in options.items() if v is not None and v != ()}  # (): a repeatable option not given
     if resume is not None:
         unknown = set(given) - set(RESUME_OVERRIDES)
         if unknown:

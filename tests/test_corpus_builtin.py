@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from textgen.service.cli import main as cli
-from textgen.service.runtime import default_bundle_path, load_bundle
+from textgen.service.runtime import load_bundle
 from textgen.training.bundle_eval import held_out, known_word_fraction, sample, score_text, words
 from textgen.training.checkpoint import load_checkpoint
 from textgen.training.config import TrainConfig
@@ -215,8 +215,6 @@ def test_cli_takes_several_corpora_in_one_option(monkeypatch: pytest.MonkeyPatch
         TrainConfig(corpus="pydoc,stdlib", min_char_count=10)
 
 
-@pytest.mark.xfail(strict=True, reason="service/cli.py's --corpus option is not yet a click multiple option: "
-                   "the last --corpus wins (the patch is in issue 28's report)")
 def test_cli_takes_a_repeated_corpus_option(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _given(monkeypatch, "--corpus", "pydoc", "--corpus", "stdlib").corpus == "pydoc,stdlib"
 
@@ -235,22 +233,12 @@ def test_cli_reports_a_bad_corpus_name_in_one_line(value: str, message: str) -> 
 # ------------------------------------------------------------------------- the packaged default bundle
 
 
-def _packaged_is_pydoc_only() -> bool:
-    manifest = json.loads((default_bundle_path() / "manifest.json").read_text(encoding="utf-8"))
-    return manifest.get("corpus") == "pydoc"
-
-
 @pytest.fixture(scope="module")
 def training_words() -> set[str]:
     return set(words(load_corpora("pydoc,stdlib").train_text()))
 
 
-@pytest.mark.parametrize("temperature", [
-    0.0,
-    pytest.param(0.8, marks=pytest.mark.xfail(
-        _packaged_is_pydoc_only(), strict=True,
-        reason="the pydoc-only default bundle (before issue 28) writes too many non-words at T=0.8 (75% known)")),
-])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_packaged_default_bundle_writes_words_of_its_training_text(temperature: float,
                                                                     training_words: set[str]) -> None:
     rt = load_bundle(None, intra_op_threads=1)
@@ -271,15 +259,10 @@ def test_packaged_default_bundle_scores_pydocs_held_out_text() -> None:
     rt = load_bundle(None, intra_op_threads=1)
     figure = held_out(rt, "pydoc")
     assert figure.predictions == len(load_corpus("pydoc").split()[1]) - 1
-    if _packaged_is_pydoc_only():
-        # its manifest's figure is on the same text, from 16 side-by-side streams (this one is one): close
-        assert figure.loss == pytest.approx(rt.manifest.held_out_loss, abs=0.03)
-    else:  # a model of several corpora: the manifest's figure is over all their held-out parts
-        assert rt.manifest.corpus.startswith("pydoc + stdlib (")
+    # a model of several corpora: the manifest's figure is over all their held-out parts
+    assert rt.manifest.corpus.startswith("pydoc + stdlib (")
 
 
-@pytest.mark.xfail(_packaged_is_pydoc_only(), strict=True,
-                   reason="the pydoc-only default bundle (before issue 28) scores 1.376 nats/char")
 def test_packaged_default_bundle_meets_issue_28s_held_out_target() -> None:
     rt = load_bundle(None, intra_op_threads=1)
     assert held_out(rt, "pydoc").loss <= 1.30
