@@ -171,7 +171,10 @@ def model_id(facts: dict[str, object], configured: str | None) -> str:
         return configured
     if isinstance(name := facts.get("name"), str) and name:
         return name
-    return f"textgen-{facts.get('cell', 'rnn')}-{facts.get('corpus', 'model')}"
+    # the corpus's names without their description: "pydoc + stdlib (1,736,516 chars, ...)" -> "pydoc-stdlib"
+    corpus = str(facts.get("corpus") or "model").split(" (")[0]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", corpus).strip("-") or "model"
+    return f"textgen-{facts.get('cell', 'rnn')}-{slug}"
 
 
 def fingerprint(facts: dict[str, object]) -> str:
