@@ -93,5 +93,8 @@ class FakeRuntime:
         logits, out = self.step(tokens, state)
         return logits[:, -1], out
 
+    def advance(self, tokens: np.ndarray, state: np.ndarray) -> np.ndarray:
+        return self.step(tokens, state)[1]
+
     def score_ids(self, ids: np.ndarray, state: np.ndarray | None = None, chunk: int = SUM_BLOCK) -> tuple[float, int]:
         return score_ids(self, ids, state, chunk)

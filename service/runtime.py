@@ -48,6 +48,7 @@ __all__ = ["FORMAT", "Manifest", "ModelRuntime", "Runtime", "default_bundle_path
 _INT64 = np.dtype(np.int64)
 _FLOAT32 = np.dtype(np.float32)
 _OUTPUTS = [OUTPUT_LOGITS, OUTPUT_STATE]
+_STATE_ONLY = [OUTPUT_STATE]
 
 
 def default_bundle_path() -> Path:
@@ -175,6 +176,10 @@ class ModelRuntime(Protocol):
         """tokens (B, T >= 1), state (B, S) -> logits (B, V) of the last step, state_out (B, S)."""
         ...
 
+    def advance(self, tokens: np.ndarray, state: np.ndarray) -> np.ndarray:
+        """tokens (B, T >= 1), state (B, S) -> state_out (B, S), the same whatever the cuts of a text."""
+        ...
+
     def score_ids(self, ids: np.ndarray, state: np.ndarray | None = None,
                   chunk: int = SUM_BLOCK) -> tuple[float, int]: ...
 
@@ -274,6 +279,18 @@ class Runtime:
             return logits[:, -1], state_out
         logits, state_out = run(_OUTPUTS, feed)
         return logits, state_out
+
+    def advance(self, tokens: np.ndarray, state: np.ndarray) -> np.ndarray:
+        """The state after ``tokens`` (B, T >= 1), always through a sequence graph (model_last.onnx, else
+        model.onnx), even for one token: its states do not depend on how a text is cut into calls (the
+        one-step graph of :meth:`step_last` rounds differently in the last bits). Prompts, and so the prompt
+        cache, use this; decoding uses :meth:`step_last`."""
+        feed = self._inputs(tokens, state)
+        if feed[INPUT_TOKENS].shape[1] == 0:
+            raise ValueError("advance needs at least one token per sequence")
+        run = self._run_last if self._run_last is not None else self._run
+        (state_out,) = run(_STATE_ONLY, feed)
+        return state_out
 
     def score_ids(self, ids: np.ndarray, state: np.ndarray | None = None, chunk: int = SUM_BLOCK) -> tuple[float, int]:
         """Summed negative log-likelihood (nats) of ids[1:] given ids[:-1], and the number of predictions.

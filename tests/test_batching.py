@@ -52,6 +52,10 @@ class Recording:
         self.calls.append(("step", tokens.shape))
         return self.rt.step(tokens, state)
 
+    def advance(self, tokens: np.ndarray, state: np.ndarray) -> Any:
+        self.calls.append(("advance", tokens.shape))
+        return self.rt.advance(tokens, state)
+
 
 def requests() -> list[dict[str, Any]]:
     """24 different Generate requests: greedy and seeded, filters, logprobs, stop strings, sessions."""
@@ -232,8 +236,8 @@ def test_a_long_prompt_is_cut_into_chunks_with_decode_steps_between_them(rt: Any
     state, _ = run(go())
     _, whole = rt.step_last(ids[None, :-1], rt.initial_state(1))
     assert np.array_equal(state, whole[0])  # chunking changes nothing
-    kinds = ["prefill" if shape[1] > 1 else "decode" for _, shape in rec.calls[1:]]
-    chunks = [shape[1] for _, shape in rec.calls[1:] if shape[1] > 1]
+    kinds = ["prefill" if method == "advance" else "decode" for method, _ in rec.calls[1:]]
+    chunks = [shape[1] for method, shape in rec.calls[1:] if method == "advance"]
     assert sum(chunks) == len(ids) - 1 and max(chunks) <= 16 and min(chunks) >= 2
     first, last = kinds.index("prefill"), len(kinds) - 1 - kinds[::-1].index("prefill")
     between = kinds[first:last + 1]
@@ -429,7 +433,7 @@ def test_batching_is_on_by_default_and_off_serves_with_the_thread_engine(rt: Any
 
 
 def test_the_scheduler_reports_batch_sizes_step_durations_and_queue_waits(rt: Any) -> None:
-    srv = RunningServer(rt)
+    srv = RunningServer(rt, prefix_cache_mb=0)  # every prompt queues for the model (a repeated one would not)
     try:
         c = srv.client()
         srv.engine.step_delay = 0.002

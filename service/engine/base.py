@@ -3,26 +3,31 @@
 :class:`Engine` (coroutines unless noted; the arrays are owned by the caller afterwards and never mutated):
 
 * ``feed(state, pending, ids) -> (state, pending)``: consume ``ids`` after a session's (state, pending).
+* ``prefill(state, pending, ids, marks) -> (state, pending, snapshots)``: the same, and the states after the
+  first ``j`` tokens of ``sequence(pending, ids)`` for each ``j`` of ``marks`` (the prompt cache's snapshots).
 * ``replay(state, pending, ids) -> (state, pending)``: the same, one token per call of the one-step graph, as
   decoding ran them: the states a Generate had after delivering ``ids`` (a rewind rebuilds them bit for bit).
 * ``open_stream(state, pending, sampler, max_tokens, logprobs, guide) -> TokenStream`` (not a coroutine):
   generate from a session end, constrained by ``guide`` if given (:mod:`~textgen.service.constraints`); see
   :class:`TokenStream`.
-* ``score(ids, state, pending, keep_state) -> ScoreOutcome``: summed NLL of ``ids`` (and the new session end).
+* ``score(ids, state, pending, keep_state, marks, values) -> ScoreOutcome``: summed NLL of ``ids`` (and the new
+  session end; with ``marks``, the states there; with ``values``, every prediction's NLL).
 
 Two implementations: :class:`~textgen.service.engine.batching.BatchingEngine` (the default) runs the decode
 steps of all streams as one batched step and interleaves prompt chunks;
 :class:`~textgen.service.engine.threaded.ThreadEngine` (``--batching off``) runs each call as its own job on a
 single worker thread, one token per ``next()``.
 
-Prompt chunks never have a single token unless the whole advance is one token: the one-step graph
-(model_step.onnx) and the sequence graphs round differently in the last bits, and a state must not depend on
-where a long prompt happened to be cut (:func:`chunk_length`).
+Prompts and scored texts run through the sequence graphs (``ModelRuntime.advance`` and ``step``), whose states
+do not depend on where a text is cut into calls, to the last bit, down to one-token calls: a prompt's state is
+the same whether it was fed whole, in chunks, or continued from a cached prefix (service/prefix_cache.py).
+Decoding and replays run the one-step graph (model_step.onnx, ``step_last`` with one token), which is faster
+and rounds differently in the last bits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,6 +47,8 @@ class ScoreOutcome:
     predictions: int
     state: np.ndarray | None  # the session end after the text (keep_state=True), else None
     pending: int | None
+    snapshots: tuple[np.ndarray, ...] = ()  # the states at the marks asked for
+    values: np.ndarray | None = None  # float64 (predictions,): each prediction's NLL, when asked for
 
 
 # token, the state that goes with it as pending, logprob; a constrained stream's last item may be the token-less
@@ -86,6 +93,9 @@ class Engine(Protocol):
     async def feed(self, state: np.ndarray | None, pending: int | None,
                    ids: np.ndarray) -> tuple[np.ndarray, int]: ...
 
+    async def prefill(self, state: np.ndarray | None, pending: int | None, ids: np.ndarray,
+                      marks: Sequence[int] = ()) -> tuple[np.ndarray, int, list[np.ndarray]]: ...
+
     async def replay(self, state: np.ndarray | None, pending: int,
                      ids: np.ndarray) -> tuple[np.ndarray, int]: ...
 
@@ -93,7 +103,7 @@ class Engine(Protocol):
                     logprobs: bool, guide: Guide | None = None) -> TokenStream: ...
 
     async def score(self, ids: np.ndarray, state: np.ndarray | None = None, pending: int | None = None,
-                    keep_state: bool = False) -> ScoreOutcome: ...
+                    keep_state: bool = False, marks: Sequence[int] = (), values: bool = False) -> ScoreOutcome: ...
 
     def close(self) -> None: ...
 
@@ -110,3 +120,11 @@ def chunk_length(remaining: int, chunk: int) -> int:
     if remaining - n == 1:
         n = n - 1 if n > 2 else n + 1
     return n
+
+
+def check_marks(marks: Sequence[int], n: int) -> list[int]:
+    """``marks`` as a sorted list of distinct positions in 1..n (tokens run through the model)."""
+    out = sorted(set(int(m) for m in marks))
+    if out and (out[0] < 1 or out[-1] > n):
+        raise ValueError(f"marks must lie in 1..{n}, got {out[0]}..{out[-1]}")
+    return out

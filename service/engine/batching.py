@@ -7,12 +7,13 @@
    tokens (B, 1) and the states stacked (B, S), one ``step_last`` call (the one-step graph), then every row's
    next token is drawn at once (:func:`~textgen.service.sampling.sample_rows`: vectorized argmax for greedy
    rows, vectorized softmax and draw for sampled rows, each row with its own seeded generator);
-3. **prefill**: one prompt chunk of at most ``prefill_chunk`` tokens; while streams are decoding, also short
-   enough to take about :data:`PREFILL_BUDGET` (the thread measures the cost of a token), so that a larger
-   model gets shorter chunks. Feed jobs whose next chunks have the same length run together as one (B, L)
-   call of at most :data:`PREFILL_TOKENS` tokens (onnxruntime's memory grows with B x L); jobs take turns
-   (round robin), so a 100,000-character prompt neither stalls decoding (a decode step runs between any two
-   chunks) nor the other prompts;
+3. **prefill**: one prompt chunk of at most ``prefill_chunk`` tokens, through the sequence graph
+   (``Runtime.advance``), ending at the job's next mark if it has one (where the prompt cache takes a
+   snapshot); while streams are decoding, also short enough to take about :data:`PREFILL_BUDGET` (the
+   thread measures the cost of a token), so that a larger model gets shorter chunks. Feed jobs whose next
+   chunks have the same length run together as one (B, L) call of at most :data:`PREFILL_TOKENS` tokens
+   (onnxruntime's memory grows with B x L); jobs take turns (round robin), so a 100,000-character prompt
+   neither stalls decoding (a decode step runs between any two chunks) nor the other prompts;
 4. hand the results back to the event loop with one ``call_soon_threadsafe`` per round.
 
 Streams join and leave between two rounds: a new stream is in the next step, a closed one is never stepped
@@ -45,7 +46,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -53,7 +54,7 @@ import numpy as np
 from ..constraints import END, Guide, sample_guided
 from ..nll import block_sum, token_nll
 from ..sampling import RowSampler, sample_logits
-from .base import SCORE_CHUNK, Produced, ScoreOutcome, TokenStream, chunk_length, sequence
+from .base import SCORE_CHUNK, Produced, ScoreOutcome, TokenStream, check_marks, chunk_length, sequence
 
 if TYPE_CHECKING:
     from ..runtime import ModelRuntime
@@ -145,11 +146,12 @@ class _Stream:
 class _Job:
     """A Feed (advance a state over tokens) or a Score (also sum the NLL of each next token)."""
 
-    __slots__ = ("blocks", "cancelled", "enqueued", "future", "keep_state", "n", "nll", "one_by_one", "parts", "pos",
-                 "score", "seq", "started", "state")
+    __slots__ = ("blocks", "cancelled", "enqueued", "future", "keep_state", "marks", "n", "nll", "one_by_one", "parts",
+                 "pos", "score", "seq", "snaps", "started", "state", "values")
 
     def __init__(self, seq: np.ndarray, n: int, state: np.ndarray, future: asyncio.Future[Any], score: bool,
-                 keep_state: bool = False, one_by_one: bool = False):
+                 keep_state: bool = False, one_by_one: bool = False, marks: list[int] | None = None,
+                 values: bool = False):
         self.seq = seq  # the tokens; the job runs seq[:n] through the model (score: and predicts seq[1:n + 1])
         self.n = n
         self.pos = 0
@@ -164,6 +166,19 @@ class _Job:
         self.nll = 0.0
         self.parts: list[np.ndarray] = []  # score: per-position NLL of the current 4096-token block
         self.blocks = 0
+        self.marks = marks or []  # positions still to snapshot (ascending): chunks end there
+        self.snaps: list[np.ndarray] = []  # the states at the marks passed
+        self.values: list[np.ndarray] | None = [] if values else None  # score: every per-position NLL, kept
+
+    def limit(self) -> int:
+        """Where the next chunk must end at the latest: the next mark, else the end."""
+        return self.marks[0] if self.marks else self.n
+
+    def passed(self) -> None:
+        """After a chunk: keep the state if it ended on a mark."""
+        if self.marks and self.pos == self.marks[0]:
+            self.marks.pop(0)
+            self.snaps.append(self.state)
 
 
 class BatchingEngine:
@@ -235,15 +250,21 @@ class BatchingEngine:
 
     async def feed(self, state: np.ndarray | None, pending: int | None,
                    ids: np.ndarray) -> tuple[np.ndarray, int]:
+        out, token, _ = await self.prefill(state, pending, ids)
+        return out, token
+
+    async def prefill(self, state: np.ndarray | None, pending: int | None, ids: np.ndarray,
+                      marks: Sequence[int] = ()) -> tuple[np.ndarray, int, list[np.ndarray]]:
         loop = self._bind()
         seq = sequence(pending, ids)
         if len(seq) == 0:
             raise ValueError("feed needs at least one token")
+        at = check_marks(marks, len(seq) - 1)
         start = self._zero if state is None else state
         if len(seq) == 1:
-            return start.copy(), int(seq[-1])
-        out = await self._submit(_Job(seq, len(seq) - 1, start, loop.create_future(), score=False))
-        return out, int(seq[-1])
+            return start.copy(), int(seq[-1]), []
+        out, snaps = await self._submit(_Job(seq, len(seq) - 1, start, loop.create_future(), score=False, marks=at))
+        return out, int(seq[-1]), snaps
 
     async def replay(self, state: np.ndarray | None, pending: int,
                      ids: np.ndarray) -> tuple[np.ndarray, int]:
@@ -253,22 +274,25 @@ class BatchingEngine:
             raise ValueError("replay needs at least one token after the pending one")
         start = self._zero if state is None else state
         job = _Job(seq, len(seq) - 1, start, loop.create_future(), score=False, one_by_one=True)
-        return await self._submit(job), int(seq[-1])
+        out, _ = await self._submit(job)
+        return out, int(seq[-1])
 
     async def score(self, ids: np.ndarray, state: np.ndarray | None = None, pending: int | None = None,
-                    keep_state: bool = False) -> ScoreOutcome:
+                    keep_state: bool = False, marks: Sequence[int] = (), values: bool = False) -> ScoreOutcome:
         loop = self._bind()
         seq = sequence(pending, ids)
         n = len(seq) - 1
         start = self._zero if state is None else state
         if n <= 0:
+            empty = np.zeros(0, dtype=np.float64) if values else None
             if not keep_state or len(seq) == 0:
-                return ScoreOutcome(0.0, max(n, 0), None, None)
-            return ScoreOutcome(0.0, 0, start.copy(), int(seq[-1]))
-        nll, out = await self._submit(_Job(seq, n, start, loop.create_future(), score=True, keep_state=keep_state))
-        if not keep_state:
-            return ScoreOutcome(nll, n, None, None)
-        return ScoreOutcome(nll, n, out, int(seq[-1]))
+                return ScoreOutcome(0.0, max(n, 0), None, None, values=empty)
+            return ScoreOutcome(0.0, 0, start.copy(), int(seq[-1]), values=empty)
+        job = _Job(seq, n, start, loop.create_future(), score=True, keep_state=keep_state,
+                   marks=check_marks(marks, n), values=values)
+        nll, out, snaps, kept = await self._submit(job)
+        return ScoreOutcome(nll, n, out if keep_state else None, int(seq[-1]) if keep_state else None,
+                            tuple(snaps), kept)
 
     def close(self) -> None:
         if self._closed:
@@ -450,14 +474,15 @@ class BatchingEngine:
                 self._score_chunk(head, cap)
             else:
                 def length(j: _Job) -> int:
-                    return 1 if j.one_by_one else chunk_length(j.n - j.pos, cap)
+                    return 1 if j.one_by_one else chunk_length(j.limit() - j.pos, cap)
 
                 L = length(head)
                 width = min(self.max_batch, max(1, self.prefill_tokens // L))  # jobs in this call at most
                 if len(jobs) and width > 1:
                     rest: deque[_Job] = deque()
                     for j in jobs:
-                        if not j.score and not j.cancelled and len(group) < width and length(j) == L:
+                        if (not j.score and not j.cancelled and len(group) < width and length(j) == L
+                                and j.one_by_one == head.one_by_one):
                             group.append(j)
                         elif not j.cancelled:
                             rest.append(j)
@@ -467,10 +492,14 @@ class BatchingEngine:
                 states = np.stack([j.state for j in group])
                 if self.step_delay:
                     time.sleep(self.step_delay)
-                _, out = self.runtime.step_last(tokens, states)
+                if head.one_by_one:  # a replay: the one-step graph, as decoding ran these tokens
+                    _, out = self.runtime.step_last(tokens, states)
+                else:  # a prompt: the sequence graph, whose states do not depend on the cuts
+                    out = self.runtime.advance(tokens, states)
                 for i, j in enumerate(group):
                     j.state = out[i].copy()
                     j.pos += L
+                    j.passed()
         except Exception as exc:
             log.exception("prompt chunk failed")
             done.extend((j, None, exc) for j in group)
@@ -482,7 +511,11 @@ class BatchingEngine:
         self._cost[head.score] = per_token if old is None else 0.7 * old + 0.3 * per_token
         for j in group:
             if j.pos >= j.n:
-                done.append((j, (j.nll, j.state) if j.score else j.state, None))
+                if j.score:
+                    kept = None if j.values is None else np.concatenate(j.values) if j.values else np.zeros(0)
+                    done.append((j, (j.nll, j.state, j.snaps, kept), None))
+                else:
+                    done.append((j, (j.state, j.snaps), None))
             else:
                 jobs.append(j)  # its turn again after the others
         if self.metrics is not None:
@@ -495,13 +528,16 @@ class BatchingEngine:
     def _score_chunk(self, j: _Job, cap: int) -> None:
         # Chunks end at the 4096-token blocks of Runtime.score_ids, whose per-block float64 sums we repeat.
         block_end = min((j.blocks + 1) * self.score_block, j.n)
-        b = j.pos + min(cap, block_end - j.pos)
+        b = j.pos + min(cap, block_end - j.pos, j.limit() - j.pos)
         if self.step_delay:
             time.sleep(self.step_delay)
         logits, out = self.runtime.step(j.seq[None, j.pos:b], j.state.reshape(1, -1))
         j.parts.append(token_nll(logits[0], j.seq[j.pos + 1:b + 1]))
         j.state = out[0].copy()
         j.pos = b
+        j.passed()
+        if j.values is not None:
+            j.values.append(j.parts[-1])
         if b == block_end:
             j.nll += block_sum(j.parts[0] if len(j.parts) == 1 else np.concatenate(j.parts))
             j.parts = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -17,7 +17,7 @@ import numpy as np
 from ..constraints import END, Guide, sample_guided
 from ..nll import SUM_BLOCK, block_sum, token_nll
 from ..sampling import RowSampler, sample_logits
-from .base import FEED_CHUNK, SCORE_CHUNK, Produced, ScoreOutcome, TokenStream, chunk_length, sequence
+from .base import FEED_CHUNK, SCORE_CHUNK, Produced, ScoreOutcome, TokenStream, check_marks, chunk_length, sequence
 
 if TYPE_CHECKING:
     from ..runtime import ModelRuntime
@@ -80,7 +80,10 @@ class ThreadEngine:
 
     # -- jobs (worker thread)
     def _advance(self, state: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        _, out = self.runtime.step_last(tokens[None], state)
+        return self.runtime.advance(tokens[None], state)  # the sequence graph: any cut, the same state
+
+    def _replay_step(self, state: np.ndarray, token: int) -> np.ndarray:
+        _, out = self.runtime.step_last(np.array([[token]], dtype=np.int64), state)  # as decoding ran it
         return out
 
     def _decode(self, state: np.ndarray, token: int) -> tuple[np.ndarray, np.ndarray]:
@@ -104,22 +107,32 @@ class ThreadEngine:
     # -- interface (event loop)
     async def feed(self, state: np.ndarray | None, pending: int | None,
                    ids: np.ndarray) -> tuple[np.ndarray, int]:
+        out, token, _ = await self.prefill(state, pending, ids)
+        return out, token
+
+    async def prefill(self, state: np.ndarray | None, pending: int | None, ids: np.ndarray,
+                      marks: Sequence[int] = ()) -> tuple[np.ndarray, int, list[np.ndarray]]:
         seq = sequence(pending, ids)
         if len(seq) == 0:
             raise ValueError("feed needs at least one token")
         s = self._state(state)
         a, n = 0, len(seq) - 1
-        while a < n:
-            b = a + chunk_length(n - a, self.feed_chunk)
-            s = await self._run(self._advance, s, seq[a:b])
-            a = b
-        return np.array(s[0], dtype=np.float32), int(seq[-1])
+        at = check_marks(marks, n)
+        snaps: list[np.ndarray] = []
+        for end in [*at, n]:
+            while a < end:
+                b = a + chunk_length(end - a, self.feed_chunk)
+                s = await self._run(self._advance, s, seq[a:b])
+                a = b
+            if len(snaps) < len(at):
+                snaps.append(np.array(s[0], dtype=np.float32))
+        return np.array(s[0], dtype=np.float32), int(seq[-1]), snaps
 
     async def replay(self, state: np.ndarray | None, pending: int,
                      ids: np.ndarray) -> tuple[np.ndarray, int]:
         s = self._state(state)
         for token in [pending, *np.asarray(ids, dtype=np.int64)[:-1]]:
-            s = await self._run(self._advance, s, np.array([token], dtype=np.int64))
+            s = await self._run(self._replay_step, s, int(token))
         return np.array(s[0], dtype=np.float32), int(ids[-1])
 
     async def decode(self, state: np.ndarray | None, token: int) -> tuple[np.ndarray, np.ndarray]:
@@ -131,25 +144,32 @@ class ThreadEngine:
         return _ThreadStream(self, state, int(pending), sampler, max_tokens, logprobs, guide)
 
     async def score(self, ids: np.ndarray, state: np.ndarray | None = None, pending: int | None = None,
-                    keep_state: bool = False) -> ScoreOutcome:
+                    keep_state: bool = False, marks: Sequence[int] = (), values: bool = False) -> ScoreOutcome:
         seq = sequence(pending, ids)
         s = self._state(state)
         n = len(seq) - 1
+        at = check_marks(marks, n) if n > 0 else []
+        snaps: list[np.ndarray] = []
+        kept: list[np.ndarray] = []
         total = 0.0
         parts: list[np.ndarray] = []
         a = 0
         while a < n:  # calls end at the sum blocks of Runtime.score_ids: the figures agree to the last bit
             block_end = min((a // SUM_BLOCK + 1) * SUM_BLOCK, n)
-            b = min(a + self.score_chunk, block_end)
+            b = min(a + self.score_chunk, block_end, at[len(snaps)] if len(snaps) < len(at) else n)
             part, s = await self._run(self._score_chunk, s, seq[a:b], seq[a + 1:b + 1])
             parts.append(part)
+            kept.append(part)
+            if len(snaps) < len(at) and b == at[len(snaps)]:
+                snaps.append(np.array(s[0], dtype=np.float32))
             if b == block_end:
                 total += block_sum(parts[0] if len(parts) == 1 else np.concatenate(parts))
                 parts = []
             a = b
+        values_out = (np.concatenate(kept) if kept else np.zeros(0)) if values else None
         if not keep_state or len(seq) == 0:
-            return ScoreOutcome(total, max(n, 0), None, None)
-        return ScoreOutcome(total, n, np.array(s[0], dtype=np.float32), int(seq[-1]))
+            return ScoreOutcome(total, max(n, 0), None, None, tuple(snaps), values_out)
+        return ScoreOutcome(total, n, np.array(s[0], dtype=np.float32), int(seq[-1]), tuple(snaps), values_out)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
