@@ -17,6 +17,7 @@ from typing import Any
 from .errors import InputError
 
 EVICTION_POLICIES = ("lru", "reject")
+PREFIX_POLICIES = ("lru", "cost")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
 BATCHING = ("on", "off")
@@ -54,6 +55,10 @@ class ServerConfig:
     prefill_chunk: int = 256
     stream_window: int = 32
     stream_interval_ms: float = 25.0
+    # The exact prompt-state cache (service/prefix_cache.py, docs/prefix-cache.md).
+    prefix_cache_mb: float = 64.0
+    prefix_cache_block: int = 256
+    prefix_cache_eviction: str = "lru"
     # Clients that stall or flood (docs/api.md, Limits): nothing a client does holds a slot for ever.
     stream_stall_timeout: float = 30.0
     max_streams_per_connection: int = 32
@@ -111,6 +116,10 @@ class ServerConfig:
         need(self.batching in BATCHING, f"--batching must be one of {', '.join(BATCHING)}")
         need(self.max_batch >= 1, "--max-batch must be >= 1")
         need(self.prefill_chunk >= 2, "--prefill-chunk must be >= 2")
+        need(0 <= self.prefix_cache_mb <= 1 << 20, "--prefix-cache-mb must be in [0, 1048576] (0 = off)")
+        need(2 <= self.prefix_cache_block <= 1 << 16, "--prefix-cache-block must be in [2, 65536]")
+        need(self.prefix_cache_eviction in PREFIX_POLICIES,
+             f"--prefix-cache-eviction must be one of {', '.join(PREFIX_POLICIES)}")
         need(self.stream_window >= 1, "--stream-window must be >= 1")
         need(0 <= self.workers <= 64, "--workers must be in [0, 64] (0 = from the machine's cores)")
         need(0 <= self.shards <= 16, "--shards must be in [0, 16] (0 = from the machine's cores)")
@@ -311,6 +320,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("stream_interval_ms", "Least time between two messages of a Generate stream, in milliseconds; the "
                                   "tokens computed meanwhile go out together (up to --stream-window of them "
                                   "ahead). 0 = every message as soon as it is ready."),
+    Setting("prefix_cache_mb", "Memory of the exact prompt-state cache, in MiB (per engine shard; 0 = off): calls "
+                               "that start from a fresh state (one-shot Generate and Score, CreateSession with a "
+                               "prompt, HTTP without a session) reuse the state of the longest cached prefix of "
+                               "their text, bit for bit (docs/prefix-cache.md)."),
+    Setting("prefix_cache_block", "Prompt cache: characters between two snapshots of a prompt's state; a later "
+                                  "text reuses a shared beginning up to the last block boundary within it (and "
+                                  "whole earlier prompts and generations)."),
+    Setting("prefix_cache_eviction", "Prompt cache: which entries go first when it is full: lru = least recently "
+                                     "used; cost = fewest tokens saved per byte (GreedyDual-Size).",
+            PREFIX_POLICIES),
     Setting("stream_stall_timeout", "Seconds a Generate stream may wait for its client to take a message (HTTP/2 "
                                     "flow control); then it ends with DEADLINE_EXCEEDED, frees its slot, and the "
                                     "session keeps the text delivered before (0 = wait for ever)."),

@@ -31,6 +31,7 @@ from .constraints import END, KINDS, ConstraintCompiler, Guide, check_choices
 from .engine.base import Engine, Produced, TokenStream
 from .engine.batching import FEW_STREAMS
 from .errors import InvalidRequest, LimitExceeded, MessageGiven, SessionEmpty, SessionRewindRefused, StreamStalled
+from .fresh import FreshStarts
 from .heap import LARGE_TEXT
 from .interface import (
     CallGate,
@@ -46,6 +47,7 @@ from .interface import (
     TokenEvent,
 )
 from .metrics import Metrics
+from .prefix_cache import PrefixCache
 from .sampling import RowSampler, sample_rows
 from .session_blob import SessionBlob, model_fingerprint, session_key
 from .sessions import Session, SessionBackend
@@ -151,6 +153,7 @@ class Generation:
         self.reason = FinishReason.LENGTH if chosen is None else FinishReason.COMPLETE
         self.choices = () if chosen is None else chosen[1]
         self.generated = 0
+        self.cached = 0  # prompt tokens that came from the prompt cache
         self.last: float | None = None  # when the previous message was cut
         self.last_delivered: float | None = None  # when the previous message was handed to the client
         self.done = False  # the stream has nothing more to send but its finish
@@ -260,7 +263,7 @@ class Generation:
 
     def finish(self) -> FinishEvent:
         return FinishEvent(self.reason, self.prompt_tokens, self.generated, self.session.tokens, self.seed,
-                           self.choices)
+                           self.choices, self.cached)
 
 
 class TextgenCore(CallGate):
@@ -285,6 +288,10 @@ class TextgenCore(CallGate):
         self.session_key = session_key(config.session_key)
         self.on_health: HealthListener | None = None  # (nothing here changes between two sweeps)
         self.constraints = ConstraintCompiler(self._chars)  # regex and json_schema constraints (its own process)
+        cache = None if config.prefix_cache_mb <= 0 else PrefixCache(
+            int(config.prefix_cache_mb * 2**20), config.prefix_cache_block, self.fingerprint,
+            config.prefix_cache_eviction)
+        self.fresh = FreshStarts(engine, cache, metrics)  # texts fed into a fresh state: the prompt cache
 
     # -- lifecycle and upkeep (service/upkeep.py)
     async def start(self) -> None:
@@ -373,15 +380,23 @@ class TextgenCore(CallGate):
         enc = await self._prompt(prompt, "prompt", allow_empty=True)
         ids = enc.ids
         # a prompt that fails (deadline, cancel) leaves no half-made session behind
+        cached = 0
         async with self.store.opened(ttl) as s:
             if len(ids):
-                await self._feed(s, ids)
-        return self.store.info(s), FeedResult(len(ids), enc.unknown_chars, s.tokens, enc.unknown_count)
+                cached = await self._feed(s, ids)
+        return self.store.info(s), FeedResult(len(ids), enc.unknown_chars, s.tokens, enc.unknown_count, cached)
 
-    async def _feed(self, s: Session, ids: np.ndarray) -> None:
-        state, pending = await self.engine.feed(s.state, s.pending, ids)
+    async def _feed(self, s: Session, ids: np.ndarray) -> int:
+        """Feed ``ids`` to ``s``; a session that has consumed nothing starts from the longest cached prefix of
+        them (the prompt cache). Returns the tokens that came from the cache."""
+        cached = 0
+        if s.pending is None:  # a fresh state
+            state, pending, cached = await self.fresh.feed(ids)
+        else:
+            state, pending = await self.engine.feed(s.state, s.pending, ids)
         s.commit(state, pending, len(ids))
         self.metrics.prompt_tokens.inc(len(ids))
+        return cached
 
     async def _rewind(self, s: Session, count: int | None) -> None:
         """``session_tokens``: bring the session back to ``count`` tokens, exactly as its last Generate had it
@@ -410,11 +425,12 @@ class TextgenCore(CallGate):
         self._check_open()
         with self._admit(text):
             enc = await self._prompt(text, "text", allow_empty=session_tokens is not None)
+            cached = 0
             async with self.store.held(session_id) as s:
                 await self._rewind(s, session_tokens)
                 if len(enc.ids):
-                    await self._feed(s, enc.ids)
-            return FeedResult(len(enc.ids), enc.unknown_chars, s.tokens, enc.unknown_count)
+                    cached = await self._feed(s, enc.ids)
+            return FeedResult(len(enc.ids), enc.unknown_chars, s.tokens, enc.unknown_count, cached)
 
     # -- moving sessions: fork, export, import (O(state), whatever the history's length)
     async def _new_session(self, ttl: float | None, state: np.ndarray | None, pending: int | None,
@@ -524,8 +540,7 @@ class TextgenCore(CallGate):
             # however it ends (a shared store writes it then: once per Generate, never per token).
             async with self.store.held(p.session_id) if p.session_id else nullcontext(Session("", 0, 0, 0)) as s:
                 await self._rewind(s, p.session_tokens)
-                if len(ids):
-                    await self._feed(s, ids)
+                cached = await self._feed(s, ids) if len(ids) else 0
                 if s.pending is None:
                     raise SessionEmpty("the session has consumed no text yet: feed a prompt first "
                                        "(CreateSession with a prompt, Feed, or Generate with a prompt)")
@@ -534,6 +549,7 @@ class TextgenCore(CallGate):
                     chosen = await self._choose(s, p.constraint.items, sampler)
                     max_tokens = chosen[0].max_tokens
                 gen = Generation(self, s, len(ids), max_tokens, stops, sampler, p, start, ended, guide, chosen)
+                gen.cached = cached
                 try:
                     yield gen
                 finally:
@@ -600,8 +616,10 @@ class TextgenCore(CallGate):
             if len(ids) < 2:
                 raise InvalidRequest("without a session the text needs at least 2 characters "
                                      "(the first one only conditions the state)")
-            out = await self.engine.score(ids)
-        elif update_session:
+            nll, cached = await self.fresh.score(ids)
+            self.metrics.scored_tokens.inc(len(ids))
+            return ScoreResult(nll, len(ids) - 1, len(ids), enc.unknown_chars, enc.unknown_count, cached)
+        if update_session:
             async with self.store.held(session_id) as s:
                 await self._rewind(s, session_tokens)
                 out = await self.engine.score(ids, s.state, s.pending, keep_state=True)

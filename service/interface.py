@@ -86,6 +86,7 @@ class FinishEvent:
     session_tokens: int
     seed: int
     choices: tuple[ChoiceScore, ...] = ()  # a ``choices`` Generate: every choice's score, most likely first
+    cached_tokens: int = 0  # prompt tokens whose state came from the prompt cache (not computed again)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class FeedResult:
     unknown_chars: list[str]
     session_tokens: int
     unknown_count: int = 0
+    cached_tokens: int = 0  # of tokens_consumed, those whose state came from the prompt cache
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class ScoreResult:
     token_count: int
     unknown_chars: list[str]
     unknown_count: int = 0
+    cached_tokens: int = 0  # of token_count, those whose state and NLL came from the prompt cache
 
     @property
     def loss(self) -> float:

@@ -42,6 +42,12 @@ METRIC_NAMES = {
     "textgen_queue_wait_seconds": "histogram",
     "textgen_model_info": "info",
     "textgen_http_requests_total": "counter",
+    "textgen_prefix_cache_lookups_total": "counter",
+    "textgen_prefix_cache_hits_total": "counter",
+    "textgen_prefix_cache_reused_tokens_total": "counter",
+    "textgen_prefix_cache_entries": "gauge",
+    "textgen_prefix_cache_bytes": "gauge",
+    "textgen_prefix_cache_evictions_total": "counter",
     "textgen_http_request_duration_seconds": "histogram",
 }
 
@@ -106,6 +112,19 @@ class Metrics:
         self.http_request_duration = Histogram("textgen_http_request_duration_seconds",
                                                "Wall time of an HTTP request, from arrival to its last byte.",
                                                ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        # The prompt cache (service/prefix_cache.py): per process; /metrics sums the engine shards.
+        self.prefix_lookups = Counter("textgen_prefix_cache_lookups",
+                                      "Texts fed from a fresh state that looked for a cached prefix.", registry=r)
+        self.prefix_hits = Counter("textgen_prefix_cache_hits", "Lookups that found a cached prefix.", registry=r)
+        self.prefix_tokens = Counter("textgen_prefix_cache_reused_tokens",
+                                     "Tokens (characters) whose state came from the prompt cache instead of the "
+                                     "model.", registry=r)
+        self.prefix_entries = Gauge("textgen_prefix_cache_entries", "Snapshots held by the prompt cache.",
+                                    registry=r, multiprocess_mode="livesum")
+        self.prefix_bytes = Gauge("textgen_prefix_cache_bytes", "Bytes held by the prompt cache (its budget's count).",
+                                  registry=r, multiprocess_mode="livesum")
+        self.prefix_evictions = Counter("textgen_prefix_cache_evictions",
+                                        "Snapshots dropped to stay within --prefix-cache-mb.", registry=r)
         self.model_info = Info("textgen_model", "The served model (manifest fields).", registry=r)
         self._http: Any = None
 

@@ -200,19 +200,21 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
         async def work(fields: dict[str, Any]) -> pb.CreateSessionResponse:
             ttl = _ttl(request)
             info, fed = await self.core.create_session(request.prompt, ttl)
-            fields.update(new_session=short_id(info.session_id), prompt_tokens=fed.tokens_consumed)
+            fields.update(new_session=short_id(info.session_id), prompt_tokens=fed.tokens_consumed,
+                          cached=fed.cached_tokens)
             return pb.CreateSessionResponse(session=session_message(info), prompt_tokens=fed.tokens_consumed,
                                             unknown_chars=fed.unknown_chars,
-                                            unknown_char_count=fed.unknown_count)
+                                            unknown_char_count=fed.unknown_count, cached_tokens=fed.cached_tokens)
 
         return await self._call("CreateSession", context, "", work)
 
     async def Feed(self, request: pb.FeedRequest, context: Any) -> pb.FeedResponse:
         async def work(fields: dict[str, Any]) -> pb.FeedResponse:
             r = await self.core.feed(request.session_id, request.text, _session_tokens(request))
-            fields["tokens"] = r.tokens_consumed
+            fields.update(tokens=r.tokens_consumed, cached=r.cached_tokens)
             return pb.FeedResponse(tokens_consumed=r.tokens_consumed, unknown_chars=r.unknown_chars,
-                                   session_tokens=r.session_tokens, unknown_char_count=r.unknown_count)
+                                   session_tokens=r.session_tokens, unknown_char_count=r.unknown_count,
+                                   cached_tokens=r.cached_tokens)
 
         return await self._call("Feed", context, request.session_id, work)
 
@@ -267,13 +269,14 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
                                     "stream is ended; its session keeps the text sent so far (see GetSession)"))
                             fields["generated"] += len(ev.token_ids)
                         elif isinstance(ev, FinishEvent):
-                            fields["finish"] = ev.reason
+                            fields.update(finish=ev.reason, cached=ev.cached_tokens)
                             try:
                                 await send(pb.GenerateResponse(
                                     finish_reason=FINISH[ev.reason], seed=ev.seed,
                                     usage=pb.Usage(prompt_tokens=ev.prompt_tokens,
                                                    generated_tokens=ev.generated_tokens,
-                                                   session_tokens=ev.session_tokens),
+                                                   session_tokens=ev.session_tokens,
+                                                   cached_tokens=ev.cached_tokens),
                                     choice_scores=[pb.ChoiceScore(text=c.text, logprob=c.logprob,
                                                                   probability=c.probability) for c in ev.choices]))
                             except TimeoutError:
@@ -299,10 +302,11 @@ class TextgenServicer(pb_grpc.TextgenServiceServicer):
         async def work(fields: dict[str, Any]) -> pb.ScoreResponse:
             r = await self.core.score(request.text, request.session_id, request.update_session,
                                       _session_tokens(request))
-            fields["tokens"] = r.token_count
+            fields.update(tokens=r.token_count, cached=r.cached_tokens)
             return pb.ScoreResponse(nll=r.nll, loss=r.loss, perplexity=r.perplexity, bits_per_char=r.bits_per_char,
                                     token_count=r.token_count, predictions=r.predictions,
-                                    unknown_chars=r.unknown_chars, unknown_char_count=r.unknown_count)
+                                    unknown_chars=r.unknown_chars, unknown_char_count=r.unknown_count,
+                                    cached_tokens=r.cached_tokens)
 
         return await self._call("Score", context, request.session_id, work)
 

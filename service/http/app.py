@@ -206,9 +206,11 @@ class HttpApp:
     async def _create(self, ex: Exchange, fields: dict[str, Any], arg: str) -> None:
         body = await self._body(ex, CreateSessionBody)
         info, fed = await self.core.create_session(body.prompt, body.ttl)
-        fields.update(new_session=short_id(info.session_id), prompt_tokens=fed.tokens_consumed)
+        fields.update(new_session=short_id(info.session_id), prompt_tokens=fed.tokens_consumed,
+                      cached=fed.cached_tokens)
         await ex.respond(200, {"session": session_json(info), "prompt_tokens": fed.tokens_consumed,
-                               "unknown_chars": fed.unknown_chars, "unknown_char_count": fed.unknown_count})
+                               "unknown_chars": fed.unknown_chars, "unknown_char_count": fed.unknown_count,
+                               "cached_tokens": fed.cached_tokens})
 
     async def _get(self, ex: Exchange, fields: dict[str, Any], arg: str) -> None:
         fields["session"] = short_id(arg)
@@ -223,9 +225,10 @@ class HttpApp:
         fields["session"] = short_id(arg)
         body = await self._body(ex, FeedBody)
         r = await self.core.feed(arg, body.text, body.session_tokens)
-        fields["tokens"] = r.tokens_consumed
+        fields.update(tokens=r.tokens_consumed, cached=r.cached_tokens)
         await ex.respond(200, {"tokens_consumed": r.tokens_consumed, "unknown_chars": r.unknown_chars,
-                               "unknown_char_count": r.unknown_count, "session_tokens": r.session_tokens})
+                               "unknown_char_count": r.unknown_count, "session_tokens": r.session_tokens,
+                               "cached_tokens": r.cached_tokens})
 
     async def _fork(self, ex: Exchange, fields: dict[str, Any], arg: str) -> None:
         fields["session"] = short_id(arg)
@@ -253,11 +256,11 @@ class HttpApp:
         body = await self._body(ex, ScoreBody)
         fields["session"] = short_id(body.session_id)
         r = await self.core.score(body.text, body.session_id, body.update_session, body.session_tokens)
-        fields["tokens"] = r.token_count
+        fields.update(tokens=r.token_count, cached=r.cached_tokens)
         await ex.respond(200, {"nll": r.nll, "loss": r.loss, "perplexity": r.perplexity,
                                "bits_per_char": r.bits_per_char, "token_count": r.token_count,
                                "predictions": r.predictions, "unknown_chars": r.unknown_chars,
-                               "unknown_char_count": r.unknown_count})
+                               "unknown_char_count": r.unknown_count, "cached_tokens": r.cached_tokens})
 
     async def _optional_body(self, ex: Exchange, kind: type[Any]) -> Any:
         body = await ex.read_body(self.limit)

@@ -123,11 +123,14 @@ class Shape:
         return {"tokens": list(text), "token_logprobs": list(logprobs),
                 "top_logprobs": [{c: lp} for c, lp in zip(text, logprobs, strict=True)], "text_offset": offsets}
 
-    def usage(self, states: list[ChoiceState]) -> dict[str, int]:
+    def usage(self, states: list[ChoiceState]) -> dict[str, Any]:
         finishes = [s.finish for s in states if s.finish is not None]
         prompt = finishes[0].prompt_tokens if finishes else 0
         completion = sum(f.generated_tokens for f in finishes)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        # OpenAI's shape for prompt tokens a cache served (the prompt of every choice is the same)
+        cached = max((f.cached_tokens for f in finishes), default=0)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def response(self, states: list[ChoiceState]) -> dict[str, Any]:
         choices = []

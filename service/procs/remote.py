@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import logging
 import os
+import zlib
 from collections.abc import AsyncGenerator
 from typing import TypeVar
 
@@ -225,6 +226,15 @@ class RemoteCore(CallGate):
                 return link
         return self._usable(self.links[0])
 
+    def _prefix_link(self, text: str) -> _Link:
+        """A one-shot call's shard: with the prompt cache on, the one its text's first block maps to (prefix
+        affinity: texts that share a beginning meet the same shard's cache, whatever the turn), else the next in
+        turn. A shard that is down sends the call to the next one up."""
+        if self.config.prefix_cache_mb <= 0 or len(self.links) < 2:
+            return self._next_link()
+        link = self.links[zlib.crc32(text[:self.config.prefix_cache_block].encode()) % len(self.links)]
+        return link if link.up else self._next_link()
+
     def _usable(self, link: _Link) -> _Link:
         if not link.up:
             raise ShardGone("engine shard unavailable (it is being restarted); retry later")
@@ -252,7 +262,7 @@ class RemoteCore(CallGate):
     # -- the Core's calls (admission: CallGate; --max-concurrent-calls counts per front end)
     async def create_session(self, prompt: str = "", ttl: float | None = None) -> tuple[SessionInfo, FeedResult]:
         self._check_open()
-        return await self._call(self._next_link(), wire.CreateSession(prompt, ttl))
+        return await self._call(self._prefix_link(prompt), wire.CreateSession(prompt, ttl))
 
     async def feed(self, session_id: str, text: str, session_tokens: int | None = None) -> FeedResult:
         self._check_open()
@@ -261,7 +271,7 @@ class RemoteCore(CallGate):
     async def score(self, text: str, session_id: str = "", update_session: bool = False,
                     session_tokens: int | None = None) -> ScoreResult:
         self._check_open()
-        link = self._link_of(session_id) if session_id else self._next_link()
+        link = self._link_of(session_id) if session_id else self._prefix_link(text)
         return await self._call(link, wire.Score(text, session_id, update_session, session_tokens))
 
     async def get_session(self, session_id: str) -> SessionInfo:
@@ -287,7 +297,7 @@ class RemoteCore(CallGate):
 
     async def generate(self, p: GenerateParams) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
         self._check_open()
-        link = self._link_of(p.session_id) if p.session_id else self._next_link()
+        link = self._link_of(p.session_id) if p.session_id else self._prefix_link(p.prompt)
         call = next(self._ids)
         queue: asyncio.Queue[wire.ToFrontEnd] = asyncio.Queue()
         self._streams[call] = queue

@@ -62,16 +62,18 @@ class CreateSessionRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class CreateSessionResponse(_message.Message):
-    __slots__ = ("session", "prompt_tokens", "unknown_chars", "unknown_char_count")
+    __slots__ = ("session", "prompt_tokens", "unknown_chars", "unknown_char_count", "cached_tokens")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_CHARS_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_CHAR_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     session: Session
     prompt_tokens: int
     unknown_chars: _containers.RepeatedScalarFieldContainer[str]
     unknown_char_count: int
-    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., unknown_chars: _Optional[_Iterable[str]] = ..., unknown_char_count: _Optional[int] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., unknown_chars: _Optional[_Iterable[str]] = ..., unknown_char_count: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("session_id", "token_count", "create_time", "last_used_time", "expire_time", "ttl", "busy", "rewindable_to")
@@ -104,16 +106,18 @@ class FeedRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., session_tokens: _Optional[int] = ...) -> None: ...
 
 class FeedResponse(_message.Message):
-    __slots__ = ("tokens_consumed", "unknown_chars", "session_tokens", "unknown_char_count")
+    __slots__ = ("tokens_consumed", "unknown_chars", "session_tokens", "unknown_char_count", "cached_tokens")
     TOKENS_CONSUMED_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_CHARS_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_CHAR_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     tokens_consumed: int
     unknown_chars: _containers.RepeatedScalarFieldContainer[str]
     session_tokens: int
     unknown_char_count: int
-    def __init__(self, tokens_consumed: _Optional[int] = ..., unknown_chars: _Optional[_Iterable[str]] = ..., session_tokens: _Optional[int] = ..., unknown_char_count: _Optional[int] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, tokens_consumed: _Optional[int] = ..., unknown_chars: _Optional[_Iterable[str]] = ..., session_tokens: _Optional[int] = ..., unknown_char_count: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("session_id", "prompt", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "logprobs", "session_tokens", "regex", "json_schema", "choices")
@@ -172,14 +176,16 @@ class TokenLogprob(_message.Message):
     def __init__(self, token: _Optional[str] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "generated_tokens", "session_tokens")
+    __slots__ = ("prompt_tokens", "generated_tokens", "session_tokens", "cached_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     generated_tokens: int
     session_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., session_tokens: _Optional[int] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., session_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "logprobs", "finish_reason", "usage", "seed", "choice_scores")
@@ -226,7 +232,7 @@ class ScoreRequest(_message.Message):
     def __init__(self, text: _Optional[str] = ..., session_id: _Optional[str] = ..., update_session: _Optional[bool] = ..., session_tokens: _Optional[int] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("nll", "loss", "perplexity", "bits_per_char", "token_count", "predictions", "unknown_chars", "unknown_char_count")
+    __slots__ = ("nll", "loss", "perplexity", "bits_per_char", "token_count", "predictions", "unknown_chars", "unknown_char_count", "cached_tokens")
     NLL_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +241,7 @@ class ScoreResponse(_message.Message):
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_CHARS_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_CHAR_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     nll: float
     loss: float
     perplexity: float
@@ -243,7 +250,8 @@ class ScoreResponse(_message.Message):
     predictions: int
     unknown_chars: _containers.RepeatedScalarFieldContainer[str]
     unknown_char_count: int
-    def __init__(self, nll: _Optional[float] = ..., loss: _Optional[float] = ..., perplexity: _Optional[float] = ..., bits_per_char: _Optional[float] = ..., token_count: _Optional[int] = ..., predictions: _Optional[int] = ..., unknown_chars: _Optional[_Iterable[str]] = ..., unknown_char_count: _Optional[int] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, nll: _Optional[float] = ..., loss: _Optional[float] = ..., perplexity: _Optional[float] = ..., bits_per_char: _Optional[float] = ..., token_count: _Optional[int] = ..., predictions: _Optional[int] = ..., unknown_chars: _Optional[_Iterable[str]] = ..., unknown_char_count: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
