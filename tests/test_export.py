@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -95,6 +96,37 @@ def test_chunked_equals_whole(make_tiny_bundle, cell: str, layers: int) -> None:
         last, state = rt.step_last(tokens[:, t : t + 1], state)
     np.testing.assert_allclose(last, whole_logits[:, -1], atol=1e-6, rtol=1e-6)
     np.testing.assert_allclose(state, whole_state, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("cell", "layers"), CONFIGS)
+def test_sequence_graph_states_do_not_depend_on_the_cuts_to_the_last_bit(make_tiny_bundle, cell: str,
+                                                                           layers: int) -> None:
+    """What the prompt cache rests on (docs/prefix-cache.md): ``advance`` (model_last.onnx) and ``step``
+    (model.onnx) end a text in the same state, bit for bit, however it is cut, down to one-token calls."""
+    rt = load_bundle(make_tiny_bundle(cell=cell, num_layers=layers), intra_op_threads=1)
+    _assert_cut_invariant(rt, np.random.default_rng(11))
+
+
+def test_the_default_bundles_states_do_not_depend_on_the_cuts_to_the_last_bit() -> None:
+    _assert_cut_invariant(load_bundle(intra_op_threads=1), np.random.default_rng(12))
+
+
+def _assert_cut_invariant(rt: Any, rng: np.random.Generator) -> None:
+    T = 300
+    tokens = rng.integers(1, rt.vocab_size, size=(4, T), dtype=np.int64)
+    start = rng.uniform(-0.5, 0.5, size=(4, rt.state_size)).astype(np.float32)
+    whole = rt.advance(tokens, start)
+    assert np.array_equal(rt.step(tokens, start)[1], whole)  # a Score's states are a prompt's
+    splits = [[1] * T, [T - 1, 1], [1, T - 1], [256, 44]]
+    for _ in range(4):
+        cuts = np.sort(rng.choice(np.arange(1, T), size=int(rng.integers(1, 20)), replace=False))
+        splits.append(np.diff(np.concatenate([[0], cuts, [T]])).tolist())
+    for sizes in splits:
+        state, pos = start, 0
+        for n in sizes:
+            state = rt.advance(tokens[:, pos:pos + n], state) if n % 2 else rt.step(tokens[:, pos:pos + n], state)[1]
+            pos += n
+        assert np.array_equal(state, whole), sizes[:10]
 
 
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])

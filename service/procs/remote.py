@@ -227,9 +227,9 @@ class RemoteCore(CallGate):
         return self._usable(self.links[0])
 
     def _prefix_link(self, text: str) -> _Link:
-        """A one-shot call's shard: with the prompt cache on, the one its text's first block maps to (prefix
-        affinity: texts that share a beginning meet the same shard's cache, whatever the turn), else the next in
-        turn. A shard that is down sends the call to the next one up."""
+        """A one-shot Generate's or Score's shard: with the prompt cache on, the one its text's first block maps
+        to (prefix affinity: texts that share a beginning meet the same shard's cache, whatever the turn), else
+        the next in turn. A shard that is down sends the call to the next one up."""
         if self.config.prefix_cache_mb <= 0 or len(self.links) < 2:
             return self._next_link()
         link = self.links[zlib.crc32(text[:self.config.prefix_cache_block].encode()) % len(self.links)]
@@ -262,7 +262,9 @@ class RemoteCore(CallGate):
     # -- the Core's calls (admission: CallGate; --max-concurrent-calls counts per front end)
     async def create_session(self, prompt: str = "", ttl: float | None = None) -> tuple[SessionInfo, FeedResult]:
         self._check_open()
-        return await self._call(self._prefix_link(prompt), wire.CreateSession(prompt, ttl))
+        # In turn, not by prefix: a session's calls all run on its shard, and sessions that share a system
+        # prompt must not all land on one (each shard computes the shared prompt once, in its own cache).
+        return await self._call(self._next_link(), wire.CreateSession(prompt, ttl))
 
     async def feed(self, session_id: str, text: str, session_tokens: int | None = None) -> FeedResult:
         self._check_open()
