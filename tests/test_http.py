@@ -225,8 +225,12 @@ def test_raw_event_stream_shape(server: RunningServer) -> None:
     events = sse_events(raw)
     assert events[-1] == "[DONE]"
     usage = events[-2]
-    assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 8,
-                                                         "total_tokens": len(PROMPT) + 8}
+    u = usage["usage"]
+    assert usage["choices"] == [] and {k: u[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")} == {
+        "prompt_tokens": len(PROMPT), "completion_tokens": 8, "total_tokens": len(PROMPT) + 8}
+    # the prompt cache's share of the prompt, in OpenAI's field (this module's server has seen PROMPT before)
+    assert set(u) == {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details"}
+    assert 0 <= u["prompt_tokens_details"]["cached_tokens"] <= len(PROMPT)
     chunks = events[:-2]
     assert all(c["usage"] is None and c["object"] == "text_completion" for c in chunks)
     assert len({c["id"] for c in events[:-1]}) == 1
