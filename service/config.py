@@ -58,7 +58,7 @@ class ServerConfig:
     # The exact prompt-state cache (service/prefix_cache.py, docs/prefix-cache.md).
     prefix_cache_mb: float = 64.0
     prefix_cache_block: int = 256
-    prefix_cache_eviction: str = "lru"
+    prefix_cache_eviction: str = "cost"
     # Clients that stall or flood (docs/api.md, Limits): nothing a client does holds a slot for ever.
     stream_stall_timeout: float = 30.0
     max_streams_per_connection: int = 32
