@@ -13,6 +13,7 @@ service/fresh.py does). The figure is the share of all tokens served from the ca
 
     python bench/prefix_cache_policy.py
     python bench/prefix_cache_policy.py --budgets 2,8,32 --seed 1
+    python bench/prefix_cache_policy.py --budgets 1,4,64 --blocks 64,128,256,512   # also block sizes
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ def mixed(rng: random.Random) -> Iterator[np.ndarray]:
             streams.remove(s)
 
 
-def replay(trace: list[np.ndarray], budget_mb: float, policy: str) -> float:
-    cache = PrefixCache(int(budget_mb * 2**20), BLOCK, b"bench", policy)
+def replay(trace: list[np.ndarray], budget_mb: float, policy: str, block: int = BLOCK) -> float:
+    cache = PrefixCache(int(budget_mb * 2**20), block, b"bench", policy)
     state = np.zeros(STATE, dtype=np.float32)
     saved = total = 0
     for ids in trace:
@@ -73,7 +74,7 @@ def replay(trace: list[np.ndarray], budget_mb: float, policy: str) -> float:
         hit = cache.lookup(ids, chains).length
         saved += hit
         total += len(ids)
-        for L in [*range((hit // BLOCK + 1) * BLOCK, len(ids), BLOCK), len(ids)]:
+        for L in [*range((hit // block + 1) * block, len(ids), block), len(ids)]:
             cache.put(ids, L, state, int(ids[L - 1]), chains)
     return saved / total
 
@@ -82,6 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", default="4,16,64", help="MiB, comma-separated")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--blocks", default="", help="also compare these --prefix-cache-block values (cost policy)")
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     traces = {"shared+flood": list(shared_flood(random.Random(args.seed), 8000)),
@@ -95,6 +97,12 @@ def main() -> None:
             ratio = shares["cost"] / shares["lru"] if shares["lru"] else float("nan")
             print(f"{name:<14} {len(trace):>6} {mb:>5g} " + " ".join(f"{shares[p]:>11.1%}" for p in POLICIES)
                   + f"   {ratio:>8.2f}x")
+    if args.blocks:
+        blocks = [int(b) for b in args.blocks.split(",")]
+        print(f"\n{'trace':<14} {'MiB':>5} " + " ".join(f"{'block ' + str(b):>10}" for b in blocks))
+        for name, trace in traces.items():
+            for mb in budgets:
+                print(f"{name:<14} {mb:>5g} " + " ".join(f"{replay(trace, mb, 'cost', b):>10.1%}" for b in blocks))
 
 
 if __name__ == "__main__":
