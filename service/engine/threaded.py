@@ -159,7 +159,8 @@ class ThreadEngine:
             b = min(a + self.score_chunk, block_end, at[len(snaps)] if len(snaps) < len(at) else n)
             part, s = await self._run(self._score_chunk, s, seq[a:b], seq[a + 1:b + 1])
             parts.append(part)
-            kept.append(part)
+            if values:
+                kept.append(part)
             if len(snaps) < len(at) and b == at[len(snaps)]:
                 snaps.append(np.array(s[0], dtype=np.float32))
             if b == block_end:
