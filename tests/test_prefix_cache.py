@@ -82,6 +82,29 @@ def test_the_longest_cached_prefix_is_found_by_blocks_and_tails() -> None:
     assert np.array_equal(cache.lookup(a, ch).state, state(14))
 
 
+def test_tails_are_found_as_a_brute_force_search_finds_them() -> None:
+    """Thousands of short prompts under one chain (a short shared start): the tail index finds, for each text,
+    the longest kept prefix that a comparison with every kept prefix finds."""
+    rng = np.random.default_rng(3)
+    cache = PrefixCache(1 << 30, 64, b"model")
+    start = ids_of(20, seed=5)
+    kept: list[np.ndarray] = []
+    for _ in range(3000):
+        n = int(rng.integers(2, 150))
+        t = np.concatenate([start, rng.integers(1, 4, size=n)])[:n] if rng.random() < 0.7 else rng.integers(1, 4, n)
+        kept.append(t)
+        cache.put(t, len(t), state(len(t)), int(t[-1]), cache.chains(t))
+    for _ in range(500):
+        q = np.concatenate([kept[int(rng.integers(len(kept)))], rng.integers(1, 4, size=int(rng.integers(0, 40)))])
+        want = max((len(k) for k in kept if len(k) <= len(q) and np.array_equal(q[:len(k)], k)), default=0)
+        # whole 64-token blocks of q that some kept text covers are entries too (a text's block boundaries are
+        # not put here: only ends), so the brute force is over the ends alone
+        got = cache.lookup(q, cache.chains(q))
+        assert got.length == want
+        if want:
+            assert np.array_equal(got.state, state(want))
+
+
 def test_score_lookups_need_the_nlls_of_every_block_before() -> None:
     cache = PrefixCache(1 << 20, 4, b"model")
     a = ids_of(20)
@@ -101,7 +124,7 @@ def test_score_lookups_need_the_nlls_of_every_block_before() -> None:
 def test_the_budget_holds_and_counts_what_the_entries_take() -> None:
     rng = np.random.default_rng(1)
     cache = PrefixCache(1 << 40, 256, b"model")
-    texts = [rng.integers(1, 100, size=2000) for _ in range(200)]
+    texts = [rng.integers(1, 100, size=2000) for _ in range(256)]  # 2,048 entries: whole pages of states
     chains = [cache.chains(t) for t in texts]
     gc.collect()
     tracemalloc.start()
@@ -114,16 +137,18 @@ def test_the_budget_holds_and_counts_what_the_entries_take() -> None:
         used = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    assert cache.entries == 200 * 8
+    assert cache.entries == 256 * 8
     assert 0.9 <= used / cache.bytes <= 1.1, (used, cache.bytes)  # the budget's count is what the memory is
     # a budget of 50 entries: never above it, the oldest go first
-    small = PrefixCache(50 * (ENTRY_OVERHEAD + 4 * 256 + 4 * 44), 256, b"model")  # state, then a 44-token tail
+    probe = PrefixCache(1 << 20, 256, b"model")  # what one such entry counts
+    probe.put(texts[0], 300, np.zeros(256, np.float32), int(texts[0][299]), probe.chains(texts[0][:300]))
+    small = PrefixCache(50 * probe.bytes, 256, b"model")
     for i, t in enumerate(texts[:100]):
         small.put(t, 300, np.zeros(256, np.float32), int(t[299]), small.chains(t[:300]))
         assert small.bytes <= small.budget
         if i == 60:
             assert small.lookup(texts[0][:300], small.chains(texts[0][:300])).length == 0
-    assert small.evictions == 100 - small.entries and small.entries <= 50
+    assert small.entries == 50 and small.evictions == 50
     assert small.lookup(texts[99][:300], small.chains(texts[99][:300])).length == 300
 
 
