@@ -333,7 +333,7 @@ def inproc_rss(spec: dict[str, Any]) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     state = rng.standard_normal(spec["state_size"]).astype(np.float32)
     ids = rng.integers(1, 104, spec["chars"]).astype(np.int64)
-    cache = PrefixCache(int(spec["budget_mb"] * MiB), spec["block"], b"bench/prefix_cache.py", "lru")
+    cache = PrefixCache(int(spec["budget_mb"] * MiB), spec["block"], b"bench/prefix_cache.py")  # the default policy
     gc.collect()
     rss0 = vm_kib("self")
     t0 = time.perf_counter()

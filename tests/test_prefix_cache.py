@@ -138,7 +138,9 @@ def test_the_budget_holds_and_counts_what_the_entries_take() -> None:
     finally:
         tracemalloc.stop()
     assert cache.entries == 256 * 8
-    assert 0.9 <= used / cache.bytes <= 1.1, (used, cache.bytes)  # the budget's count is what the memory is
+    # the budget's count covers what the entries hold, with room for what steady eviction leaves in Python's
+    # small-object arenas (the RSS check is bench/prefix_cache.py's: 100,000 prompts through a full cache)
+    assert 0.7 <= used / cache.bytes <= 1.0, (used, cache.bytes)
     # a budget of 50 entries: never above it, the oldest go first
     probe = PrefixCache(1 << 20, 256, b"model")  # what one such entry counts
     probe.put(texts[0], 300, np.zeros(256, np.float32), int(texts[0][299]), probe.chains(texts[0][:300]))
