@@ -28,7 +28,7 @@ that follow (at most block / MINI) and probes the buckets from the longest: O(bl
 (:data:`ENTRY_OVERHEAD`) against ``--prefix-cache-mb``; the eviction policy is ``cost`` (GreedyDual-Size: the
 fewest tokens saved per byte first, aged by the evictions so far) or ``lru``. States and NLLs live in rows of
 preallocated pages (:class:`_Rows`) that evicted entries give back: an array per entry left malloc's heap
-fragmented under steady eviction (RSS 1.19x the budget at 100,000 prompts). The cache lives in one process (one
+fragmented under steady eviction (RSS 1.24x the budget at 100,000 prompts). The cache lives in one process (one
 per engine shard) and dies with its model.
 
 **Single flight**: a call that is about to compute blocks registers them (:meth:`begin`); a call that needs
