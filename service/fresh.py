@@ -62,7 +62,8 @@ class FreshStarts:
         if start.length:
             m.prefix_hits.inc()
             m.prefix_tokens.inc(start.length)
-        log.debug("prompt cache", extra={"fields": {"tokens": n, "reused": start.length}})
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("prompt cache", extra={"fields": {"tokens": n, "reused": start.length}})
 
     def _gauges(self) -> None:
         assert self.cache is not None

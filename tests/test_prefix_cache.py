@@ -9,6 +9,8 @@ import gc
 import json
 import tracemalloc
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,17 @@ QUESTIONS = ["Q: How do I start it?\nA:", "Q: What is a session?\nA:", "Q: Can a
 @pytest.fixture(scope="module")
 def rt() -> Any:
     return load_bundle()
+
+
+@contextmanager
+def on_and_off(rt: Any, **on_options: Any) -> Iterator[tuple[RunningServer, RunningServer]]:
+    """A server with the cache on (``on_options``) and one with ``--prefix-cache-mb 0``: the same build."""
+    on, off = RunningServer(rt, **on_options), RunningServer(rt, prefix_cache_mb=0)
+    try:
+        yield on, off
+    finally:
+        on.stop()
+        off.stop()
 
 
 def ids_of(n: int, seed: int = 0) -> np.ndarray:
@@ -97,8 +110,7 @@ def test_tails_are_found_as_a_brute_force_search_finds_them() -> None:
     for _ in range(500):
         q = np.concatenate([kept[int(rng.integers(len(kept)))], rng.integers(1, 4, size=int(rng.integers(0, 40)))])
         want = max((len(k) for k in kept if len(k) <= len(q) and np.array_equal(q[:len(k)], k)), default=0)
-        # whole 64-token blocks of q that some kept text covers are entries too (a text's block boundaries are
-        # not put here: only ends), so the brute force is over the ends alone
+        # (only the texts' ends were put, no block snapshots: the ends are all there is to find)
         got = cache.lookup(q, cache.chains(q))
         assert got.length == want
         if want:
@@ -246,9 +258,7 @@ def _everything(c: Any, prompt: str) -> list[Any]:
 
 @pytest.mark.parametrize("batching", ["on", "off"])
 def test_cache_on_equals_cache_off_to_the_last_bit(rt: Any, batching: str) -> None:
-    on = RunningServer(rt, prefix_cache_block=BLOCK, batching=batching)
-    off = RunningServer(rt, prefix_cache_mb=0)
-    try:
+    with on_and_off(rt, prefix_cache_block=BLOCK, batching=batching) as (on, off):
         a, b = on.client(), off.client()
         reference = {p: _everything(b, p) for p in _prompts()}
         for round_ in range(2):  # the second round hits what the first one left
@@ -260,15 +270,10 @@ def test_cache_on_equals_cache_off_to_the_last_bit(rt: Any, batching: str) -> No
         assert on.metric("textgen_prefix_cache_reused_tokens_total") > 0
         assert 0 < on.metric("textgen_prefix_cache_bytes") <= 64 * 2**20
         assert off.metric("textgen_prefix_cache_lookups_total") == 0
-    finally:
-        on.stop()
-        off.stop()
 
 
 def test_scores_across_sum_blocks_and_after_generates_are_exact(rt: Any) -> None:
-    on = RunningServer(rt, prefix_cache_block=BLOCK * 16)
-    off = RunningServer(rt, prefix_cache_mb=0)
-    try:
+    with on_and_off(rt, prefix_cache_block=BLOCK * 16) as (on, off):
         a, b = on.client(), off.client()
         long = (INSTRUCTION * 60)[:9000]  # crosses two 4096-prediction sum blocks
         for text in (long, long + "and more", long[:5000], long[:4097], long + QUESTIONS[3]):
@@ -280,15 +285,10 @@ def test_scores_across_sum_blocks_and_after_generates_are_exact(rt: Any) -> None
         a.generate_text(prompt, max_tokens=3)
         s = a.score(prompt)
         assert s.cached_tokens == 0 and s.nll == b.score(prompt).nll
-    finally:
-        on.stop()
-        off.stop()
 
 
 def test_after_evictions_results_stay_exact(rt: Any) -> None:
-    on = RunningServer(rt, prefix_cache_block=BLOCK, prefix_cache_mb=0.02)  # ~20 KB: a dozen entries
-    off = RunningServer(rt, prefix_cache_mb=0)
-    try:
+    with on_and_off(rt, prefix_cache_block=BLOCK, prefix_cache_mb=0.02) as (on, off):  # ~20 KB: a dozen entries
         a, b = on.client(), off.client()
         prompts = [INSTRUCTION[:i * 7 + 20] + q for i in range(8) for q in QUESTIONS[:2]]
         for _ in range(2):
@@ -298,15 +298,10 @@ def test_after_evictions_results_stay_exact(rt: Any) -> None:
         assert on.metric("textgen_prefix_cache_evictions_total") > 0
         assert on.metric("textgen_prefix_cache_bytes") <= 0.02 * 2**20
         assert on.metric("textgen_prefix_cache_hits_total") > 0
-    finally:
-        on.stop()
-        off.stop()
 
 
 def test_sessions_from_cached_prompts_and_their_forks_are_independent(rt: Any) -> None:
-    on = RunningServer(rt, prefix_cache_block=BLOCK)
-    off = RunningServer(rt, prefix_cache_mb=0)
-    try:
+    with on_and_off(rt, prefix_cache_block=BLOCK) as (on, off):
         a, b = on.client(), off.client()
         prompt = INSTRUCTION + QUESTIONS[2]
         a.score(prompt)  # now cached
@@ -329,15 +324,10 @@ def test_sessions_from_cached_prompts_and_their_forks_are_independent(rt: Any) -
         assert got[0] == got[4] == got[5] == len(prompt) and want[0] == want[4] == want[5] == 0
         assert got[1:4] == want[1:4] and got[6] == want[6]
         assert got[1] == got[3] != got[2]
-    finally:
-        on.stop()
-        off.stop()
 
 
 def test_a_resent_conversation_reuses_the_previous_prompt(rt: Any) -> None:
-    on = RunningServer(rt, prefix_cache_block=BLOCK)
-    off = RunningServer(rt, prefix_cache_mb=0)
-    try:
+    with on_and_off(rt, prefix_cache_block=BLOCK) as (on, off):
         a, b = on.client(), off.client()
         conversation = INSTRUCTION + QUESTIONS[0]
         previous = 0
@@ -348,9 +338,6 @@ def test_a_resent_conversation_reuses_the_previous_prompt(rt: Any) -> None:
             assert r.usage.cached_tokens == previous
             previous = len(conversation)
             conversation += r.text + "\n" + q
-    finally:
-        on.stop()
-        off.stop()
 
 
 def test_http_completions_report_cached_tokens_and_equal_grpc(rt: Any) -> None:
