@@ -233,8 +233,7 @@ class Generation:
             m.time_to_first_token.observe(now - self.start)
         else:
             m.inter_token_latency.observe(now - self.last)
-        for _ in range(n - 1):  # tokens that travel in one message arrive together
-            m.inter_token_latency.observe(0.0)
+        m.inter_token_latency.observe_many(0.0, n - 1)  # tokens that travel in one message arrive together
         self.last = now
         self._out.append((state, token, event.token_ids))
         self.in_flight_tokens += n

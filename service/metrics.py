@@ -23,6 +23,32 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 TOKEN_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
+
+
+class CountedHistogram(Histogram):
+    """A Histogram that can observe one value ``count`` times in one update (:meth:`observe_many`): a stream's
+    tokens that travel in one message are ``count`` zero gaps of the inter-token latency, and observing them one
+    by one was ~14% of an engine shard's CPU at 256 streams (each observation writes the multi-process files)."""
+
+    def observe_many(self, amount: float, count: int) -> None:
+        """What ``count`` calls of ``observe(amount)`` record, in one bucket and one sum update."""
+        if count <= 0:
+            return
+        buckets = getattr(self, "_buckets", None)
+        bounds = getattr(self, "_upper_bounds", None)
+        total = getattr(self, "_sum", None)
+        if buckets is None or bounds is None or total is None:  # (another prometheus-client's layout)
+            for _ in range(count):
+                self.observe(amount)
+            return
+        self._raise_if_not_observable()
+        total.inc(amount * count)
+        for i, bound in enumerate(bounds):
+            if amount <= bound:
+                buckets[i].inc(count)
+                break
+
+
 # Exposed names (as scraped), with their type.
 METRIC_NAMES = {
     "textgen_requests_total": "counter",
@@ -77,9 +103,9 @@ class Metrics:
             "textgen_time_to_first_token_seconds",
             "Generate: from the request's arrival to its first token (prompt feeding included).",
             buckets=LATENCY_BUCKETS, registry=r)
-        self.inter_token_latency = Histogram("textgen_inter_token_latency_seconds",
-                                             "Generate: time between two consecutive tokens of a stream.",
-                                             buckets=TOKEN_BUCKETS, registry=r)
+        self.inter_token_latency = CountedHistogram("textgen_inter_token_latency_seconds",
+                                                    "Generate: time between two consecutive tokens of a stream.",
+                                                    buckets=TOKEN_BUCKETS, registry=r)
         self.generated_tokens = Counter("textgen_generated_tokens",
                                         "Tokens generated and delivered to clients.", registry=r)
         self.prompt_tokens = Counter("textgen_prompt_tokens",

@@ -17,7 +17,7 @@ from textgen.service.config import SETTINGS, ServerConfig, click_options, markdo
 from textgen.service.engine import ThreadEngine
 from textgen.service.errors import InputError, InvalidRequest, LimitExceeded, SessionBusy, SessionNotFound
 from textgen.service.fake_runtime import FakeRuntime
-from textgen.service.metrics import METRIC_NAMES
+from textgen.service.metrics import METRIC_NAMES, TOKEN_BUCKETS, CountedHistogram
 from textgen.service.sampling import (
     MIN_TEMPERATURE,
     SamplingParams,
@@ -305,3 +305,27 @@ def test_process_counts_come_from_the_cores_unless_given() -> None:
     assert ServerConfig().processes().workers >= 1
     with pytest.raises(InputError, match="--batching off runs in one process"):
         ServerConfig(batching="off", workers=2)
+
+
+def test_observe_many_records_what_as_many_observes_do() -> None:
+    from prometheus_client import CollectorRegistry
+
+    def samples(fill: Any) -> dict[tuple[str, str], float]:
+        r = CollectorRegistry()
+        h = CountedHistogram("gaps_seconds", "gaps", buckets=TOKEN_BUCKETS, registry=r)
+        fill(h)
+        return {(s.name, s.labels.get("le", "")): s.value for m in r.collect() for s in m.samples
+                if not s.name.endswith("_created")}
+
+    def one_by_one(h: CountedHistogram) -> None:
+        for value, count in ((0.0, 7), (0.003, 2), (2.0, 1), (0.0, 0)):
+            for _ in range(count):
+                h.observe(value)
+
+    def batched(h: CountedHistogram) -> None:
+        for value, count in ((0.0, 7), (0.003, 2), (2.0, 1), (0.0, 0)):
+            h.observe_many(value, count)
+
+    want = samples(one_by_one)
+    assert want[("gaps_seconds_count", "")] == 10
+    assert samples(batched) == want
