@@ -155,7 +155,9 @@ class Generation:
         self.generated = 0
         self.cached = 0  # prompt tokens that came from the prompt cache
         self.last: float | None = None  # when the previous message was cut
-        self.last_delivered: float | None = None  # when the previous message was handed to the client
+        # when the previous message was handed over: yielded to the consumer in one process (its cut), its
+        # acknowledgement back at an engine shard (a round trip after its cut)
+        self.last_handed: float | None = None
         self.done = False  # the stream has nothing more to send but its finish
         self.last_cut = False  # the message that ends the stream (stop string, max_tokens) has been cut
         self.in_flight_tokens = 0
@@ -173,9 +175,11 @@ class Generation:
         or the last message is out). The policy, in order:
 
         * at most :data:`IN_FLIGHT` messages out while fewer than FEW_STREAMS streams run, else one;
-        * ``--stream-interval-ms``: at least :func:`message_gap` after the previous message was delivered (in
-          one process it is written at once; across processes its acknowledgement comes back a round trip
-          later), then the tokens computed meanwhile leave together;
+        * ``--stream-interval-ms``, when no message is out: at least :func:`message_gap` after the previous
+          message was handed over (in one process when it was yielded, so a lone stream waits at most the
+          gap; across processes when its acknowledgement came back, a round trip later), then the tokens
+          computed meanwhile leave together. (With a message out, the window above is the limit: a few
+          streams across processes keep a second message on its way, as their latency needs);
         * without it, right after a delivery (``after_delivery``), while several streams run and this one has
           tokens left to compute: the engine's next round (``TokenStream.next(fresh=True)``, or its listener),
           whose tokens for all the streams leave together, one message per round rather than one per delivery.
@@ -184,8 +188,8 @@ class Generation:
         """
         if self.last_cut or len(self._out) >= (IN_FLIGHT if self.core.streams < FEW_STREAMS else 1):
             return None
-        if self.interval and self.last_delivered is not None:
-            wait = self.last_delivered + message_gap(self.interval, self.core.streams) - now
+        if self.interval and self.last_handed is not None and not self._out:
+            wait = self.last_handed + message_gap(self.interval, self.core.streams) - now
             return Pace(delay=wait) if wait > 0 else NOW
         if after_delivery and self.core.streams > 1 and self.stream.produced < self.stream.max_tokens:
             return NEXT_ROUND
@@ -246,14 +250,15 @@ class Generation:
         """Messages cut and not yet delivered."""
         return len(self._out)
 
-    def delivered(self) -> None:
+    def delivered(self, handed_at: float | None = None) -> None:
         """The oldest message :meth:`cut` and not yet delivered was handed to gRPC: the session moves past its
-        tokens."""
+        tokens. ``handed_at``: when the transport handed it over (default: now), where :meth:`pace` measures
+        the next message's gap from."""
         state, token, ids = self._out.popleft()
         n = len(ids)
         self.in_flight_tokens -= n
         self.session.commit(state, token, n, ids)
-        self.last_delivered = time.perf_counter()
+        self.last_handed = time.perf_counter() if handed_at is None else handed_at
         self.stream.delivered(n)
         self.generated += n
         self.core.metrics.generated_tokens.inc(n)
@@ -579,15 +584,16 @@ class TextgenCore(CallGate):
                 event = gen.cut(items)
                 if event is None:  # the constraint is complete, nothing more to send
                     break
+                handed = gen.last  # (yielded now: the gap to the next message runs from here, not from its write)
                 try:
                     yield event
                 except (StreamStalled, MessageGiven):
                     # The consumer handed the message to gRPC, which still sends it after the stream's end:
                     # the session takes its tokens, then the stream ends.
-                    gen.delivered()
+                    gen.delivered(handed)
                     raise
                 # Resumed: the consumer delivered the message. Only now does the session move past its tokens.
-                gen.delivered()
+                gen.delivered(handed)
                 after_delivery = True
             gen.stream.close()
             finish = gen.finish()
