@@ -175,11 +175,10 @@ class Generation:
         or the last message is out). The policy, in order:
 
         * at most :data:`IN_FLIGHT` messages out while fewer than FEW_STREAMS streams run, else one;
-        * ``--stream-interval-ms``, when no message is out: at least :func:`message_gap` after the previous
-          message was handed over (in one process when it was yielded, so a lone stream waits at most the
-          gap; across processes when its acknowledgement came back, a round trip later), then the tokens
-          computed meanwhile leave together. (With a message out, the window above is the limit: a few
-          streams across processes keep a second message on its way, as their latency needs);
+        * ``--stream-interval-ms``: at least :func:`message_gap` after the previous message was handed over (in
+          one process when it was yielded, so a lone stream waits at most the gap, not the gap after gRPC's
+          write; across processes when its acknowledgement came back, a round trip later), then the tokens
+          computed meanwhile leave together;
         * without it, right after a delivery (``after_delivery``), while several streams run and this one has
           tokens left to compute: the engine's next round (``TokenStream.next(fresh=True)``, or its listener),
           whose tokens for all the streams leave together, one message per round rather than one per delivery.
@@ -188,7 +187,7 @@ class Generation:
         """
         if self.last_cut or len(self._out) >= (IN_FLIGHT if self.core.streams < FEW_STREAMS else 1):
             return None
-        if self.interval and self.last_handed is not None and not self._out:
+        if self.interval and self.last_handed is not None:
             wait = self.last_handed + message_gap(self.interval, self.core.streams) - now
             return Pace(delay=wait) if wait > 0 else NOW
         if after_delivery and self.core.streams > 1 and self.stream.produced < self.stream.max_tokens:
