@@ -2,11 +2,11 @@
 
 For each side (an interpreter with its own install of the package), a ``textgen serve --workers 2 --shards 1``
 server is started (``--model``, default the packaged bundle; ``--server-args`` adds flags) and
-bench/serve_load.py's load generator runs ``--runs`` times against it (N streams, 200-character prompts, 200
-tokens each); the CPU time of each child process (``/proc/PID/stat``) is divided by the tokens generated. A
-child that maps onnxruntime is the shard; the others are front ends. Sides alternate (A B, then B A) for
-``--reps`` repetitions; the table gives the medians. CPU per token is far less disturbed by a noisy machine than
-tokens per second: it says whether a change costs work, not whether it made a stream wait.
+bench/serve_load.py's load generator runs ``--runs`` times against it (N streams, 200-character prompts,
+``--tokens`` tokens each, default 200); the CPU time of each child process (``/proc/PID/stat``) is divided by
+the tokens generated. A child that maps onnxruntime is the shard; the others are front ends. Sides alternate
+(A B, then B A) for ``--reps`` repetitions; the table gives the medians. CPU per token is far less disturbed by
+a noisy machine than tokens per second: it says whether a change costs work, not whether it made a stream wait.
 
     python bench/role_cpu.py --a-python /tmp/before-venv/bin/python --b-python /tmp/after-venv/bin/python \\
         --model /tmp/ab-old-bundle --streams 64 --runs 3 --reps 2
@@ -52,7 +52,7 @@ def measure(python: str, args: argparse.Namespace) -> list[tuple[float, dict[str
         out = []
         for k in range(args.runs):
             c0 = {p: cpu_seconds(p) for p in pids}
-            r = sl.run_client("client", srv.address, streams=args.streams, tokens=200, prompt_chars=200,
+            r = sl.run_client("client", srv.address, streams=args.streams, tokens=args.tokens, prompt_chars=200,
                               seed=args.streams + k, protocol="grpc", constraint="none")
             per: dict[str, float] = {}
             for p in pids:
@@ -70,6 +70,7 @@ def main() -> None:
     p.add_argument("--model", default="default")
     p.add_argument("--server-args", default="")
     p.add_argument("--streams", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=200, help="tokens per stream")
     p.add_argument("--runs", type=int, default=3, help="load runs per server")
     p.add_argument("--reps", type=int, default=2, help="servers per side, alternating")
     args = p.parse_args()
