@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shlex
 import statistics
 import subprocess
@@ -44,7 +45,8 @@ SERVE_LOAD = Path(__file__).resolve().with_name("serve_load.py")
 FIGURES = (("gen tok/s", "tok_s", 1.0, ""), ("overall tok/s", "tok_s_overall", 1.0, ""),
            ("TTFT p50", "ttft_p50", 1e3, " ms"), ("TTFT p99", "ttft_p99", 1e3, " ms"),
            ("ITL p50", "itl_p50", 1e3, " ms"), ("ITL p99", "itl_p99", 1e3, " ms"),
-           ("server CPU per 1k tok", "server_cpu_ms_per_1k", 1.0, " ms"))
+           ("server CPU per 1k tok", "server_cpu_ms_per_1k", 1.0, " ms"),
+           ("prompt cached", "prompt_cached", 100.0, "%"))
 NOISY = 1.10  # a side's runs further apart than this (max/min of tok/s or TTFT p99): the verdict is not trustworthy
 Key = tuple[str, str, int]  # (model, batching, N)
 
@@ -90,6 +92,16 @@ def ratio(b: float, a: float) -> float:
     return b / a if a else float("nan")
 
 
+def interval(a: list[float], b: list[float], draws: int = 2000) -> tuple[float, float]:
+    """A 95% bootstrap interval of median(b) / median(a), each side's runs resampled on its own (seeded)."""
+    if len(a) < 2 or len(b) < 2:
+        return float("nan"), float("nan")
+    rng = random.Random(0)
+    out = sorted(ratio(statistics.median(rng.choices(b, k=len(b))), statistics.median(rng.choices(a, k=len(a))))
+                 for _ in range(draws))
+    return out[int(0.025 * draws)], out[int(0.975 * draws) - 1]
+
+
 def summarize(a: argparse.Namespace, config: str, runs: list[tuple[str, dict[str, Any]]]) -> bool:
     """Print the tables and the verdict of one config; True when both targets are met."""
     labels = {"A": a.a_label, "B": a.b_label}
@@ -122,11 +134,12 @@ def summarize(a: argparse.Namespace, config: str, runs: list[tuple[str, dict[str
             digits = 0 if name.startswith("tok_s") or (name.startswith("ttft") and va * scale >= 10) else 1
             line += f" {va * scale:.{digits}f}{unit} | {vb * scale:.{digits}f}{unit} | {ratios[key][name]:.3f} |"
         errors = sum(rows[key]["errors"] for side in "AB" for rows in per_side[side] if key in rows)
-        unsteady = sum(not rows[key]["steady"] for side in "AB" for rows in per_side[side] if key in rows)
+        unsteady = {side: sum(not rows[key]["steady"] for rows in per_side[side] if key in rows) for side in "AB"}
         if errors:
             line += f" errors: {errors}"
-        if unsteady:
-            line += f" ({unsteady} run(s) with tok/s over the whole generation: streams hardly overlapped)"
+        if any(unsteady.values()):
+            line += (f" (runs with tok/s over the whole generation, streams hardly overlapped: {la} {unsteady['A']},"
+                     f" {lb} {unsteady['B']})")
         print(line)
 
     print("\n| run | side | " + " | ".join(f"N={k[2]} tok/s | N={k[2]} TTFT p99" for k in keys)
@@ -155,6 +168,17 @@ def summarize(a: argparse.Namespace, config: str, runs: list[tuple[str, dict[str
     if any(v > NOISY for v in spreads.values()):
         print(f"WARNING: runs of the same side differ by more than {NOISY:.2f}x: the ratios are within the "
               "noise; rerun on a quiet machine (see the load average column) or with more --rounds")
+    print("\nfor information (the verdict below uses the medians above): gen tok/s B/A with a 95% interval from "
+          "resampling each side's runs (2,000 draws), and over the runs whose streams overlapped only (steady)")
+    for k in keys:
+        a_runs = [rows[k] for rows in per_side["A"] if k in rows]
+        b_runs = [rows[k] for rows in per_side["B"] if k in rows]
+        lo, hi = interval([r["tok_s"] for r in a_runs], [r["tok_s"] for r in b_runs])
+        steady_a = [r["tok_s"] for r in a_runs if r["steady"]]
+        steady_b = [r["tok_s"] for r in b_runs if r["steady"]]
+        steady = (f"{ratio(statistics.median(steady_b), statistics.median(steady_a)):.3f} ({len(steady_a)} and "
+                  f"{len(steady_b)} runs)" if steady_a and steady_b else "-")
+        print(f"* {where(k)}: {ratios[k]['tok_s']:.3f}, 95% interval [{lo:.3f}, {hi:.3f}]; steady runs only: {steady}")
     tok = [(k, r["tok_s"]) for k, r in ratios.items()]
     worst_key, worst = min(tok, key=lambda kr: kr[1])
     tok_ok = all(r >= a.min_tok_ratio for _, r in tok)

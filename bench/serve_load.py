@@ -13,7 +13,13 @@ reports per configuration:
 * TTFT p50/p99: from a client's CreateSession to its first generated token (the 200-character Feed included);
 * ITL p50/p99: gaps between consecutive token messages of a stream (a message may carry several tokens;
   tok/msg is their mean);
-* the mean decode batch size and the load generator's CPU use (it must stay well under one core).
+* the mean decode batch size and the load generator's CPU use (it must stay well under one core);
+* server CPU per 1k tok: the CPU time of the server's process tree per 1,000 generated tokens;
+* prompt cached: the share of the run's prompt tokens the server took from its prompt cache
+  (``textgen_prefix_cache_reused_tokens_total``; docs/prefix-cache.md). The prompts are 196 rotations of one
+  short text, so a run of more streams, or a later run on the same server, repeats some: such streams skip
+  their prompt's computation and start decoding sooner, which changes what the gen tok/s window covers.
+  ``--prompts unique`` starts each prompt with its stream's own number (no prompt fed twice on a server).
 
 In the same run, without a server, it measures the model's own limit: onnxruntime's rate for batch-64 decode
 steps (one thread, as the server), and checks the targets of docs/serving-performance.md. A second scenario
@@ -65,8 +71,10 @@ from _common import export_random
 
 TEXT = ("The quick brown fox jumps over the lazy dog. def main(args):\n    return sum(x * x for x in args)\n"
         "Batching shares one model step between many streams; continuous batching lets them join and leave. ")
+PROMPTS = ("repeat", "unique")
 # The load generator multiplexes 64 streams per connection: no per-connection cap; N clients create their
 # sessions at once, so the cap on concurrent CreateSession/Feed/Score calls is raised like --max-streams.
+CACHED_METRIC = "textgen_prefix_cache_reused_tokens_total"
 SERVER_FLAGS = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--max-streams", "512",
                 "--max-concurrent-calls", "512", "--max-streams-per-connection", "0", "--max-sessions", "4096",
                 "--log-level", "warning", "--grace-seconds", "1"]
@@ -94,9 +102,14 @@ def constraint_fields(constraint: str, protocol: str) -> dict[str, Any]:
     return {"regex": CONSTRAINT_REGEX} if constraint == "regex" else {"json_schema": json.dumps(CONSTRAINT_SCHEMA)}
 
 
-def prompt(i: int, n: int) -> str:
+def prompt(i: int, n: int, unique: bool = False) -> str:
+    """Stream ``i``'s prompt: ``n`` characters of :data:`TEXT` from a place that depends on ``i``. TEXT has 196
+    characters, so there are 196 such prompts and a run of more streams, or a later run on the same server,
+    repeats some (a server with the prompt cache reuses them: the table's "prompt cached" column). ``unique``:
+    the prompt starts with ``i`` itself, so no two ``i`` share even a first character's state."""
     k = (i * 37) % len(TEXT)
-    return ((TEXT[k:] + TEXT) * (n // len(TEXT) + 2))[:n]
+    head = f"[{i}] " if unique else ""
+    return (head + (TEXT[k:] + TEXT) * (n // len(TEXT) + 2))[:n]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -110,7 +123,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def _client_main(address: str, streams: int, tokens: int, prompt_chars: int, seed: int,
-                       constraint: str = "none") -> dict[str, Any]:
+                       constraint: str = "none", unique: bool = False) -> dict[str, Any]:
     import grpc
 
     from textgen.service.proto import textgen_pb2 as pb
@@ -132,7 +145,7 @@ async def _client_main(address: str, streams: int, tokens: int, prompt_chars: in
         try:
             t0 = time.perf_counter()
             sid = (await stub.CreateSession(pb.CreateSessionRequest())).session.session_id
-            await stub.Feed(pb.FeedRequest(session_id=sid, text=prompt(seed + i, prompt_chars)))
+            await stub.Feed(pb.FeedRequest(session_id=sid, text=prompt(seed + i, prompt_chars, unique)))
             t1 = time.perf_counter()
             gen_start.append(t1)
             prev = None
@@ -243,7 +256,7 @@ class _HttpConn:
 
 
 async def _http_client_main(address: str, streams: int, tokens: int, prompt_chars: int, seed: int,
-                            constraint: str = "none") -> dict[str, Any]:
+                            constraint: str = "none", unique: bool = False) -> dict[str, Any]:
     """The same load as :func:`_client_main` over the HTTP API: POST /v1/sessions, /feed, then a streamed
     /v1/completions on the session (one keep-alive connection per client)."""
     host, _, port = address.rpartition(":")
@@ -261,7 +274,7 @@ async def _http_client_main(address: str, streams: int, tokens: int, prompt_char
         try:
             t0 = time.perf_counter()
             sid = (await conn.json("POST", "/v1/sessions", {}))["session"]["session_id"]
-            await conn.json("POST", f"/v1/sessions/{sid}/feed", {"text": prompt(seed + i, prompt_chars)})
+            await conn.json("POST", f"/v1/sessions/{sid}/feed", {"text": prompt(seed + i, prompt_chars, unique)})
             gen_start.append(time.perf_counter())
             prev = None
             mine: list[tuple[float, int]] = []
@@ -487,7 +500,7 @@ def main_bench(args: argparse.Namespace) -> None:
     models = args.models.split(",")
     streams = [int(x) for x in args.streams.split(",")]
     report: dict[str, Any] = {"command": " ".join(sys.argv), "protocol": args.protocol, "constraint": args.constraint,
-                              "server_python": args.server_python,
+                              "prompts": args.prompts, "server_python": args.server_python,
                               "server_package": server_package(args.server_python), "raw": {}, "rows": [], "long": []}
     if args.server_python != sys.executable:
         print(f"# server: {args.server_python} (textgen.service from {report['server_package']})", flush=True)
@@ -502,8 +515,8 @@ def main_bench(args: argparse.Namespace) -> None:
 
     print(f"\n# load over {args.protocol}, constraint {args.constraint}", flush=True)
     print("\n| model | batching | constraint | N | tokens | tok/stream | gen tok/s | TTFT p50 | TTFT p99 | ITL p50 "
-          "| ITL p99 | tok/msg | mean batch | client CPU | server CPU per 1k tok |", flush=True)
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+          "| ITL p99 | tok/msg | mean batch | client CPU | server CPU per 1k tok | prompt cached |", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for name in models:
         big = name.isdigit() and int(name) >= 1024
         for batching in args.batching.split(","):
@@ -514,15 +527,18 @@ def main_bench(args: argparse.Namespace) -> None:
                     if big and batching == "off" and n > args.big_off_max:
                         continue
                     b0 = (server.metric_sum("textgen_batch_size_sum"), server.metric_sum("textgen_batch_size_count"))
+                    p0 = server.metric_sum(CACHED_METRIC)
                     c0 = server.cpu_seconds()
                     reps = [run_client("client", server.client_address(args.protocol), streams=n, tokens=tokens,
                                        prompt_chars=chars, seed=n + k, protocol=args.protocol,
-                                       constraint=args.constraint)
+                                       constraint=args.constraint, prompts=args.prompts)
                             for k in range(args.repeat_single if n == 1 else 1)]
                     cpu = server.cpu_seconds() - c0
                     r = sorted(reps, key=lambda x: x["tok_s"])[len(reps) // 2]  # the median run (N=1 is short)
                     r["server_cpu_ms_per_1k"] = cpu * 1e3 / max(1, sum(x["tokens"] for x in reps)) * 1e3
                     b1 = (server.metric_sum("textgen_batch_size_sum"), server.metric_sum("textgen_batch_size_count"))
+                    # prompt tokens the server took from its prompt cache (0 for an install without one)
+                    r["prompt_cached"] = (server.metric_sum(CACHED_METRIC) - p0) / (n * chars * len(reps))
                     r["mean_batch"] = (b1[0] - b0[0]) / (b1[1] - b0[1]) if b1[1] > b0[1] else 1.0
                     report["rows"].append(asdict(Row(name, batching, n, tokens, chars, r)))
                     star = "" if r["steady"] else "*"
@@ -531,7 +547,8 @@ def main_bench(args: argparse.Namespace) -> None:
                           f"| {r['ttft_p50'] * 1e3:.0f} ms "
                           f"| {r['ttft_p99'] * 1e3:.0f} ms | {r['itl_p50'] * 1e3:.1f} ms | {r['itl_p99'] * 1e3:.1f} ms "
                           f"| {r['tokens'] / max(1, r['messages']):.2f} | {r['mean_batch']:.1f} "
-                          f"| {r['client_cpu'] * 100:.0f}% | {r['server_cpu_ms_per_1k']:.0f} ms |"
+                          f"| {r['client_cpu'] * 100:.0f}% | {r['server_cpu_ms_per_1k']:.0f} ms "
+                          f"| {r['prompt_cached'] * 100:.0f}% |"
                           + (f" errors: {r['errors']}" if r["errors"] else ""),
                           flush=True)
             finally:
@@ -602,10 +619,12 @@ def main() -> None:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
         p.add_argument("--constraint", choices=CONSTRAINTS, default="none")
+        p.add_argument("--prompts", choices=PROMPTS, default="repeat")
         a = p.parse_args()
         if mode == "client":
             client = _http_client_main if a.protocol == "http" else _client_main
-            r = asyncio.run(client(a.address, a.streams, a.tokens, a.prompt_chars, a.seed, a.constraint))
+            r = asyncio.run(client(a.address, a.streams, a.tokens, a.prompt_chars, a.seed, a.constraint,
+                                  a.prompts == "unique"))
         else:
             r = asyncio.run(_long_prompt_main(a.address, a.streams, a.long_chars, a.seed))
         print(json.dumps(r))
@@ -632,6 +651,9 @@ def main() -> None:
                    help="how the load generator talks to the server: gRPC, or the HTTP API (/v1/completions, SSE)")
     p.add_argument("--constraint", choices=CONSTRAINTS, default="none",
                    help="constrain every stream: a fixed regex or a 5-property JSON Schema (docs/api.md)")
+    p.add_argument("--prompts", choices=PROMPTS, default="repeat",
+                   help="repeat: the 196 prompts of TEXT, which later runs on a server repeat (the prompt cache "
+                        "reuses them); unique: no prompt is fed twice on a server")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
