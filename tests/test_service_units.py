@@ -329,3 +329,13 @@ def test_observe_many_records_what_as_many_observes_do() -> None:
     want = samples(one_by_one)
     assert want[("gaps_seconds_count", "")] == 10
     assert samples(batched) == want
+
+
+def test_a_server_imports_numpy_random_when_it_starts_not_in_its_first_generate() -> None:
+    """numpy imports numpy.random on first use (~12 ms): it belongs to the start, not to a client's first call.
+    A fresh interpreter, as a server or an engine shard starts."""
+    import subprocess
+
+    code = "import sys, textgen.service.server, textgen.service.procs.shard; print('numpy.random' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "True"
