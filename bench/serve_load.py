@@ -19,7 +19,8 @@ reports per configuration:
   (``textgen_prefix_cache_reused_tokens_total``; docs/prefix-cache.md). The prompts are 196 rotations of one
   short text, so a run of more streams, or a later run on the same server, repeats some: such streams skip
   their prompt's computation and start decoding sooner, which changes what the gen tok/s window covers.
-  ``--prompts unique`` starts each prompt with its stream's own number (no prompt fed twice on a server).
+  ``--prompts unique`` starts each prompt with a random tag of its run and its stream's number (no prompt
+  fed twice on a server).
 
 In the same run, without a server, it measures the model's own limit: onnxruntime's rate for batch-64 decode
 steps (one thread, as the server), and checks the targets of docs/serving-performance.md. A second scenario
@@ -57,6 +58,7 @@ import json
 import os
 import re
 import resource
+import secrets
 import statistics
 import subprocess
 import sys
@@ -102,13 +104,14 @@ def constraint_fields(constraint: str, protocol: str) -> dict[str, Any]:
     return {"regex": CONSTRAINT_REGEX} if constraint == "regex" else {"json_schema": json.dumps(CONSTRAINT_SCHEMA)}
 
 
-def prompt(i: int, n: int, unique: bool = False) -> str:
+def prompt(i: int, n: int, tag: str | None = None) -> str:
     """Stream ``i``'s prompt: ``n`` characters of :data:`TEXT` from a place that depends on ``i``. TEXT has 196
     characters, so there are 196 such prompts and a run of more streams, or a later run on the same server,
-    repeats some (a server with the prompt cache reuses them: the table's "prompt cached" column). ``unique``:
-    the prompt starts with ``i`` itself, so no two ``i`` share even a first character's state."""
+    repeats some (a server with the prompt cache reuses them: the table's "prompt cached" column). ``tag`` (a
+    run's own random tag, ``--prompts unique``): the prompt starts with the tag and ``i``, so no prompt of one
+    run shares even its first character's state with another run's or another stream's."""
     k = (i * 37) % len(TEXT)
-    head = f"[{i}] " if unique else ""
+    head = f"[{tag}.{i}] " if tag is not None else ""
     return (head + (TEXT[k:] + TEXT) * (n // len(TEXT) + 2))[:n]
 
 
@@ -129,6 +132,7 @@ async def _client_main(address: str, streams: int, tokens: int, prompt_chars: in
     from textgen.service.proto import textgen_pb2 as pb
     from textgen.service.proto import textgen_pb2_grpc as pb_grpc
 
+    tag = secrets.token_hex(4) if unique else None  # this run's prompts, unlike any other run's
     ttft: list[float] = []
     gaps: list[float] = []
     gen_start: list[float] = []
@@ -145,7 +149,7 @@ async def _client_main(address: str, streams: int, tokens: int, prompt_chars: in
         try:
             t0 = time.perf_counter()
             sid = (await stub.CreateSession(pb.CreateSessionRequest())).session.session_id
-            await stub.Feed(pb.FeedRequest(session_id=sid, text=prompt(seed + i, prompt_chars, unique)))
+            await stub.Feed(pb.FeedRequest(session_id=sid, text=prompt(seed + i, prompt_chars, tag)))
             t1 = time.perf_counter()
             gen_start.append(t1)
             prev = None
@@ -260,6 +264,7 @@ async def _http_client_main(address: str, streams: int, tokens: int, prompt_char
     """The same load as :func:`_client_main` over the HTTP API: POST /v1/sessions, /feed, then a streamed
     /v1/completions on the session (one keep-alive connection per client)."""
     host, _, port = address.rpartition(":")
+    tag = secrets.token_hex(4) if unique else None
     ttft: list[float] = []
     gaps: list[float] = []
     gen_start: list[float] = []
@@ -274,7 +279,7 @@ async def _http_client_main(address: str, streams: int, tokens: int, prompt_char
         try:
             t0 = time.perf_counter()
             sid = (await conn.json("POST", "/v1/sessions", {}))["session"]["session_id"]
-            await conn.json("POST", f"/v1/sessions/{sid}/feed", {"text": prompt(seed + i, prompt_chars, unique)})
+            await conn.json("POST", f"/v1/sessions/{sid}/feed", {"text": prompt(seed + i, prompt_chars, tag)})
             gen_start.append(time.perf_counter())
             prev = None
             mine: list[tuple[float, int]] = []
