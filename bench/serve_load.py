@@ -108,8 +108,9 @@ def prompt(i: int, n: int, tag: str | None = None) -> str:
     """Stream ``i``'s prompt: ``n`` characters of :data:`TEXT` from a place that depends on ``i``. TEXT has 196
     characters, so there are 196 such prompts and a run of more streams, or a later run on the same server,
     repeats some (a server with the prompt cache reuses them: the table's "prompt cached" column). ``tag`` (a
-    run's own random tag, ``--prompts unique``): the prompt starts with the tag and ``i``, so no prompt of one
-    run shares even its first character's state with another run's or another stream's."""
+    run's own random tag, ``--prompts unique``): the prompt opens with ``[``, the tag and ``i``, so no two
+    prompts on a server share more than their first few characters, far less than a cache block or a whole
+    prompt (what the prompt cache keeps)."""
     k = (i * 37) % len(TEXT)
     head = f"[{tag}.{i}] " if tag is not None else ""
     return (head + (TEXT[k:] + TEXT) * (n // len(TEXT) + 2))[:n]
