@@ -91,11 +91,12 @@ class Metrics:
         self.requests = Counter("textgen_requests", "RPCs handled, by method and final gRPC status code.",
                                 ["method", "code"], registry=r)
         self.request_duration = Histogram("textgen_request_duration_seconds",
-                                          "Wall time of an RPC, from arrival to its final status.", ["method"],
-                                          buckets=LATENCY_BUCKETS, registry=r)
+                                          "Wall time of an RPC, from its handler's start to its final status.",
+                                          ["method"], buckets=LATENCY_BUCKETS, registry=r)
         self.time_to_first_token = Histogram(
             "textgen_time_to_first_token_seconds",
-            "Generate: from the request's arrival to its first token (prompt feeding included).",
+            "Generate: from the server taking the call up to its first token (prompt feeding included; not the "
+            "wait in the gRPC runtime before that).",
             buckets=LATENCY_BUCKETS, registry=r)
         self.inter_token_latency = CountedHistogram("textgen_inter_token_latency_seconds",
                                                     "Generate: time between two consecutive tokens of a stream.",
