@@ -1,4 +1,4 @@
-"""CPU per 1,000 generated tokens by process role (front ends, engine shard, parent) of two installs, A/B.
+"""CPU per 1,000 generated tokens by process role (front ends, engine shard, parent; or one server), A/B.
 
 For each side (an interpreter with its own install of the package), a ``textgen serve --workers 2 --shards 1``
 server is started (``--model``, default the packaged bundle; ``--server-args`` adds flags) and
@@ -7,9 +7,12 @@ bench/serve_load.py's load generator runs ``--runs`` times against it (N streams
 the tokens generated. A child that maps onnxruntime is the shard; the others are front ends. Sides alternate
 (A B, then B A) for ``--reps`` repetitions; the table gives the medians. CPU per token is far less disturbed by
 a noisy machine than tokens per second: it says whether a change costs work, not whether it made a stream wait.
+``--one-process`` serves without ``--workers`` (one role, the server); with ``--runs 1`` each measured load is a
+fresh server's first burst.
 
     python bench/role_cpu.py --a-python /tmp/before-venv/bin/python --b-python /tmp/after-venv/bin/python \\
         --model /tmp/ab-old-bundle --streams 64 --runs 3 --reps 2
+    python bench/role_cpu.py --a-python ... --b-python ... --one-process --streams 64 --runs 1 --reps 8
 """
 
 from __future__ import annotations
@@ -44,11 +47,13 @@ def role(pid: int) -> str:
 
 
 def measure(python: str, args: argparse.Namespace) -> list[tuple[float, dict[str, float]]]:
-    srv = sl.Server(args.model, "on", ["--workers", "2", "--shards", "1", *args.server_args.split()], python)
+    procs = [] if args.one_process else ["--workers", "2", "--shards", "1"]
+    srv = sl.Server(args.model, "on", [*procs, *args.server_args.split()], python)
     try:
         time.sleep(1)  # the children are up once the parent announced; their imports settle
         pids = [srv.proc.pid, *children(srv.proc.pid)]
-        roles = {p: "parent" if p == srv.proc.pid else role(p) for p in pids}
+        top = "server" if args.one_process else "parent"
+        roles = {p: top if p == srv.proc.pid else role(p) for p in pids}
         out = []
         for k in range(args.runs):
             c0 = {p: cpu_seconds(p) for p in pids}
@@ -69,6 +74,7 @@ def main() -> None:
     p.add_argument("--b-python", required=True)
     p.add_argument("--model", default="default")
     p.add_argument("--server-args", default="")
+    p.add_argument("--one-process", action="store_true", help="serve without --workers (the server's own CPU)")
     p.add_argument("--streams", type=int, default=64)
     p.add_argument("--tokens", type=int, default=200, help="tokens per stream")
     p.add_argument("--runs", type=int, default=3, help="load runs per server")
