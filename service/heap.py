@@ -1,5 +1,5 @@
 """The server process's heap: giving freed memory back to the operating system after large requests, and
-keeping the objects of its start out of the garbage collector's way (:func:`freeze_startup_heap`).
+keeping the cyclic garbage collector out of the way of a serving process (:func:`settle_collector`).
 
 A 1,000,000-character Score allocates tens of megabytes (the request, its text, its ids) on whichever thread
 handles it; glibc keeps what such threads free in their own arenas, so the server's RSS stays near its peak
@@ -21,6 +21,10 @@ from collections.abc import Callable
 
 LARGE_TEXT = 1 << 18  # characters: a call with a text this long asks for a trim when it ends
 IDLE_TRIM_BYTES = 32 << 20  # an idle server trims when its RSS grew this much since the last trim
+# Net allocations of container objects between two young collections in a serving process (CPython: 700). One
+# process, 256 streams, one 2-second load: the collector's pauses came to 86-106 ms (longest 12-14 ms) at 700,
+# 17-24 ms (4.5-4.8) at 5,000 and 10 ms (2.9) at 10,000 (bench/gc_pauses.py; docs/serving-performance.md).
+YOUNG_THRESHOLD = 10_000
 
 
 @functools.cache
@@ -77,13 +81,22 @@ def resident_bytes() -> int | None:
         return None
 
 
-def freeze_startup_heap() -> None:
-    """Move every object alive once a server process is ready (its modules, classes, model, gRPC and HTTP
-    machinery: some 40,000 objects) into the collector's permanent generation (``gc.freeze``), after one full
-    collection. Python's cyclic collector otherwise traverses them again in every collection of the older
-    generations, for the life of the process; in a server's first burst of calls those collections came often
-    enough to double the time the event loop took to hand 64 Feeds to the engine (19 -> 40 ms, medians of 4,
-    docs/serving-performance.md). Objects made later are collected as usual; what was alive at the start is
-    never freed by the cyclic collector (reference counting still frees it)."""
+def settle_collector() -> None:
+    """Once a server process is ready (the one-process server, each front end, each engine shard):
+
+    * move every object alive then (its modules, classes, model, gRPC and HTTP machinery: some 40,000 objects)
+      into the collector's permanent generation (``gc.freeze``), after one full collection. The cyclic collector
+      otherwise traverses them again in every collection of the older generations, for the life of the
+      process; in a server's first burst of calls those collections came often enough to double the time the
+      event loop took to hand 64 Feeds to the engine (19 -> 40 ms, medians of 4). What was alive at the start
+      is never freed by the cyclic collector (reference counting still frees it);
+    * raise the young generation's threshold to :data:`YOUNG_THRESHOLD` (the older generations' stay as they
+      are): a serving process allocates fast, and CPython's default of 700 made it collect some 130 times in a
+      2-second load of 256 streams, with the GIL held each time.
+
+    Objects made later are collected as usual. Figures: docs/serving-performance.md, bench/gc_pauses.py."""
     gc.collect()
     gc.freeze()
+    young, older, oldest = gc.get_threshold()
+    if young:  # 0: whoever set it wants no automatic collections; so be it
+        gc.set_threshold(max(young, YOUNG_THRESHOLD), older, oldest)

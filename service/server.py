@@ -33,7 +33,7 @@ from . import logs
 from .admission import AdmissionInterceptor
 from .config import ServerConfig, is_loopback
 from .errors import InputError
-from .heap import freeze_startup_heap
+from .heap import settle_collector
 from .interface import Core
 from .metrics import Metrics
 from .proto import textgen_pb2 as pb
@@ -285,7 +285,7 @@ async def serve(config: ServerConfig, *, announce: Callable[[str], None] = _anno
         core, metrics = local_core(config)
         server = TextgenServer(config, core, metrics)
         await server.start()
-        freeze_startup_heap()
+        settle_collector()
         host = _grpc_host(config.host)
         metrics_host = _grpc_host(config.metrics_host)
         url = (f"http://{metrics_host}:{server.metrics_port}/metrics" if server.metrics_port is not None

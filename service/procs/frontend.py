@@ -12,7 +12,7 @@ from typing import Any
 
 from .. import logs
 from ..config import ServerConfig
-from ..heap import freeze_startup_heap, limit_malloc_arenas
+from ..heap import limit_malloc_arenas, settle_collector
 from ..metrics import Metrics
 from ..server import TextgenServer
 from .child import report_start_errors, watch_parent
@@ -50,7 +50,7 @@ async def _run_frontend(config: ServerConfig, addresses: list[str], ready: Any) 
     orphaned = asyncio.create_task(watch_parent(stop.set))
     try:
         await server.start()
-        freeze_startup_heap()
+        settle_collector()
         log.info("front end serving", extra={"fields": {"pid": os.getpid()}})
         ready.send(("ready", os.getpid()))
         ready.close()

@@ -32,7 +32,7 @@ from .. import logs
 from ..config import ServerConfig
 from ..core import Generation, TextgenCore
 from ..errors import ServiceError
-from ..heap import freeze_startup_heap, limit_malloc_arenas
+from ..heap import limit_malloc_arenas, settle_collector
 from ..interface import FinishEvent
 from ..upkeep import Upkeep
 from . import wire
@@ -309,7 +309,7 @@ async def _run_shard(config: ServerConfig, index: int, address: str, ready: Any)
         server.end_unacknowledged()
 
     upkeep = Upkeep(core, after_sweep=after_sweep)
-    freeze_startup_heap()
+    settle_collector()
     ready.send(("ready", os.getpid()))
     ready.close()
     log.info("shard serving", extra={"fields": {"pid": os.getpid()}})
