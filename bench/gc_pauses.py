@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,25 +49,9 @@ main()
 FIGURES = ("collections", "GC ms", "longest ms", "server CPU per 1k tok", "TTFT p99", "gen tok/s")
 
 
-class HookedServer(sl.Server):
-    """serve_load's server, started through :data:`HOOKED`."""
-
-    def __init__(self, python: str, model: str, extra: list[str], out: Path):
-        cmd = [python, "-c", HOOKED, "serve", *sl.SERVER_FLAGS, "--batching", "on", *extra]
-        if model != "default":
-            cmd += ["--model", model]
-        env = {**os.environ, "TEXTGEN_HTTP_PORT": "0", "GC_PAUSES_OUT": str(out)}
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        line = self.proc.stdout.readline()  # type: ignore[union-attr]
-        m = re.search(r"gRPC listening on ([^,]+), metrics (\S+)", line)
-        if not m:
-            self.proc.kill()
-            raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()[-2000:]}")  # type: ignore
-        self.address, self.metrics_url, self.http_address = m.group(1), m.group(2), None
-
-
 def one_server(python: str, args: argparse.Namespace, loads: list[int], out: Path) -> list[dict[str, float]]:
-    srv = HookedServer(python, args.model, args.server_args.split(), out)
+    srv = sl.Server(args.model, "on", args.server_args.split(), python, entry=HOOKED,
+                    env={"GC_PAUSES_OUT": str(out)})
     windows: list[tuple[float, float, dict[str, Any], float]] = []
     try:
         for n in loads:

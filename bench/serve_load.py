@@ -419,14 +419,20 @@ def server_package(python: str) -> str:
     return str(Path(out.stdout.strip()).parent)
 
 
+ENTRY = "from textgen.service.cli import main; main()"  # what `textgen` runs
+
+
 class Server:
-    def __init__(self, model: str, batching: str, extra: list[str], python: str | None = None):
-        cmd = [python or sys.executable, "-c", "from textgen.service.cli import main; main()", "serve", *SERVER_FLAGS,
-               "--batching", batching, *extra]
+    """``textgen serve`` as a subprocess (``python``: another install's interpreter; ``entry``: Python code that
+    ends in the CLI, e.g. with a hook around it; ``env``: more environment variables)."""
+
+    def __init__(self, model: str, batching: str, extra: list[str], python: str | None = None, *,
+                 entry: str = ENTRY, env: dict[str, str] | None = None):
+        cmd = [python or sys.executable, "-c", entry, "serve", *SERVER_FLAGS, "--batching", batching, *extra]
         if model != "default":
             cmd += ["--model", model]
         # a free HTTP port (the variable, not --http-port: an install from before the HTTP door ignores it)
-        env = {**os.environ, "TEXTGEN_HTTP_PORT": "0"}
+        env = {**os.environ, "TEXTGEN_HTTP_PORT": "0", **(env or {})}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         m = re.search(r"gRPC listening on ([^,]+), metrics (\S+)", line)

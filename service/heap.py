@@ -23,7 +23,8 @@ LARGE_TEXT = 1 << 18  # characters: a call with a text this long asks for a trim
 IDLE_TRIM_BYTES = 32 << 20  # an idle server trims when its RSS grew this much since the last trim
 # Net allocations of container objects between two young collections in a serving process (CPython: 700). One
 # process, 256 streams, one 2-second load: the collector's pauses came to 86-106 ms (longest 12-14 ms) at 700,
-# 17-24 ms (4.5-4.8) at 5,000 and 10 ms (2.9) at 10,000 (bench/gc_pauses.py; docs/serving-performance.md).
+# 17-24 ms (4.5-4.8) at 5,000 and 10 ms (2.9) at 10,000 (a probe; bench/gc_pauses.py measures 700 against this:
+# docs/serving-performance.md).
 YOUNG_THRESHOLD = 10_000
 
 
@@ -91,7 +92,7 @@ def settle_collector() -> None:
       event loop took to hand 64 Feeds to the engine (19 -> 40 ms, medians of 4). What was alive at the start
       is never freed by the cyclic collector (reference counting still frees it);
     * raise the young generation's threshold to :data:`YOUNG_THRESHOLD` (the older generations' stay as they
-      are): a serving process allocates fast, and CPython's default of 700 made it collect some 130 times in a
+      are): a serving process allocates fast, and CPython's default of 700 made it collect some 170 times in a
       2-second load of 256 streams, with the GIL held each time.
 
     Objects made later are collected as usual. Figures: docs/serving-performance.md, bench/gc_pauses.py."""
