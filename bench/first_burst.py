@@ -59,10 +59,7 @@ async def measure(address: str, streams: int, tag: str) -> tuple[float, float, f
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--a-python", required=True)
-    p.add_argument("--b-python", required=True)
-    p.add_argument("--model", default="default")
-    p.add_argument("--server-args", default="")
+    sl.add_ab_arguments(p)
     p.add_argument("--streams", type=int, default=64)
     p.add_argument("--reps", type=int, default=6, help="fresh servers per side, alternating")
     args = p.parse_args()

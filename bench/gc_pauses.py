@@ -73,10 +73,7 @@ def one_server(python: str, args: argparse.Namespace, loads: list[int], out: Pat
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--a-python", required=True)
-    p.add_argument("--b-python", required=True)
-    p.add_argument("--model", default="default")
-    p.add_argument("--server-args", default="", help="more flags for textgen serve (one process: no --workers)")
+    sl.add_ab_arguments(p)
     p.add_argument("--streams", default="1,64,256", help="loads in order on each server")
     p.add_argument("--reps", type=int, default=4, help="fresh servers per side, alternating")
     args = p.parse_args()

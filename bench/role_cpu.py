@@ -70,10 +70,7 @@ def measure(python: str, args: argparse.Namespace) -> list[tuple[float, dict[str
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--a-python", required=True)
-    p.add_argument("--b-python", required=True)
-    p.add_argument("--model", default="default")
-    p.add_argument("--server-args", default="")
+    sl.add_ab_arguments(p)
     p.add_argument("--one-process", action="store_true", help="serve without --workers (the server's own CPU)")
     p.add_argument("--streams", type=int, default=64)
     p.add_argument("--tokens", type=int, default=200, help="tokens per stream")

@@ -422,6 +422,15 @@ def server_package(python: str) -> str:
 ENTRY = "from textgen.service.cli import main; main()"  # what `textgen` runs
 
 
+def add_ab_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of an A/B of two installs that each start a server: the two interpreters, the model and more
+    server flags (bench/first_burst.py, role_cpu.py, gc_pauses.py)."""
+    p.add_argument("--a-python", required=True, help="interpreter of side A's install (e.g. before a change)")
+    p.add_argument("--b-python", required=True, help="interpreter of side B's install (e.g. the working tree's)")
+    p.add_argument("--model", default="default", help="bundle the servers load (default: the packaged one)")
+    p.add_argument("--server-args", default="", help="more flags for textgen serve")
+
+
 class Server:
     """``textgen serve`` as a subprocess (``python``: another install's interpreter; ``entry``: Python code that
     ends in the CLI, e.g. with a hook around it; ``env``: more environment variables)."""
