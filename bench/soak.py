@@ -46,6 +46,8 @@ no INTERNAL anywhere, no ERROR log line, the import clients' codes as expected (
 ``--rss-limit-mb`` (200), RSS end - start <=
 ``--rss-end-mb`` (50), exit status 0. With ``--rounds N`` the whole load runs N times on the same server and
 the RSS after each round is reported: growth from round 1 to round N over ``--rss-growth-mb`` (20) is a leak.
+The report also gives the prompt cache's bytes after each round (``textgen_prefix_cache_bytes`` from the
+server's /metrics): memory the server keeps by design, up to ``--prefix-cache-mb``, and part of the RSS end.
 
     python bench/soak.py                          # 60 s of load, about 80 s in all
     python bench/soak.py --seconds 20 --flood 16 --flood-calls 16
@@ -74,6 +76,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -200,6 +203,8 @@ class ServeProcess:
             self.proc.wait()
             raise RuntimeError(f"server did not start: {line!r} {log_path.read_text(errors='replace')[-2000:]}")
         self.address = m.group(1)
+        metrics = re.search(r"metrics (http://\S+)", line)
+        self.metrics_url = metrics.group(1) if metrics else None
         if not re.match(r"(127\.\d+\.\d+\.\d+|\[::1\]|localhost):\d+$", self.address):
             self.proc.kill()
             raise RuntimeError(f"not a loopback address: {self.address}")
@@ -210,6 +215,18 @@ class ServeProcess:
         if own is None:
             return None
         return own + sum(_vmrss_kb(pid) or 0 for pid in _descendants(self.proc.pid))
+
+    def metric_sum(self, name: str) -> float | None:
+        """The sum of a metric's samples on the server's /metrics (None: no metrics port, or not there)."""
+        if self.metrics_url is None:
+            return None
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        values = re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+        return sum(float(v) for v in values) if values else None
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM, then the exit status (None if it had to be killed)."""
@@ -496,6 +513,10 @@ async def _soak_main(a: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- report
 
 
+def cache_mb(nbytes: float | None) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / 2**20:.0f} MB"
+
+
 def codes_table(counts: dict[str, int]) -> list[str]:
     rows: dict[str, Counter[str]] = {}
     for key, n in counts.items():
@@ -547,10 +568,12 @@ def main_bench(a: argparse.Namespace) -> int:
         gen_args.append(f"--{name.replace('_', '-')}={getattr(a, name)}")
     results: list[dict[str, Any] | None] = []
     rss_ends: list[int] = []  # after each round's settle
+    cache_ends: list[float | None] = []  # the prompt cache's bytes then: memory the server keeps by design
     for _ in range(a.rounds):
         results.append(run_load(gen_args, a.seconds))
         time.sleep(a.settle)
         rss_ends.append(server.rss_kb() or 0)
+        cache_ends.append(server.metric_sum("textgen_prefix_cache_bytes"))
     rss_end = rss_ends[-1]
     exit_code = server.stop()
     sampler.halt.set()
@@ -601,13 +624,16 @@ def main_bench(a: argparse.Namespace) -> int:
     print(f"server log: {log_path}")
     print(f"RSS: start {rss_start / 1024:.0f} MB, peak {rss_peak / 1024:.0f} MB, end {rss_end / 1024:.0f} MB "
           f"({len(rss)} samples); server exit status after SIGTERM: {exit_code}")
+    print(f"prompt cache at the end (textgen_prefix_cache_bytes, kept by design up to --prefix-cache-mb): "
+          f"{cache_mb(cache_ends[-1])}")
 
     if len(rounds) > 1:
         print(f"\n# {len(rounds)} rounds of the same load on the same server")
-        print("| round | normal ITL p99 | normal TTFT p99 | RSS after the round's settle |")
-        print("|---|---|---|---|")
-        for i, (r, kb) in enumerate(zip(rounds, rss_ends, strict=True), 1):
-            print(f"| {i} | {r['itl_p99'] * 1e3:.1f} ms | {r['ttft_p99'] * 1e3:.0f} ms | {kb / 1024:.0f} MB |")
+        print("| round | normal ITL p99 | normal TTFT p99 | RSS after the round's settle | prompt cache then |")
+        print("|---|---|---|---|---|")
+        for i, (r, kb, cache) in enumerate(zip(rounds, rss_ends, cache_ends, strict=True), 1):
+            print(f"| {i} | {r['itl_p99'] * 1e3:.1f} ms | {r['ttft_p99'] * 1e3:.0f} ms | {kb / 1024:.0f} MB "
+                  f"| {cache_mb(cache)} |")
 
     internal = sum(n for r in rounds for k, n in r["counts"].items() if k.endswith((" INTERNAL", " UNKNOWN")))
     internal += sum(n for k, n in log["codes"].items() if k.endswith((" INTERNAL", " UNKNOWN")))
@@ -631,7 +657,8 @@ def main_bench(a: argparse.Namespace) -> int:
            not unexpected[kind]) for kind in expected],
         (f"RSS peak - start <= {a.rss_limit_mb} MB: {(rss_peak - rss_start) / 1024:.0f} MB",
          rss_peak - rss_start <= a.rss_limit_mb * 1024),
-        (f"RSS end - start <= {a.rss_end_mb} MB: {(rss_end - rss_start) / 1024:.0f} MB",
+        (f"RSS end - start <= {a.rss_end_mb} MB: {(rss_end - rss_start) / 1024:.0f} MB (the prompt cache's "
+         f"{cache_mb(cache_ends[-1])} included)",
          rss_end - rss_start <= a.rss_end_mb * 1024),
         *([(f"RSS growth from round 1 to round {len(rounds)} (no leak) <= {a.rss_growth_mb} MB: "
             f"{(rss_ends[-1] - rss_ends[0]) / 1024:.0f} MB", rss_ends[-1] - rss_ends[0] <= a.rss_growth_mb * 1024)]
@@ -648,7 +675,8 @@ def main_bench(a: argparse.Namespace) -> int:
         Path(a.json).write_text(json.dumps({"command": " ".join(sys.argv), "server_flags": server_flags,
                                             "protections": protection_lines, "result": result, "server_log": log,
                                             "rss_kb": sampler.samples, "rss_start_kb": rss_start,
-                                            "rss_end_kb": rss_end, "exit_code": exit_code,
+                                            "rss_end_kb": rss_end, "prefix_cache_bytes": cache_ends,
+                                            "exit_code": exit_code,
                                             "rss_round_ends_kb": rss_ends, "rounds": rounds,
                                             "checks": [[c, ok] for c, ok in checks]}, indent=1))
     return 0 if all(ok for _, ok in checks) else 2
