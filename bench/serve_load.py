@@ -479,9 +479,7 @@ class Server:
         return total
 
     def metric_sum(self, name: str) -> float:
-        with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
-            text = r.read().decode()
-        return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+        return metric_sum(self.metrics_url, name)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -489,6 +487,13 @@ class Server:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def metric_sum(metrics_url: str, name: str) -> float:
+    """The sum of a metric's samples (every label set) on a server's /metrics page (0 when it has none)."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
 def run_client(mode: str, address: str, **kw: Any) -> dict[str, Any]:

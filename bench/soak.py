@@ -76,12 +76,11 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from serve_load import SERVER_FLAGS, pct, prompt
+from serve_load import SERVER_FLAGS, metric_sum, pct, prompt
 
 # the flags of `textgen serve` before the hardening work: anything else the server offers is reported as new
 ORIGINAL_FLAGS = {
@@ -217,16 +216,13 @@ class ServeProcess:
         return own + sum(_vmrss_kb(pid) or 0 for pid in _descendants(self.proc.pid))
 
     def metric_sum(self, name: str) -> float | None:
-        """The sum of a metric's samples on the server's /metrics (None: no metrics port, or not there)."""
+        """The sum of a metric's samples on the server's /metrics (None: no metrics port, or unreadable)."""
         if self.metrics_url is None:
             return None
         try:
-            with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
-                text = r.read().decode()
+            return metric_sum(self.metrics_url, name)
         except OSError:
             return None
-        values = re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)
-        return sum(float(v) for v in values) if values else None
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM, then the exit status (None if it had to be killed)."""
