@@ -194,6 +194,8 @@ def summarize(ttft: list[float], gaps: list[float], gen_start: list[float], last
               counts: dict[str, int], arrivals: list[list[tuple[float, int]]], wall: float,
               cpu: float) -> dict[str, Any]:
     """One load run's figures (both protocols): rates, TTFT and ITL percentiles, the client's CPU."""
+    if not arrivals:  # every stream failed (their errors are on stderr): nothing to measure
+        raise SystemExit(f"no stream got a token: {counts['errors']} failed")
     overall = (max(last_token) - min(gen_start)) if last_token else float("nan")
     first = min(a[0][0] for a in arrivals)
     last = max(a[-1][0] for a in arrivals)
@@ -496,12 +498,18 @@ def metric_sum(metrics_url: str, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
+class LoadFailed(RuntimeError):
+    """The load generator exited with an error (every stream failed, or it crashed)."""
+
+
 def run_client(mode: str, address: str, **kw: Any) -> dict[str, Any]:
     args = [sys.executable, __file__, mode, "--address", address] + [f"--{k.replace('_', '-')}={v}"
                                                                        for k, v in kw.items()]
     out = subprocess.run(args, capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"load generator failed: {out.stderr[-2000:]}")
+        lines = out.stderr.strip().splitlines() or ["(no output)"]
+        first = next((x for x in lines if x.startswith("client ")), "")  # the first stream's error, if any
+        raise LoadFailed(f"the load generator failed: {lines[-1]}" + (f" (e.g. {first})" if first else ""))
     if out.stderr.strip():
         print(out.stderr.strip()[-500:], file=sys.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -683,7 +691,10 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main_bench(args)
+    try:
+        main_bench(args)
+    except LoadFailed as exc:
+        sys.exit(f"serve_load: {exc}")
 
 
 if __name__ == "__main__":
