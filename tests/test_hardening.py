@@ -135,7 +135,9 @@ def test_feed_score_and_create_session_are_admitted_within_the_caps() -> None:
         assert "--max-queued-chars" in str(info.value)
         # Within one call slot's share (600 / 2 characters) a text is admitted whatever the others hold.
         assert c.score("b" * 250).token_count == 250
-        t2 = threading.Thread(target=slow_feed, args=(sid2, 50))
+        # Within its share too, and long enough (~16 jobs, 0.8 s) to still hold its slot when the calls below
+        # arrive: with 50 characters (0.2 s) a busy machine let it finish first, and a call was admitted.
+        t2 = threading.Thread(target=slow_feed, args=(sid2, 250))
         t2.start()
         assert wait_until(lambda: srv.core.calls == 2, timeout=5)
         with pytest.raises(Exception, match="RESOURCE_EXHAUSTED") as info:
