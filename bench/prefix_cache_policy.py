@@ -9,7 +9,9 @@ service/fresh.py does). The figure is the share of all tokens served from the ca
   own 50-token question), between a flood of unique 2,000-token prompts (3 of every 4 calls);
 * ``chat``: 300 stateless chat conversations of 10 turns (a ~500-token start, then ~60 new tokens and a
   ~60-token answer per turn, the whole history re-sent), their turns interleaved at random;
-* ``mixed``: both traces interleaved.
+* ``mixed``: both traces interleaved;
+* ``docs+chat``: the chat trace with 20 documents of 100,000 tokens each seen once (a batch of long one-shot
+  texts: their snapshots are never used again), one every 150 calls.
 
     python bench/prefix_cache_policy.py
     python bench/prefix_cache_policy.py --budgets 2,8,32 --seed 1
@@ -65,6 +67,15 @@ def mixed(rng: random.Random) -> Iterator[np.ndarray]:
             streams.remove(s)
 
 
+def docs_chat(rng: random.Random, docs: int = 20, doc_tokens: int = 100_000) -> Iterator[np.ndarray]:
+    turns = list(chat(rng, 300))
+    every = len(turns) // docs
+    for i, t in enumerate(turns):
+        if i % every == 0 and i // every < docs:
+            yield tokens(rng, doc_tokens)
+        yield t
+
+
 def replay(trace: list[np.ndarray], budget_mb: float, policy: str, block: int = BLOCK) -> float:
     cache = PrefixCache(int(budget_mb * 2**20), block, b"bench", policy)
     state = np.zeros(STATE, dtype=np.float32)
@@ -88,7 +99,8 @@ def main() -> None:
     budgets = [float(b) for b in args.budgets.split(",")]
     traces = {"shared+flood": list(shared_flood(random.Random(args.seed), 8000)),
               "chat": list(chat(random.Random(args.seed), 300)),
-              "mixed": list(mixed(random.Random(args.seed)))}
+              "mixed": list(mixed(random.Random(args.seed))),
+              "docs+chat": list(docs_chat(random.Random(args.seed)))}
     print(f"{'trace':<14} {'calls':>6} {'MiB':>5} " + " ".join(f"{p + ' saved':>11}" for p in POLICIES)
           + "   cost/lru")
     for name, trace in traces.items():

@@ -328,7 +328,8 @@ SETTINGS: tuple[Setting, ...] = (
                                   "text reuses a shared beginning up to the last block boundary within it (and "
                                   "whole earlier prompts and generations)."),
     Setting("prefix_cache_eviction", "Prompt cache: which entries go first when it is full: lru = least recently "
-                                     "used; cost = fewest tokens saved per byte (GreedyDual-Size).",
+                                     "used; cost = fewest tokens saved per byte (GreedyDual-Size; an entry no call "
+                                     "has used yet counts only the tokens since the snapshot before it).",
             PREFIX_POLICIES),
     Setting("stream_stall_timeout", "Seconds a Generate stream may wait for its client to take a message (HTTP/2 "
                                     "flow control); then it ends with DEADLINE_EXCEEDED, frees its slot, and the "

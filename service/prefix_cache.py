@@ -25,11 +25,12 @@ that follow (at most block / MINI) and probes the buckets from the longest: O(bl
 (thousands of short prompts under one chain) the cache holds.
 
 **Bounded**: entries count their state, tail and NLL bytes and a measured per-entry overhead
-(:data:`ENTRY_OVERHEAD`) against ``--prefix-cache-mb``; the eviction policy is ``cost`` (GreedyDual-Size: the
-fewest tokens saved per byte first, aged by the evictions so far) or ``lru``. States and NLLs live in rows of
-preallocated pages (:class:`_Rows`) that evicted entries give back: an array per entry left malloc's heap
-fragmented under steady eviction (RSS 1.24x the budget at 100,000 prompts). The cache lives in one process (one
-per engine shard) and dies with its model.
+(:data:`ENTRY_OVERHEAD`) against ``--prefix-cache-mb``; the eviction policy is ``cost`` (GreedyDual-Size: the fewest
+tokens saved per byte first, aged by the evictions so far; until a call uses an entry, it counts only the tokens
+since the snapshot before it, so a long text seen once does not outrank every short prompt) or ``lru``. States and
+NLLs live in rows of preallocated pages (:class:`_Rows`) that evicted entries give back: an array per entry left
+malloc's heap fragmented under steady eviction (RSS 1.24x the budget at 100,000 prompts). The cache lives in one
+process (one per engine shard) and dies with its model.
 
 **Single flight**: a call that is about to compute blocks registers them (:meth:`begin`); a call that needs
 one of them while it is being computed waits for it (:meth:`in_flight`) instead of computing it again.
@@ -201,10 +202,13 @@ class PrefixCache:
         return None
 
     def _hit(self, e: Entry, chains: list[bytes], whole: int, scoring: bool) -> Start:
-        self._touch(e)
+        self._touch(e, used=True)
         nll = None
-        if scoring:  # the blocks before the entry's own segment, then its segment
-            parts = [self._blocks[chains[k]] for k in range(1, whole + 1)] + [e]
+        if scoring:  # the blocks before the entry's own segment, then its segment (all of them used)
+            parts = [self._blocks[chains[k]] for k in range(1, whole + 1)]
+            for x in parts:
+                self._touch(x, used=True)
+            parts.append(e)
             nll = np.concatenate([self._nlls[x.nll_row][:x.nll_len] for x in parts])
         assert self._states is not None
         return Start(e.length, self._states[e.row].copy(), e.pending, nll)
@@ -229,7 +233,7 @@ class PrefixCache:
             old = self._tails.get(key + rest)
         if old is not None:
             if old.nll_row >= 0 or nll is None:
-                self._touch(old)  # nothing better to keep
+                self._touch(old, used=True)  # nothing better to keep (a call needed this prefix again)
                 return
             self._drop(old)  # (the same state, now with its NLLs)
         if self._states is None:
@@ -253,17 +257,34 @@ class PrefixCache:
             self._tailed[chain] = self._tailed.get(chain, 0) + 1
         self.bytes += size
         self.entries += 1
-        self._touch(e)
+        self._touch(e, used=old is not None)
         while self.bytes > self.budget:
             self._evict()
 
     # -- eviction
-    def _touch(self, e: Entry) -> None:
+    def _touch(self, e: Entry, used: bool = False) -> None:
         """Both policies are a priority in one heap (the lowest goes first; older items of an entry are stale):
-        lru, the time of the last use; cost (GreedyDual-Size), tokens saved per byte on top of the clock."""
+        lru, the time of the last use; cost (GreedyDual-Size), tokens saved per byte on top of the clock. An
+        entry no call has used yet saves only its own segment (the tokens since the block boundary before it,
+        where the previous snapshot of its text is): a long text seen once, whose snapshots would each count
+        its whole length, would otherwise outrank every short prompt until thousands of evictions had aged the
+        clock past it. Once used (a lookup's hit, a Score's blocks, a call that computed it again), an entry
+        saves its whole length."""
         e.stamp = next(self._tie)
-        e.priority = float(e.stamp) if self.policy == "lru" else self._clock + e.length / e.nbytes
+        if self.policy == "lru":
+            e.priority = float(e.stamp)
+        else:
+            saved = e.length if used else e.length - (e.length - 1) // self.block * self.block
+            e.priority = self._clock + saved / e.nbytes
         heapq.heappush(self._heap, (e.priority, e.stamp, e))
+        self._compact()
+
+    def _compact(self) -> None:
+        """Drop the heap's stale items once they outnumber the live ones (each touch leaves one: a cache that
+        is never full, and so never evicts, would otherwise keep one per hit for ever)."""
+        if len(self._heap) > 2 * self.entries + 64:
+            self._heap = [item for item in self._heap if item[1] == item[2].stamp]
+            heapq.heapify(self._heap)
 
     def _evict(self) -> None:
         while True:
@@ -293,9 +314,7 @@ class PrefixCache:
         e.stamp = -1  # its heap items are stale
         self.bytes -= e.nbytes
         self.entries -= 1
-        if len(self._heap) > 2 * self.entries + 64:  # too many stale items: rebuild
-            self._heap = [item for item in self._heap if item[1] == item[2].stamp]
-            heapq.heapify(self._heap)
+        self._compact()
 
     # -- single flight
     def in_flight(self, chains: list[bytes], beyond: int) -> asyncio.Future[None] | None:

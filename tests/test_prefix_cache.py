@@ -172,18 +172,58 @@ def test_eviction_policies(policy: str) -> None:
     cache = PrefixCache(3 * (size + 4 * 30), 4, b"model", policy)
     short = [ids_of(6, seed=i) for i in range(3)]
     long = ids_of(30, seed=9)
-    cache.put(long, 29, state(1), int(long[28]), cache.chains(long))  # saves 29 tokens
+    cache.put(long, 29, state(1), int(long[28]), cache.chains(long))  # saves 29 tokens once used
+    assert cache.lookup(long, cache.chains(long)).length == 29  # used: from now on worth its whole length
     for t in short[:2]:
-        cache.put(t, 6, state(2), int(t[5]), cache.chains(t))  # save 6 each
+        cache.put(t, 6, state(2), int(t[5]), cache.chains(t))  # save 6 each once used, 2 before (block 4)
     cache.lookup(short[0], cache.chains(short[0]))  # recently used
     cache.put(short[2], 6, state(3), int(short[2][5]), cache.chains(short[2]))  # one has to go
     kept = {i for i, t in enumerate(short) if cache.lookup(t, cache.chains(t)).length}
     long_kept = cache.lookup(long, cache.chains(long)).length == 29
     assert cache.evictions == 1
-    if policy == "lru":  # the least recently used: the long entry, put first and never used since
+    if policy == "lru":  # the least recently used: the long entry, used before the short ones were put
         assert not long_kept and kept == {0, 1, 2}
-    else:  # the fewest tokens saved per byte, not recently used: short[1]
+    else:  # the fewest tokens saved per byte: short[1], never used (short[2] too, but put later)
         assert long_kept and kept == {0, 2}
+
+
+def test_a_long_text_seen_once_does_not_keep_short_prompts_out() -> None:
+    """cost: the snapshots of a long text nobody asked for again count one block each, not their whole prefix
+    (which would outrank every short prompt until the clock had aged past thousands of tokens per byte)."""
+    size = ENTRY_OVERHEAD + 4 * 8
+    cache = PrefixCache(40 * (size + 4 * BLOCK), BLOCK, b"model", "cost")
+    doc = ids_of(200 * BLOCK, seed=5)
+    chains = cache.chains(doc)
+    for L in range(BLOCK, len(doc) + 1, BLOCK):  # as service/fresh.py leaves a prompt: every block boundary
+        cache.put(doc, L, state(1), int(doc[L - 1]), chains)
+    assert cache.evictions > 100  # the cache is full of the long text's deepest snapshots
+    prompts = [ids_of(40, seed=100 + i) for i in range(20)]
+    for p in prompts:  # each fed as service/fresh.py does (snapshots at 16, 32 and its end), then sent again
+        ch = cache.chains(p)
+        for L in (BLOCK, 2 * BLOCK, len(p)):
+            cache.put(p, L, state(2), int(p[L - 1]), ch)
+        assert cache.lookup(p, ch).length >= 2 * BLOCK  # (its tail, 8 tokens past a block, may go at once)
+    # Later, the prompts that were used are still there: the long text's unused snapshots went first. (When each
+    # of them counted its whole prefix, 17 of these 20 prompts were gone by now.)
+    found = [cache.lookup(p, cache.chains(p)).length for p in prompts]
+    assert sum(n > 0 for n in found) >= 18, found
+
+
+@pytest.mark.parametrize("policy", ["lru", "cost"])
+def test_hits_on_a_cache_that_never_fills_leave_no_growing_heap(policy: str) -> None:
+    """Each use of an entry pushes a new item into the eviction heap; the stale ones are dropped as they pile up
+    even when nothing is ever evicted (here 10,000 hits, and a Score hit that uses 50 blocks at once)."""
+    cache = PrefixCache(1 << 30, BLOCK, b"model", policy)
+    doc = ids_of(50 * BLOCK + 5, seed=3)
+    chains = cache.chains(doc)
+    for L in (*range(BLOCK, len(doc), BLOCK), len(doc)):
+        cache.put(doc, L, state(1), int(doc[L - 1]), chains, nll=np.zeros(BLOCK))
+    for _ in range(10_000):
+        assert cache.lookup(doc, chains).length == len(doc)
+    for _ in range(100):
+        assert cache.lookup(doc, chains, scoring=True).length == len(doc)
+    assert cache.evictions == 0 and cache.entries == 51
+    assert len(cache._heap) <= 2 * cache.entries + 64
 
 
 def test_concurrent_texts_with_an_uncached_shared_prefix_compute_it_once(rt: Any) -> None:
