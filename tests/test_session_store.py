@@ -387,10 +387,21 @@ def test_a_lost_lease_ends_a_stream_at_once_across_processes_too(rt: Any, redis_
         t = threading.Thread(target=run)
         t.start()
         assert wait_until(lambda: bool(got), 30)
+        bc = b.client()
+        assert bc.get_session(sid).busy  # (its channel connected: the Feed below goes out at once)
         with redis.Redis(port=redis_srv.port) as r:
             (lease,) = list(r.scan_iter("textgen:*:l:*"))
-            r.delete(lease)
-        b.client().feed(sid, "zzz")
+            for _ in range(20):
+                r.delete(lease)  # the lease lapses ...
+                try:
+                    bc.feed(sid, "zzz")  # ... and another replica takes the session
+                    break
+                except RpcFailed as exc:
+                    # The shard's renewal (every 0.2 s) ran between the two and took its lapsed lease again, as
+                    # it may while nobody else holds it: let it lapse once more.
+                    assert exc.code == grpc.StatusCode.FAILED_PRECONDITION, exc
+            else:
+                raise AssertionError("replica b never took the session after its lease lapsed")
         moved = time.monotonic()
         t.join(60)
         err = result.get("error")
