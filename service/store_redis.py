@@ -681,4 +681,12 @@ class RedisSessionStore:
     async def close(self) -> None:
         if self._renewer is not None:
             self._renewer.cancel()
+        # Leases of cancelled calls being freed and health PINGs whose caller went away run as tasks of their
+        # own: let them end (each command is bounded by IO_TIMEOUT) before the client closes under them, then
+        # cancel what is left, so that none is left pending when the event loop closes.
+        pending = [t for t in self._freeing if not t.done()]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=IO_TIMEOUT)
+            for t in late:
+                t.cancel()
         await self.redis.aclose()

@@ -283,6 +283,37 @@ def test_a_lapsed_lease_nobody_took_is_taken_again_and_one_taken_ends_the_call(r
 
 # -- found here: a server's stop that never returned
 
+def test_close_lets_the_stores_own_tasks_end(redis_srv: RedisServer) -> None:
+    """A health PING whose caller went away runs on as a task of the store's; close() waits for it (bounded), so
+    no task of the store is left pending when the event loop closes ("Task was destroyed but it is pending")."""
+
+    class SlowPing:
+        def __init__(self, real: Any):
+            self.real = real
+
+        async def ping(self) -> bool:
+            await asyncio.sleep(0.3)
+            return bool(await self.real.ping())
+
+        async def aclose(self) -> None:
+            await self.real.aclose()
+
+    async def scenario() -> None:
+        st = _store(redis_srv)
+        st.redis = SlowPing(st.redis)
+        caller = asyncio.ensure_future(st.check())
+        await asyncio.sleep(0.05)
+        tasks = set(st._freeing)
+        assert tasks and not any(t.done() for t in tasks)
+        caller.cancel()  # the caller goes away; its PING runs on
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await st.close()
+        assert all(t.done() and not t.cancelled() and t.result() for t in tasks)
+
+    asyncio.run(scenario())
+
+
 def test_cancelling_a_health_check_always_ends_it(redis_srv: RedisServer) -> None:
     """A server stopping cancels its upkeep, which may be waiting on the store's PING; a cancel that landed
     inside redis-py was sometimes swallowed there, and the stop then waited for ever (a test's server stop
